@@ -1,0 +1,132 @@
+// Argument validation shared by every backend of the fastmlp ops.
+//
+// Each message names the argument and what was expected, so a user who passes
+// the wrong thing gets a Python RuntimeError that says what to fix. The fake
+// (meta) implementations in fastmlp/ops.py repeat these checks for tracing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastmlp {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
+         t == at::kHalf;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "fastmlp.linear_relu: ",
+              name,
+              " must be a floating-point tensor (float32, bfloat16, float16 "
+              "or float64), got ",
+              t.scalar_type());
+}
+
+// Checks x (..., in_features), weight (out_features, in_features) and the
+// optional bias (out_features,) against each other.
+inline void check_linear_relu_args(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias) {
+  check_float_tensor(x, "x");
+  check_float_tensor(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2,
+              "fastmlp.linear_relu: weight must be 2-D (out_features, "
+              "in_features), got a ",
+              weight.dim(), "-D tensor of shape ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1,
+              "fastmlp.linear_relu: x must have at least 1 dimension "
+              "(..., in_features), got a 0-D tensor");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
+              "fastmlp.linear_relu: x and weight must have the same dtype, got "
+              "x ",
+              x.scalar_type(), " and weight ", weight.scalar_type());
+  TORCH_CHECK(x.device() == weight.device(),
+              "fastmlp.linear_relu: x and weight must be on the same device, "
+              "got x on ",
+              x.device(), " and weight on ", weight.device());
+  TORCH_CHECK(x.size(-1) == weight.size(1),
+              "fastmlp.linear_relu: in_features mismatch: x has ", x.size(-1),
+              " features in its last dimension but weight expects ",
+              weight.size(1), " (weight shape ", weight.sizes(), ")");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_float_tensor(b, "bias");
+    TORCH_CHECK(b.dim() == 1,
+                "fastmlp.linear_relu: bias must be 1-D (out_features,), got a ",
+                b.dim(), "-D tensor of shape ", b.sizes());
+    TORCH_CHECK(b.size(0) == weight.size(0),
+                "fastmlp.linear_relu: bias must have out_features = ",
+                weight.size(0), " elements, got ", b.size(0));
+    TORCH_CHECK(b.scalar_type() == weight.scalar_type(),
+                "fastmlp.linear_relu: bias and weight must have the same "
+                "dtype, got bias ",
+                b.scalar_type(), " and weight ", weight.scalar_type());
+    TORCH_CHECK(b.device() == weight.device(),
+                "fastmlp.linear_relu: bias and weight must be on the same "
+                "device, got bias on ",
+                b.device(), " and weight on ", weight.device());
+  }
+}
+
+// Checks the backward op's arguments. grad_y and y have the forward output's
+// shape (..., out_features). weight is needed (and given) only when grad_x is
+// asked for, x only when grad_weight is: autograd saves no more than that.
+inline void check_linear_relu_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& y,
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
+    std::array<bool, 3> output_mask) {
+  check_float_tensor(grad_y, "grad_y");
+  check_float_tensor(y, "y");
+  TORCH_CHECK(y.dim() >= 1,
+              "fastmlp.linear_relu_backward: y must have at least 1 dimension");
+  TORCH_CHECK(grad_y.sizes() == y.sizes(),
+              "fastmlp.linear_relu_backward: grad_y must have the shape of the "
+              "forward output y ",
+              y.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == y.scalar_type(),
+              "fastmlp.linear_relu_backward: grad_y and y must have the same "
+              "dtype, got grad_y ",
+              grad_y.scalar_type(), " and y ", y.scalar_type());
+  TORCH_CHECK(grad_y.device() == y.device(),
+              "fastmlp.linear_relu_backward: grad_y and y must be on the same "
+              "device, got grad_y on ",
+              grad_y.device(), " and y on ", y.device());
+  TORCH_CHECK(!output_mask[0] || weight.has_value(),
+              "fastmlp.linear_relu_backward: weight is required to compute "
+              "grad_x (output_mask[0] is true)");
+  TORCH_CHECK(!output_mask[1] || x.has_value(),
+              "fastmlp.linear_relu_backward: x is required to compute "
+              "grad_weight (output_mask[1] is true)");
+  const int64_t out_features = y.size(-1);
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    check_float_tensor(w, "weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == out_features,
+                "fastmlp.linear_relu_backward: weight must have shape (",
+                out_features, ", in_features), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == y.scalar_type() && w.device() == y.device(),
+                "fastmlp.linear_relu_backward: weight must match y's dtype ",
+                y.scalar_type(), " and device ", y.device(), ", got ",
+                w.scalar_type(), " on ", w.device());
+  }
+  if (x.has_value()) {
+    const at::Tensor& xv = *x;
+    check_float_tensor(xv, "x");
+    TORCH_CHECK(xv.dim() == y.dim() &&
+                    xv.sizes().slice(0, xv.dim() - 1) ==
+                        y.sizes().slice(0, y.dim() - 1),
+                "fastmlp.linear_relu_backward: x must have shape (..., "
+                "in_features) with the leading dimensions of y ",
+                y.sizes(), ", got ", xv.sizes());
+    TORCH_CHECK(xv.scalar_type() == y.scalar_type() && xv.device() == y.device(),
+                "fastmlp.linear_relu_backward: x must match y's dtype ",
+                y.scalar_type(), " and device ", y.device(), ", got ",
+                xv.scalar_type(), " on ", xv.device());
+    if (weight.has_value()) {
+      TORCH_CHECK(xv.size(-1) == weight->size(1),
+                  "fastmlp.linear_relu_backward: x has ", xv.size(-1),
+                  " features but weight expects ", weight->size(1));
+    }
+  }
+}
+
+}  // namespace fastmlp

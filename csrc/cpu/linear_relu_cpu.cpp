@@ -1,0 +1,276 @@
+// CPU kernels of fastmlp::linear_relu and fastmlp::linear_relu_backward.
+//
+// The GEMMs are the BLAS that torch ships (MKL / oneDNN through ATen); the
+// fusion around them is ours. Work is split by hand over at::parallel_for so
+// that each thread owns a block of the output and applies bias and ReLU (or,
+// in backward, the ReLU mask and the bias-gradient reduction) to that block
+// while it is still in the thread's cache, instead of in separate passes over
+// full-size tensors. Inside a parallel region the BLAS runs single-threaded.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+
+namespace fastmlp {
+namespace {
+
+using at::vec::Vectorized;
+
+// Rows of a batch processed per backward step: the masked gradient of one
+// step (kBackwardRows x out_features) is the only temporary and stays small
+// enough for L2, whatever the batch size.
+constexpr int64_t kBackwardRows = 1024;
+
+// Columns per forward block are rounded to this so blocks start on a vector
+// and cache-line boundary.
+constexpr int64_t kColumnAlign = 16;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grain for splitting `n` items over the pool: one contiguous block per
+// thread, aligned to `align`.
+int64_t block_per_thread(int64_t n, int64_t align) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(align, ceil_div(ceil_div(n, threads), align) * align);
+}
+
+// at::parallel_for's workers start with default dispatch state; the tensors
+// handed to our kernel may require grad, and the *_out GEMM calls below must
+// not be recorded by autograd.
+struct BelowAutograd {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset};
+};
+
+// ReLU that keeps NaN (like torch.relu): Vectorized::maximum propagates NaN.
+template <typename scalar_t>
+void relu_inplace(scalar_t* row, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec zero(scalar_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    at::vec::maximum(Vec::loadu(row + i), zero).store(row + i);
+  }
+  if (i < n) {
+    at::vec::maximum(Vec::loadu(row + i, n - i), zero).store(row + i, n - i);
+  }
+}
+
+// out[0:rows, 0:cols] (row stride ldo) = relu(x_rows @ w_cols.T + bias_cols).
+// The block is first filled with the bias so that the GEMM accumulates onto it
+// (beta = 1): the pre-activation is rounded once, as in torch's addmm.
+template <typename scalar_t>
+void forward_block(const at::Tensor& x_rows, const at::Tensor& w_cols,
+                   const scalar_t* bias, at::Tensor out_block) {
+  const int64_t rows = out_block.size(0), cols = out_block.size(1);
+  scalar_t* out = out_block.data_ptr<scalar_t>();
+  const int64_t ldo = out_block.stride(0);
+  if (bias != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(bias, bias + cols, out + r * ldo);
+    }
+    at::addmm_out(out_block, out_block, x_rows, w_cols.t());
+  } else {
+    at::mm_out(out_block, x_rows, w_cols.t());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    relu_inplace(out + r * ldo, cols);
+  }
+}
+
+template <typename scalar_t>
+void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
+                              const scalar_t* bias, at::Tensor& out) {
+  const int64_t M = x2.size(0), N = w.size(0);
+  // Split over output columns: each thread reads only its slice of the
+  // weight (which stays in its cache from one row block to the next) and
+  // owns out[:, n0:n1]. Rows go in blocks so the block fits in L2.
+  const int64_t col_grain = block_per_thread(N, kColumnAlign);
+  const int64_t row_block = std::max<int64_t>(
+      16, (256 * 1024) / (static_cast<int64_t>(sizeof(scalar_t)) *
+                          std::min(N, col_grain)));
+  at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
+    BelowAutograd below;
+    const at::Tensor w_cols = w.narrow(0, n0, n1 - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+      const int64_t rows = std::min(row_block, M - m0);
+      forward_block<scalar_t>(x2.narrow(0, m0, rows), w_cols,
+                              bias == nullptr ? nullptr : bias + n0,
+                              out.narrow(0, m0, rows).narrow(1, n0, n1 - n0));
+    }
+  });
+}
+
+at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias) {
+  check_linear_relu_args(x, weight, bias);
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, x.scalar_type(), "linear_relu_cpu", [&] {
+          linear_relu_forward_impl<scalar_t>(
+              x2, w, b.defined() ? b.data_ptr<scalar_t>() : nullptr, out);
+        });
+  }
+  return out.view(out_shape);
+}
+
+// Bias-gradient accumulator: float for the 16-bit types, like torch's sum.
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+// g[r, c] = y[r, c] <= 0 ? 0 : grad_y[r, c] for one row block and a column
+// range, adding each column's sum into bias_acc. This is torch's
+// threshold_backward rule: where y is NaN the gradient passes.
+template <typename scalar_t>
+void masked_grad_block(const scalar_t* gy, const scalar_t* y, scalar_t* g,
+                       int64_t rows, int64_t ld, int64_t c0, int64_t c1,
+                       acc_t<scalar_t>* bias_acc) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec zero(scalar_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * ld;
+    int64_t c = c0;
+    for (; c + Vec::size() <= c1; c += Vec::size()) {
+      const Vec yv = Vec::loadu(y + off + c);
+      Vec::blendv(Vec::loadu(gy + off + c), zero, yv <= zero).store(g + off + c);
+    }
+    for (; c < c1; ++c) {
+      g[off + c] = y[off + c] <= scalar_t(0) ? scalar_t(0) : gy[off + c];
+    }
+    if (bias_acc != nullptr) {
+      for (int64_t j = c0; j < c1; ++j) {
+        bias_acc[j] += static_cast<acc_t<scalar_t>>(g[off + j]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void linear_relu_backward_impl(const at::Tensor& gy, const at::Tensor& y,
+                               const at::Tensor& x2, const at::Tensor& w,
+                               std::array<bool, 3> mask, at::Tensor& grad_x,
+                               at::Tensor& grad_w, at::Tensor& grad_b) {
+  const int64_t M = y.size(0), N = y.size(1);
+  const int64_t rows_per_step = std::min(M, kBackwardRows);
+  at::Tensor g = at::empty({rows_per_step, N}, y.options());
+  // grad_weight is summed over row steps; a 16-bit result is accumulated in
+  // float across steps so that it is rounded once.
+  const bool multi_step = M > rows_per_step;
+  const bool low_precision = at::isReducedFloatingType(y.scalar_type());
+  at::Tensor gw_acc;
+  if (mask[1] && multi_step && low_precision) {
+    gw_acc = at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
+  }
+  std::vector<acc_t<scalar_t>> bias_acc(mask[2] ? N : 0, acc_t<scalar_t>(0));
+  const int64_t col_grain = block_per_thread(N, kColumnAlign);
+
+  for (int64_t m0 = 0; m0 < M; m0 += rows_per_step) {
+    const int64_t rows = std::min(rows_per_step, M - m0);
+    const at::Tensor g_rows = g.narrow(0, 0, rows);
+    const bool first = m0 == 0;
+    // Columns: each thread masks its columns of this row block, reduces them
+    // into the bias gradient and, while they are hot, computes its rows of
+    // grad_weight = g[:, n0:n1].T @ x_rows.
+    at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
+      BelowAutograd below;
+      masked_grad_block<scalar_t>(
+          gy.data_ptr<scalar_t>() + m0 * N, y.data_ptr<scalar_t>() + m0 * N,
+          g.data_ptr<scalar_t>(), rows, N, n0, n1,
+          mask[2] ? bias_acc.data() : nullptr);
+      if (!mask[1]) return;
+      const at::Tensor gt = g_rows.narrow(1, n0, n1 - n0).t();
+      const at::Tensor x_rows = x2.narrow(0, m0, rows);
+      if (gw_acc.defined()) {
+        gw_acc.narrow(0, n0, n1 - n0).add_(at::mm(gt, x_rows));
+      } else if (first) {
+        at::Tensor gw = grad_w.narrow(0, n0, n1 - n0);
+        at::mm_out(gw, gt, x_rows);
+      } else {
+        at::Tensor gw = grad_w.narrow(0, n0, n1 - n0);
+        at::addmm_out(gw, gw, gt, x_rows);
+      }
+    });
+    // Rows: grad_x for this row block = g @ weight, split over rows.
+    if (mask[0]) {
+      const int64_t row_grain = block_per_thread(rows, 1);
+      at::parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
+        BelowAutograd below;
+        at::Tensor gx = grad_x.narrow(0, m0 + r0, r1 - r0);
+        at::mm_out(gx, g_rows.narrow(0, r0, r1 - r0), w);
+      });
+    }
+  }
+  if (gw_acc.defined()) grad_w.copy_(gw_acc);
+  if (mask[2]) {
+    scalar_t* gb = grad_b.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) gb[j] = static_cast<scalar_t>(bias_acc[j]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& y,
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
+    std::array<bool, 3> output_mask) {
+  check_linear_relu_backward_args(grad_y, y, x, weight, output_mask);
+  const int64_t N = y.size(-1);
+  const at::Tensor y2 = y.reshape({-1, N}).contiguous();
+  const at::Tensor gy2 = grad_y.reshape({-1, N}).contiguous();
+  const int64_t M = y2.size(0);
+  const auto empty = [&] { return at::empty({0}, y.options()); };
+
+  at::Tensor x2, w, grad_x = empty(), grad_w = empty(), grad_b = empty();
+  if (output_mask[0]) {
+    w = weight->contiguous();
+    grad_x = at::empty({M, w.size(1)}, y.options());
+  }
+  if (output_mask[1]) {
+    x2 = x->reshape({-1, x->size(-1)}).contiguous();
+    grad_w = at::empty({N, x2.size(1)}, y.options());
+  }
+  if (output_mask[2]) grad_b = at::empty({N}, y.options());
+
+  if (M == 0 || N == 0) {
+    // No rows or no outputs: every gradient is an empty sum.
+    grad_x.zero_();
+    grad_w.zero_();
+    grad_b.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, y.scalar_type(), "linear_relu_backward_cpu",
+        [&] {
+          linear_relu_backward_impl<scalar_t>(gy2, y2, x2, w, output_mask,
+                                              grad_x, grad_w, grad_b);
+        });
+  }
+  if (output_mask[0]) {
+    std::vector<int64_t> x_shape(y.sizes().begin(), y.sizes().end());
+    x_shape.back() = w.size(1);
+    grad_x = grad_x.view(x_shape);
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
+  m.impl("linear_relu", &linear_relu_cpu);
+  m.impl("linear_relu_backward", &linear_relu_backward_cpu);
+}
+
+}  // namespace fastmlp

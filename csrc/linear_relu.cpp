@@ -1,0 +1,17 @@
+// Op schemas of the fastmlp library. Each backend registers its kernels in
+// its own file (cpu/linear_relu_cpu.cpp, cuda/linear_relu.cu); the Python
+// side (fastmlp/ops.py) adds fake implementations and autograd.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastmlp, m) {
+  // relu(x @ weight.T + bias) for x of shape (..., in_features).
+  m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Gradients of linear_relu from grad_y and the forward output y (whose
+  // sign is the ReLU mask). output_mask = (grad_x, grad_weight, grad_bias)
+  // says which to compute; an output not asked for is returned as an empty
+  // tensor of shape (0,). weight is needed only for grad_x, x only for
+  // grad_weight, so autograd saves no more than it must.
+  m.def(
+      "linear_relu_backward(Tensor grad_y, Tensor y, Tensor? x, "
+      "Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,26 @@
+"""fastmlp: fast multilayer perceptrons for PyTorch.
+
+Fused Linear+ReLU kernels (C++ for the CPU, CUDA for the GPU) registered as
+PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
+(``fastmlp.nn``), and a fast FashionMNIST workflow (``fastmlp.data``,
+``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
+"""
+
+from __future__ import annotations
+
+try:
+    from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.*)
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "fastmlp's compiled extension (fastmlp._C) could not be loaded: "
+        f"{exc}. Build it with `pip install --no-build-isolation -e .` in an "
+        "environment that has the torch you run with (see README.md)."
+    ) from exc
+
+from fastmlp import nn, ops  # noqa: E402
+from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
+from fastmlp.ops import linear_relu  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["MLP", "FusedLinearReLU", "fuse", "unfuse", "linear_relu", "nn", "ops", "__version__"]

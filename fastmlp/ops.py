@@ -1,0 +1,168 @@
+"""Typed Python wrappers over the ``torch.ops.fastmlp`` ops, with their fake
+(meta) implementations and autograd.
+
+The ops themselves are defined in C++ (csrc/linear_relu.cpp) and implemented
+per backend (csrc/cpu, csrc/cuda). This module adds what PyTorch needs around
+them: a ``register_fake`` for each op, so that ``torch.compile`` traces them
+without graph breaks, and ``register_autograd`` for the forward op, whose
+backward is the ``linear_relu_backward`` op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmlp import _C  # noqa: F401  (loading the library registers the ops)
+
+__all__ = ["linear_relu", "linear_relu_backward"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def linear_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``relu(x @ weight.T + bias)`` in one fused op, differentiable.
+
+    Args:
+        x: input of shape ``(..., in_features)``, like ``torch.nn.functional.linear``.
+        weight: ``(out_features, in_features)``.
+        bias: optional ``(out_features,)``.
+
+    Returns:
+        Tensor of shape ``(..., out_features)``; equal to
+        ``torch.relu(F.linear(x, weight, bias))`` up to floating-point rounding,
+        NaN included.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
+    ``F.linear`` would be.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+    return torch.ops.fastmlp.linear_relu(x, weight, bias)
+
+
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # Like autocast's own cast for matmul-like ops: float64 is left alone.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def linear_relu_backward(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    output_mask: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`linear_relu`.
+
+    ``y`` is the forward output (its sign is the ReLU mask); ``weight`` is needed
+    only for ``grad_x`` and ``x`` only for ``grad_weight``. Gradients not asked for
+    in ``output_mask`` are returned as ``None``.
+    """
+    grads = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, weight, list(output_mask))
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+
+
+# --- fake implementations: shapes, dtypes and the argument checks -------------
+
+
+def _check_dtype(t: torch.Tensor, name: str) -> None:
+    torch._check(
+        t.dtype in _SUPPORTED_DTYPES,
+        lambda: f"fastmlp.linear_relu: {name} must be a floating-point tensor "
+        f"(float32, bfloat16, float16 or float64), got {t.dtype}",
+    )
+
+
+@torch.library.register_fake("fastmlp::linear_relu")
+def _linear_relu_fake(x, weight, bias):
+    _check_dtype(x, "x")
+    _check_dtype(weight, "weight")
+    torch._check(weight.dim() == 2, lambda: "fastmlp.linear_relu: weight must be 2-D")
+    torch._check(x.dim() >= 1, lambda: "fastmlp.linear_relu: x must have at least 1 dimension")
+    torch._check(
+        x.dtype == weight.dtype,
+        lambda: f"fastmlp.linear_relu: x and weight must have the same dtype, "
+        f"got x {x.dtype} and weight {weight.dtype}",
+    )
+    torch._check(
+        x.shape[-1] == weight.shape[1],
+        lambda: f"fastmlp.linear_relu: in_features mismatch: x has {x.shape[-1]} "
+        f"features but weight expects {weight.shape[1]}",
+    )
+    if bias is not None:
+        _check_dtype(bias, "bias")
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"fastmlp.linear_relu: bias must be 1-D with out_features = "
+            f"{weight.shape[0]} elements",
+        )
+        torch._check(bias.dtype == weight.dtype, lambda: "fastmlp.linear_relu: bias dtype")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("fastmlp::linear_relu_backward")
+def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
+    torch._check(
+        grad_y.shape == y.shape,
+        lambda: "fastmlp.linear_relu_backward: grad_y must have y's shape",
+    )
+    # Outputs not asked for are empty (0,) tensors, as in the C++ kernels.
+    grad_x, grad_w, grad_b = (y.new_empty((0,)) for _ in range(3))
+    if output_mask[0]:
+        torch._check(weight is not None, lambda: "weight is required for grad_x")
+        grad_x = y.new_empty((*y.shape[:-1], weight.shape[1]))
+    if output_mask[1]:
+        torch._check(x is not None, lambda: "x is required for grad_weight")
+        grad_w = y.new_empty((y.shape[-1], x.shape[-1]))
+    if output_mask[2]:
+        grad_b = y.new_empty((y.shape[-1],))
+    return grad_x, grad_w, grad_b
+
+
+# --- autograd ------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    ctx.has_bias = bias is not None
+    # Save only what backward reads: the output (for the mask), the weight for
+    # grad_x, the input for grad_weight.
+    ctx.save_for_backward(output, weight if needs_x else None, x if needs_w else None)
+
+
+def _backward(ctx, grad_y):
+    y, weight, x = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    mask = (needs_x, needs_w, needs_b and ctx.has_bias)
+    if not any(mask):
+        return None, None, None
+    grad_y = grad_y.contiguous()
+    return linear_relu_backward(grad_y, y, x, weight, mask)
+
+
+torch.library.register_autograd("fastmlp::linear_relu", _backward, setup_context=_setup_context)
+
+
+def _double_backward_unsupported(ctx, *grads):
+    raise RuntimeError(
+        "fastmlp.linear_relu does not support double backward (gradients of "
+        "gradients); use torch.relu(F.linear(...)) for that"
+    )
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "fastmlp::linear_relu_backward",
+    _double_backward_unsupported,
+    setup_context=_backward_setup_context,
+)
