@@ -84,6 +84,21 @@ def nvidia_pip_dirs() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
+def cublaslt_library(library_dirs: list[str]) -> str:
+    """The linker name of cuBLASLt: `cublasLt` where a plain libcublasLt.so exists
+    (the toolkit's lib64), else the versioned file the pip package ships
+    (`:libcublasLt.so.13`), which has no unversioned symlink."""
+    cuda_home = os.environ.get("CUDA_HOME", "")
+    for d in [os.path.join(cuda_home, "lib64"), *library_dirs]:
+        if os.path.exists(os.path.join(d, "libcublasLt.so")):
+            return "cublasLt"
+    for d in library_dirs:
+        versioned = sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))
+        if versioned:
+            return ":" + os.path.basename(versioned[0])
+    return "cublasLt"
+
+
 def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     forced = os.environ.get("FASTMLP_CUDA", "").strip()
     if forced not in ("", "0", "1"):
@@ -139,7 +154,7 @@ def build_extensions():
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs
-        libraries += ["cublasLt", "cublas"]
+        libraries += [cublaslt_library(library_dirs)]
         define_macros.append(("FASTMLP_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         extension = cpp_extension.CUDAExtension

@@ -74,8 +74,10 @@ def linear_relu_backward(
 def _check_dtype(t: torch.Tensor, name: str) -> None:
     torch._check(
         t.dtype in _SUPPORTED_DTYPES,
-        lambda: f"fastmlp.linear_relu: {name} must be a floating-point tensor "
-        f"(float32, bfloat16, float16 or float64), got {t.dtype}",
+        lambda: (
+            f"fastmlp.linear_relu: {name} must be a floating-point tensor "
+            f"(float32, bfloat16, float16 or float64), got {t.dtype}"
+        ),
     )
 
 
@@ -87,22 +89,42 @@ def _linear_relu_fake(x, weight, bias):
     torch._check(x.dim() >= 1, lambda: "fastmlp.linear_relu: x must have at least 1 dimension")
     torch._check(
         x.dtype == weight.dtype,
-        lambda: f"fastmlp.linear_relu: x and weight must have the same dtype, "
-        f"got x {x.dtype} and weight {weight.dtype}",
+        lambda: (
+            f"fastmlp.linear_relu: x and weight must have the same dtype, "
+            f"got x {x.dtype} and weight {weight.dtype}"
+        ),
+    )
+    torch._check(
+        x.device == weight.device,
+        lambda: f"fastmlp.linear_relu: x and weight must be on the same device, "
+        f"got x on {x.device} and weight on {weight.device}",
     )
     torch._check(
         x.shape[-1] == weight.shape[1],
-        lambda: f"fastmlp.linear_relu: in_features mismatch: x has {x.shape[-1]} "
-        f"features but weight expects {weight.shape[1]}",
+        lambda: (
+            f"fastmlp.linear_relu: in_features mismatch: x has {x.shape[-1]} "
+            f"features but weight expects {weight.shape[1]}"
+        ),
     )
     if bias is not None:
         _check_dtype(bias, "bias")
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-            lambda: f"fastmlp.linear_relu: bias must be 1-D with out_features = "
-            f"{weight.shape[0]} elements",
+            lambda: (
+                f"fastmlp.linear_relu: bias must be 1-D with out_features = "
+                f"{weight.shape[0]} elements"
+            ),
         )
-        torch._check(bias.dtype == weight.dtype, lambda: "fastmlp.linear_relu: bias dtype")
+        torch._check(
+            bias.dtype == weight.dtype,
+            lambda: f"fastmlp.linear_relu: bias and weight must have the same dtype, "
+            f"got bias {bias.dtype} and weight {weight.dtype}",
+        )
+        torch._check(
+            bias.device == weight.device,
+            lambda: f"fastmlp.linear_relu: bias and weight must be on the same device, "
+            f"got bias on {bias.device} and weight on {weight.device}",
+        )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

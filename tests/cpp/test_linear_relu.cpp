@@ -1,0 +1,206 @@
+// C++ unit tests of the CPU kernels, run by ctest (also under ASan + UBSan).
+// They call the ops through the dispatcher exactly as Python does, and check
+// them against ATen's own linear + relu computed in float64.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+void check(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
+  }
+}
+
+using Forward = at::Tensor(const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, std::array<bool, 3>);
+
+at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmlp::linear_relu", "")
+                       .typed<Forward>();
+  return op.call(x, w, b);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
+    const at::Tensor& gy, const at::Tensor& y,
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& w,
+    std::array<bool, 3> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmlp::linear_relu_backward", "")
+                       .typed<Backward>();
+  return op.call(gy, y, x, w, mask);
+}
+
+// ||a - ref|| / ||scale||: error relative to the products on absolute values.
+double scaled_err(const at::Tensor& a, const at::Tensor& ref,
+                  const at::Tensor& scale) {
+  if (ref.numel() == 0) return 0.0;
+  const double diff = (a.to(at::kDouble) - ref).norm().item<double>();
+  return diff / std::max(scale.norm().item<double>(), 1e-300);
+}
+
+double tolerance(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return 1e-13;
+    case at::kFloat:
+      return 2e-6;
+    default:
+      return 1e-2;  // bfloat16: 8 bits of mantissa
+  }
+}
+
+void check_against_reference(int64_t M, int64_t K, int64_t N,
+                             at::ScalarType dtype, bool with_bias) {
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const at::Tensor x = at::randn({M, K}, opts);
+  const at::Tensor w = at::randn({N, K}, opts).mul_(1.0 / std::sqrt(K));
+  std::optional<at::Tensor> b;
+  if (with_bias) b = at::randn({N}, opts);
+  const std::string name = "M=" + std::to_string(M) + " K=" + std::to_string(K) +
+                           " N=" + std::to_string(N) + " " +
+                           c10::toString(dtype) + (with_bias ? " bias" : "");
+
+  const at::Tensor y = linear_relu(x, w, b);
+  const at::Tensor x64 = x.to(at::kDouble), w64 = w.to(at::kDouble);
+  const std::optional<at::Tensor> b64 =
+      b ? std::optional<at::Tensor>(b->to(at::kDouble)) : std::nullopt;
+  const at::Tensor y_ref = at::relu(at::linear(x64, w64, b64));
+  const at::Tensor y_mag =
+      at::linear(x64.abs(), w64.abs(), b64 ? b64->abs() : at::Tensor());
+  check(y.sizes() == y_ref.sizes() && y.scalar_type() == dtype,
+        name + ": forward shape/dtype");
+  check(scaled_err(y, y_ref, y_mag) <= tolerance(dtype), name + ": forward");
+
+  const at::Tensor gy = at::randn({M, N}, opts);
+  auto [gx, gw, gb] = linear_relu_backward(gy, y, x, w, {true, true, with_bias});
+  // threshold_backward: the gradient passes where y > 0 (here y is finite).
+  const at::Tensor g64 = gy.to(at::kDouble) * (y.to(at::kDouble) > 0);
+  const at::Tensor ga = gy.to(at::kDouble).abs();
+  check(scaled_err(gx, g64.mm(w64), ga.mm(w64.abs())) <= tolerance(dtype),
+        name + ": grad_x");
+  check(scaled_err(gw, g64.t().mm(x64), ga.t().mm(x64.abs())) <=
+            tolerance(dtype),
+        name + ": grad_weight");
+  if (with_bias) {
+    check(scaled_err(gb, g64.sum(0), ga.sum(0)) <= tolerance(dtype),
+          name + ": grad_bias");
+  } else {
+    check(gb.numel() == 0, name + ": grad_bias not asked for is empty");
+  }
+}
+
+void test_grid() {
+  const int64_t batches[] = {0, 1, 3, 64, 129, 1500};
+  const int64_t features[] = {1, 7, 512, 513};
+  for (auto dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
+    for (int64_t M : batches) {
+      for (int64_t K : features) {
+        for (int64_t N : features) {
+          check_against_reference(M, K, N, dtype, /*with_bias=*/true);
+        }
+      }
+    }
+    check_against_reference(33, 20, 17, dtype, /*with_bias=*/false);
+  }
+}
+
+void test_nan_and_zero_semantics() {
+  at::Tensor x = at::randn({4, 3});
+  at::Tensor w = at::randn({5, 3});
+  at::Tensor b = at::randn({5});
+  w[0].zero_();
+  b[0] = 0.0;  // column 0: pre-activation exactly 0
+  at::Tensor y = linear_relu(x, w, b);
+  check((y.select(1, 0) == 0).all().item<bool>(), "zero column is 0");
+  const at::Tensor gy = at::ones({4, 5});
+  auto grads = linear_relu_backward(gy, y, x, w, {true, true, true});
+  check(std::get<2>(grads)[0].item<float>() == 0.0f,
+        "gradient at pre-activation 0 is 0");
+
+  x[1][2] = NAN;
+  y = linear_relu(x, w, b);
+  check(at::isnan(y[1]).all().item<bool>(), "NaN row stays NaN");
+  grads = linear_relu_backward(gy, y, x, w, {true, true, true});
+  // Where y is NaN the gradient passes (torch's threshold_backward): column
+  // 0's only nonzero gradient now comes from the NaN row.
+  check(std::get<2>(grads)[0].item<float>() == 1.0f,
+        "NaN output passes its gradient");
+}
+
+void test_non_contiguous_and_leading_dims() {
+  const at::Tensor base = at::randn({2, 6, 10});
+  const at::Tensor x = base.slice(2, 0, 10, 2);  // (2, 6, 5), strided
+  const at::Tensor w = at::randn({5, 4}).t();     // (4, 5), a transposed view
+  const at::Tensor y = linear_relu(x, w, std::nullopt);
+  const at::Tensor ref = at::relu(at::linear(x, w));
+  check(y.sizes() == ref.sizes(), "leading dims kept");
+  check(at::allclose(y, ref, 1e-5, 1e-6), "non-contiguous inputs");
+}
+
+void expect_error(const std::function<void()>& f, const std::string& needle,
+                  const std::string& what) {
+  try {
+    f();
+    check(false, what + ": no error raised");
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what();
+    check(msg.find(needle) != std::string::npos,
+          what + ": message lacks '" + needle + "': " + msg.substr(0, 200));
+  }
+}
+
+void test_bad_input() {
+  const at::Tensor x = at::randn({2, 3});
+  const at::Tensor w = at::randn({4, 3});
+  expect_error([&] { linear_relu(x, w.to(at::kDouble), std::nullopt); },
+               "same dtype", "dtype mismatch");
+  expect_error([&] { linear_relu(at::randn({2, 5}), w, std::nullopt); },
+               "in_features mismatch", "in_features");
+  expect_error([&] { linear_relu(x, w, at::randn({5})); }, "bias must have",
+               "bias length");
+  expect_error([&] { linear_relu(x, w, at::randn({1, 4})); },
+               "bias must be 1-D", "bias rank");
+  expect_error([&] { linear_relu(x, at::randn({3}), std::nullopt); },
+               "weight must be 2-D", "weight rank");
+  expect_error(
+      [&] { linear_relu(x.to(at::kInt), w, std::nullopt); },
+      "x must be a floating", "integer x");
+  expect_error(
+      [&] {
+        linear_relu_backward(at::rand({3, 5}), at::rand({3, 4}), std::nullopt,
+                             std::nullopt, {false, false, true});
+      },
+      "grad_y must have the shape", "backward shapes");
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  test_grid();
+  test_nan_and_zero_semantics();
+  test_non_contiguous_and_leading_dims();
+  test_bad_input();
+  std::printf("%d checks, %d failures\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
