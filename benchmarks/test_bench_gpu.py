@@ -1,0 +1,281 @@
+"""GPU benchmarks of the fused Linear+ReLU ops (pytest-benchmark; skipped without a GPU).
+
+What is timed:
+  * fwd_bwd: one layer's forward and backward (x, weight and bias all need
+    gradients, as in a hidden layer), ``y = f(x); y.backward(gy)``, for
+      - fused-<engine>: ``fastmlp.ops.linear_relu`` with FASTMLP_CUDA_ENGINE set,
+      - eager: ``torch.relu(F.linear(x, w, b))`` under autograd,
+      - compile: the eager code under
+        ``torch.compile(mode="max-autotune-no-cudagraphs")`` (compile time excluded).
+    Mode "wall" runs ``inner`` steps back to back and synchronizes inside the
+    timed function (host overhead included, as in an eager training loop);
+    mode "graph" replays a CUDA graph of ``inner`` steps (device time only).
+  * fwd_large: the forward alone at 16384 x 4096 -> 4096 against a plain
+    ``torch.mm`` of the same shape and dtype (FLOP rate ratio).
+
+Every measurement is also appended as one JSON line to $FASTMLP_BENCH_JSONL
+(when set), which scripts/gpu_report.py renders; ratios come from one run.
+Inputs are random (never zeros). Set FASTMLP_BENCH_COMPILE=none|subset|all
+to choose which shapes get the (slow to compile) max-autotune baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+if torch.cuda.is_available():
+    import fastmlp.ops
+
+SHAPES = [(784, 512), (512, 512)]
+BATCHES = [64, 256, 4096]
+PRECS = {"bf16": (torch.bfloat16, False), "tf32": (torch.float32, True)}
+ENGINES = ["custom", "cublaslt", "auto"]
+ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "10"))
+COMPILE_SET = os.environ.get("FASTMLP_BENCH_COMPILE", "subset")
+COMPILE_SUBSET = {
+    ((784, 512), 64, "bf16"),
+    ((784, 512), 4096, "bf16"),
+    ((784, 512), 4096, "tf32"),
+    ((512, 512), 256, "bf16"),
+}
+
+
+def _record(**rec) -> None:
+    path = os.environ.get("FASTMLP_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _inner(batch: int) -> int:
+    return 50 if batch <= 256 else 20
+
+
+class _Tf32:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def _problem(batch, fin, fout, dtype):
+    g = torch.Generator(device="cuda").manual_seed(batch + fin + fout)
+    x = torch.randn(batch, fin, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(fout, fin, device="cuda", dtype=dtype, generator=g) / fin**0.5
+    w.requires_grad_()
+    b = torch.randn(fout, device="cuda", dtype=dtype, generator=g).mul_(0.1).requires_grad_()
+    gy = torch.randn(batch, fout, device="cuda", dtype=dtype, generator=g)
+    return x, w, b, gy
+
+
+def _eager(x, w, b):
+    return torch.relu(F.linear(x, w, b))
+
+
+def _fused(x, w, b):
+    return fastmlp.ops.linear_relu(x, w, b)
+
+
+def _make_step(fn, x, w, b, gy):
+    def step():
+        x.grad = w.grad = b.grad = None
+        fn(x, w, b).backward(gy)
+
+    return step
+
+
+def _time(benchmark, run_once, inner):
+    """Median seconds per step; run_once runs `inner` steps and synchronizes."""
+    run_once()  # warm-up (allocator, cuBLASLt heuristics, autotuning)
+    torch.cuda.synchronize()
+    benchmark.pedantic(run_once, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        return benchmark.stats.stats.median / inner
+    # --benchmark-disable: time it here (events around the same runs).
+    times = []
+    for _ in range(ROUNDS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run_once()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2] / inner
+
+
+def _wall_runner(step, inner):
+    def run():
+        for _ in range(inner):
+            step()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def _graph_runner(step, inner):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            step()
+
+    def run():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def _flops_fwd_bwd(batch, fin, fout):
+    return 3 * 2 * batch * fin * fout
+
+
+def _env_record():
+    _record(
+        kind="env",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        rounds=ROUNDS,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env():
+    if torch.cuda.is_available():
+        _env_record()
+
+
+def _ids(val):
+    if isinstance(val, tuple):
+        return f"{val[0]}x{val[1]}"
+    return str(val)
+
+
+@pytest.mark.parametrize("mode", ["wall", "graph"])
+@pytest.mark.parametrize("impl", [f"fused-{e}" for e in ENGINES] + ["eager"])
+@pytest.mark.parametrize("prec", list(PRECS))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_fwd_bwd(benchmark, monkeypatch, shape, batch, prec, impl, mode):
+    fin, fout = shape
+    dtype, tf32 = PRECS[prec]
+    if impl.startswith("fused-"):
+        monkeypatch.setenv("FASTMLP_CUDA_ENGINE", impl.split("-", 1)[1])
+        fn = _fused
+    else:
+        fn = _eager
+    inner = _inner(batch)
+    with _Tf32(tf32):
+        x, w, b, gy = _problem(batch, fin, fout, dtype)
+        step = _make_step(fn, x, w, b, gy)
+        run = _wall_runner(step, inner) if mode == "wall" else _graph_runner(step, inner)
+        t = _time(benchmark, run, inner)
+    flops = _flops_fwd_bwd(batch, fin, fout)
+    rec = dict(
+        kind="fwd_bwd",
+        shape=f"{fin}->{fout}",
+        batch=batch,
+        prec=prec,
+        impl=impl,
+        mode=mode,
+        us=t * 1e6,
+        tflops=flops / t / 1e12,
+    )
+    benchmark.extra_info.update(rec)
+    _record(**rec)
+
+
+@pytest.mark.parametrize("impl", ["torch.mm", "fused-custom", "fused-cublaslt", "fused-auto"])
+@pytest.mark.parametrize("prec", list(PRECS))
+def test_fwd_large(benchmark, monkeypatch, prec, impl):
+    M, K, N = 16384, 4096, 4096
+    dtype, tf32 = PRECS[prec]
+    inner = 5
+    with _Tf32(tf32), torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
+        w = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K**0.5
+        b = torch.randn(N, device="cuda", dtype=dtype, generator=g)
+        if impl == "torch.mm":
+            wt = w.t()
+
+            def once():
+                torch.mm(x, wt)
+        else:
+            monkeypatch.setenv("FASTMLP_CUDA_ENGINE", impl.split("-", 1)[1])
+
+            def once():
+                torch.ops.fastmlp.linear_relu(x, w, b)
+
+        def run():
+            for _ in range(inner):
+                once()
+            torch.cuda.synchronize()
+
+        t = _time(benchmark, run, inner)
+    rec = dict(
+        kind="fwd_large",
+        shape=f"{M}x{K}->{N}",
+        prec=prec,
+        impl=impl,
+        us=t * 1e6,
+        tflops=2 * M * N * K / t / 1e12,
+    )
+    benchmark.extra_info.update(rec)
+    _record(**rec)
+
+
+# Last in the file: max-autotune compiles are the slowest part of the suite.
+@pytest.mark.parametrize("prec", list(PRECS))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_fwd_bwd_compiled(benchmark, shape, batch, prec):
+    if COMPILE_SET == "none" or (
+        COMPILE_SET == "subset" and (shape, batch, prec) not in COMPILE_SUBSET
+    ):
+        pytest.skip(f"max-autotune baseline not selected (FASTMLP_BENCH_COMPILE={COMPILE_SET})")
+    fin, fout = shape
+    dtype, tf32 = PRECS[prec]
+    inner = _inner(batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(_eager, mode="max-autotune-no-cudagraphs")
+    with _Tf32(tf32):
+        x, w, b, gy = _problem(batch, fin, fout, dtype)
+        step = _make_step(compiled, x, w, b, gy)
+        for _ in range(2):  # compile (and autotune) outside the timing
+            step()
+        torch.cuda.synchronize()
+        t = _time(benchmark, _wall_runner(step, inner), inner)
+    rec = dict(
+        kind="fwd_bwd",
+        shape=f"{fin}->{fout}",
+        batch=batch,
+        prec=prec,
+        impl="compile",
+        mode="wall",
+        us=t * 1e6,
+        tflops=_flops_fwd_bwd(batch, fin, fout) / t / 1e12,
+    )
+    benchmark.extra_info.update(rec)
+    _record(**rec)
