@@ -36,8 +36,10 @@ def _fail(message: str) -> None:
 
 
 def _looks_like_cuda_home(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
-        os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and (os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")))
     )
 
 
@@ -131,7 +133,9 @@ def build_extensions():
         )
 
     with_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))]
+    sources = [
+        os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))
+    ]
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
         # at::vec's 256-bit kernels for the epilogues; every x86-64 CPU since

@@ -76,12 +76,10 @@ class MLP(nn.Module):
         super().__init__()
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
-            raise ValueError(
-                f"MLP sizes must list at least 2 positive layer widths, got {sizes}"
-            )
+            raise ValueError(f"MLP sizes must list at least 2 positive layer widths, got {sizes}")
         self.sizes = sizes
         layers: list[tuple[str, nn.Module]] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             last = i == len(sizes) - 2
             cls = nn.Linear if last else FusedLinearReLU
             # Index 2*i: the tutorial's Sequential has a ReLU between Linears.
@@ -109,7 +107,7 @@ def fuse(module: nn.Module) -> nn.Module:
         if not isinstance(child, nn.Sequential):
             continue
         names = list(child._modules)
-        for name, next_name in zip(names, names[1:]):
+        for name, next_name in zip(names, names[1:], strict=False):
             first, second = child._modules[name], child._modules[next_name]
             if _is_exactly(first, nn.Linear) and isinstance(second, nn.ReLU):
                 child._modules[name] = FusedLinearReLU.from_linear(first)

@@ -65,7 +65,7 @@ def linear_relu_backward(
     in ``output_mask`` are returned as ``None``.
     """
     grads = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, weight, list(output_mask))
-    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask, strict=True))
 
 
 # --- fake implementations: shapes, dtypes and the argument checks -------------
@@ -96,8 +96,10 @@ def _linear_relu_fake(x, weight, bias):
     )
     torch._check(
         x.device == weight.device,
-        lambda: f"fastmlp.linear_relu: x and weight must be on the same device, "
-        f"got x on {x.device} and weight on {weight.device}",
+        lambda: (
+            f"fastmlp.linear_relu: x and weight must be on the same device, "
+            f"got x on {x.device} and weight on {weight.device}"
+        ),
     )
     torch._check(
         x.shape[-1] == weight.shape[1],
@@ -117,13 +119,17 @@ def _linear_relu_fake(x, weight, bias):
         )
         torch._check(
             bias.dtype == weight.dtype,
-            lambda: f"fastmlp.linear_relu: bias and weight must have the same dtype, "
-            f"got bias {bias.dtype} and weight {weight.dtype}",
+            lambda: (
+                f"fastmlp.linear_relu: bias and weight must have the same dtype, "
+                f"got bias {bias.dtype} and weight {weight.dtype}"
+            ),
         )
         torch._check(
             bias.device == weight.device,
-            lambda: f"fastmlp.linear_relu: bias and weight must be on the same device, "
-            f"got bias on {bias.device} and weight on {weight.device}",
+            lambda: (
+                f"fastmlp.linear_relu: bias and weight must be on the same device, "
+                f"got bias on {bias.device} and weight on {weight.device}"
+            ),
         )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 

@@ -50,7 +50,8 @@ log "build stage done"
 if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   log "tests"
   # shellcheck disable=SC2086
-  timeout $(($(left) > 240 ? 240 : 150)) $PY -m pytest $PYTEST_ARGS \
+  T_TESTS=$(($(left) / 2)); [ "$T_TESTS" -gt 240 ] && T_TESTS=240
+  timeout "$T_TESTS" $PY -m pytest $PYTEST_ARGS \
     tests/test_cuda.py tests/test_ops.py 2>&1 | tee "$OUT/tests.log" | tail -n 40
   rc=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] && FAILED+=("tests(rc=$rc)")
@@ -59,7 +60,8 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   JSONL="$OUT/bench.jsonl"
   : >"$JSONL"
   log "benchmarks"
-  FASTMLP_BENCH_JSONL="$JSONL" timeout 180 $PY -m pytest -q -o addopts= -p no:cacheprovider \
+  T_BENCH=$(($(left) - 10)); [ "$T_BENCH" -gt 180 ] && T_BENCH=180; [ "$T_BENCH" -lt 30 ] && T_BENCH=30
+  FASTMLP_BENCH_JSONL="$JSONL" timeout "$T_BENCH" $PY -m pytest -q -o addopts= -p no:cacheprovider \
     benchmarks/test_bench_gpu.py -k "not compiled" \
     --benchmark-json="$OUT/bench_main.json" --benchmark-columns=median,iqr,rounds \
     >"$OUT/bench_main.log" 2>&1

@@ -13,7 +13,9 @@ def linear_relu_ref(x, weight, bias=None):
 
 def forward_backward(fn, x, weight, bias, grad_y=None):
     """Runs fn forward and backward on fresh leaf copies; returns (y, grads, grad_y)."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)
+    ]
     y = fn(*leaves)
     if grad_y is None:
         grad_y = torch.randn_like(y)

@@ -113,7 +113,11 @@ def test_fuse_replaces_linear_relu_pairs_and_keeps_outputs():
     assert fused is model
     stack = model.linear_relu_stack
     assert [type(m) for m in stack] == [
-        FusedLinearReLU, nn.Identity, FusedLinearReLU, nn.Identity, nn.Linear
+        FusedLinearReLU,
+        nn.Identity,
+        FusedLinearReLU,
+        nn.Identity,
+        nn.Linear,
     ]
     assert stack[0].weight is weight  # parameters are shared, not copied
     assert set(model.state_dict()) == keys
@@ -153,7 +157,11 @@ def test_fuse_then_unfuse_round_trip():
     expected = model(x)
     unfuse(fuse(model))
     assert [type(m) for m in model.linear_relu_stack] == [
-        nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
     ]
     torch.testing.assert_close(model(x), expected)
 

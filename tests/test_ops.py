@@ -120,7 +120,7 @@ def test_results_are_deterministic():
     first = forward_backward(linear_relu, x, w, b)
     second = forward_backward(linear_relu, x, w, b, first[2])
     assert torch.equal(first[0], second[0])
-    for a, c in zip(first[1], second[1]):
+    for a, c in zip(first[1], second[1], strict=True):
         assert torch.equal(a, c)
 
 
@@ -181,7 +181,7 @@ def test_torch_compile_fullgraph_mlp_forward_backward():
     loss = step(torch.compile(model, fullgraph=True), x)
     loss_ref = step(reference, x)
     torch.testing.assert_close(loss, loss_ref)
-    for p, p_ref in zip(model.parameters(), reference.parameters()):
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad)
 
 
@@ -198,16 +198,32 @@ def test_autocast_cpu_bfloat16():
 
 BAD_INPUTS = [
     ("dtype", (torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64), None), "same dtype"),
-    ("bias dtype", (torch.randn(2, 3), torch.randn(4, 3), torch.randn(4).double()), "bias and weight"),
+    (
+        "bias dtype",
+        (torch.randn(2, 3), torch.randn(4, 3), torch.randn(4).double()),
+        "bias and weight",
+    ),
     ("in_features", (torch.randn(2, 5), torch.randn(4, 3), None), "in_features mismatch"),
     ("bias length", (torch.randn(2, 3), torch.randn(4, 3), torch.randn(5)), "bias must have"),
     ("bias rank", (torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 4)), "bias must be 1-D"),
     ("weight rank", (torch.randn(2, 3), torch.randn(3), None), "weight must be 2-D"),
     ("weight 3-D", (torch.randn(2, 3), torch.randn(1, 4, 3), None), "weight must be 2-D"),
     ("x 0-D", (torch.tensor(1.0), torch.randn(4, 1), None), "x must have at least 1"),
-    ("int x", (torch.ones(2, 3, dtype=torch.int64), torch.randn(4, 3), None), "x must be a floating"),
-    ("bool weight", (torch.randn(2, 3), torch.ones(4, 3, dtype=torch.bool), None), "weight must be a floating"),
-    ("int bias", (torch.randn(2, 3), torch.randn(4, 3), torch.ones(4, dtype=torch.int32)), "bias must be a floating"),
+    (
+        "int x",
+        (torch.ones(2, 3, dtype=torch.int64), torch.randn(4, 3), None),
+        "x must be a floating",
+    ),
+    (
+        "bool weight",
+        (torch.randn(2, 3), torch.ones(4, 3, dtype=torch.bool), None),
+        "weight must be a floating",
+    ),
+    (
+        "int bias",
+        (torch.randn(2, 3), torch.randn(4, 3), torch.ones(4, dtype=torch.int32)),
+        "bias must be a floating",
+    ),
 ]
 
 
@@ -240,6 +256,10 @@ def test_device_mismatch_with_meta_raises_clear_error():
 def test_backward_op_rejects_bad_shapes():
     y = torch.rand(3, 4)
     with pytest.raises(RuntimeError, match="grad_y must have the shape"):
-        torch.ops.fastmlp.linear_relu_backward(torch.rand(3, 5), y, None, None, [False, False, True])
+        torch.ops.fastmlp.linear_relu_backward(
+            torch.rand(3, 5), y, None, None, [False, False, True]
+        )
     with pytest.raises(RuntimeError, match="weight is required"):
-        torch.ops.fastmlp.linear_relu_backward(torch.rand(3, 4), y, None, None, [True, False, False])
+        torch.ops.fastmlp.linear_relu_backward(
+            torch.rand(3, 4), y, None, None, [True, False, False]
+        )
