@@ -8,6 +8,8 @@ PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 try:
     from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.*)
 except ImportError as exc:  # pragma: no cover - depends on the install

@@ -4,15 +4,16 @@
 The ops themselves are defined in C++ (csrc/linear_relu.cpp) and implemented
 per backend (csrc/cpu, csrc/cuda). This module adds what PyTorch needs around
 them: a ``register_fake`` for each op, so that ``torch.compile`` traces them
-without graph breaks, and ``register_autograd`` for the forward op, whose
-backward is the ``linear_relu_backward`` op.
+without graph breaks, and autocast handling. Autograd of the forward op is
+registered in C++ (csrc/autograd.cpp); its backward is the
+``linear_relu_backward`` op.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastmlp import _C  # noqa: F401  (loading the library registers the ops)
+from fastmlp import _C  # noqa: F401  (loading the library registers the ops and autograd)
 
 __all__ = ["linear_relu", "linear_relu_backward"]
 
@@ -154,28 +155,9 @@ def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
 
 
 # --- autograd ------------------------------------------------------------------
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    ctx.has_bias = bias is not None
-    # Save only what backward reads: the output (for the mask), the weight for
-    # grad_x, the input for grad_weight.
-    ctx.save_for_backward(output, weight if needs_x else None, x if needs_w else None)
-
-
-def _backward(ctx, grad_y):
-    y, weight, x = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    mask = (needs_x, needs_w, needs_b and ctx.has_bias)
-    if not any(mask):
-        return None, None, None
-    grad_y = grad_y.contiguous()
-    return linear_relu_backward(grad_y, y, x, weight, mask)
-
-
-torch.library.register_autograd("fastmlp::linear_relu", _backward, setup_context=_setup_context)
+# linear_relu's autograd is registered in C++ (csrc/autograd.cpp) for speed; its
+# backward calls the linear_relu_backward op. That op itself is not
+# differentiable: asking for it (double backward) raises a clear error.
 
 
 def _double_backward_unsupported(ctx, *grads):
