@@ -66,6 +66,27 @@ Engine requested_engine() {
 
 bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
 
+// Largest extent our kernels' int index math handles. The kernels compute
+// row/column/k indices up to one tile (and, with split-K, up to 16 * BK)
+// *past* an extent before comparing them with it, e.g. row = m0 + 127 in the
+// GEMM epilogue or r += 8 in the column sums; with M right below INT_MAX
+// those would overflow to negative values that pass the bounds checks and
+// address memory out of range. The margin keeps them representable.
+constexpr int64_t kMaxKernelExtent = std::numeric_limits<int>::max() - 4096;
+
+// Whether fastmlp's own GEMMs can run this shape: int extents, and at most
+// 65535 64-wide tiles along N (forward, wgrad) and K (dgrad, wgrad) in grid.y.
+bool fits_custom(int64_t M, int64_t N, int64_t K) {
+  return M <= kMaxKernelExtent && N <= kMaxKernelExtent &&
+         K <= kMaxKernelExtent && (N + 63) / 64 <= 65535 &&
+         (K + 63) / 64 <= 65535;
+}
+
+// The mask/column-sum kernel takes M and N as int (same margin).
+bool fits_colsum(int64_t M, int64_t N) {
+  return M <= kMaxKernelExtent && N <= kMaxKernelExtent;
+}
+
 // The rule of the auto engine. Provisional (no measurements yet): our kernels
 // for small and medium products in bf16/f16/tf32, where saving launches and
 // passes matters most; cuBLASLt for large ones and for exact float32 (our
@@ -74,14 +95,12 @@ Engine pick_engine(at::ScalarType dtype, int64_t M, int64_t N, int64_t K) {
   const Engine req = requested_engine();  // validated on every call
   if (dtype == at::kDouble) return Engine::kAten;
   if (M == 0 || N == 0 || K == 0) return Engine::kAten;  // degenerate shapes
-  const int64_t int_max = std::numeric_limits<int>::max();
-  const bool fits_custom = M < int_max && N < int_max && K < int_max &&
-                           (N + 63) / 64 <= 65535 && (K + 63) / 64 <= 65535;
+  const bool fits = fits_custom(M, N, K);
   if (req == Engine::kAten || req == Engine::kCublasLt) return req;
   if (req == Engine::kCustom)
-    return fits_custom ? Engine::kCustom : Engine::kCublasLt;
+    return fits ? Engine::kCustom : Engine::kCublasLt;
   if (dtype == at::kFloat && !tf32_allowed()) return Engine::kCublasLt;
-  if (!fits_custom) return Engine::kCublasLt;
+  if (!fits) return Engine::kCublasLt;
   const double flops = 2.0 * double(M) * double(N) * double(K);
   return flops <= 8.0e9 ? Engine::kCustom : Engine::kCublasLt;
 }
@@ -366,6 +385,10 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight,
 
   if (engine == Engine::kCublasLt) {
     if (forward_cublaslt(xc, wc, bptr, y, M, N, K)) return y;
+    // pick_engine also sends shapes our kernels cannot take (int overflow,
+    // grid.y limit) to cuBLASLt; the static_cast<int>s in forward_custom
+    // would truncate them, so those fall back to ATen instead.
+    if (!fits_custom(M, N, K)) return forward_aten(x, weight, bias);
     TORCH_WARN_ONCE("fastmlp: cuBLASLt has no algorithm for linear_relu with ",
                     "M=", M, " N=", N, " K=", K, " ", x.scalar_type(),
                     "; using fastmlp's own kernel");
@@ -444,6 +467,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
+  if (engine == Engine::kCublasLt && !fits_colsum(M, N)) {
+    // Shapes past the custom kernels' limits are routed to cuBLASLt, but its
+    // path below still runs our int-indexed mask/column-sum kernel (M, N are
+    // static_cast to int): use ATen rather than truncate them.
+    return backward_aten(grad_y, y, x, weight, mask, M, N);
+  }
   if (engine == Engine::kCublasLt) {
     // One pass: gm = mask(grad_y) and the bias gradient; then two GEMMs.
     const bool need_gm = mask[0] || mask[1];
@@ -466,6 +495,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
                      N, gw.data_ptr(), K, nullptr);
     }
     if (ok) return {gx, gw, gb};
+    // Shapes our kernels cannot take (see fits_custom) go to ATen instead.
+    if (!fits_custom(M, N, K)) {
+      return backward_aten(grad_y, y, x, weight, mask, M, N);
+    }
     TORCH_WARN_ONCE(
         "fastmlp: cuBLASLt has no algorithm for linear_relu_backward ",
         "with M=", M, " N=", N, " K=", K, " ", y.scalar_type(),
