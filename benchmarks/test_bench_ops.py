@@ -43,14 +43,21 @@ def _problem(batch, fan_in, fan_out, dtype):
 
 
 def _step_fn(kind, x, w, b, gy):
+    # Gradients are reset before every step, as optimizer.zero_grad() does in
+    # training, so that no step pays for accumulating into the last one's.
+    def clear():
+        x.grad = w.grad = b.grad = None
+
     if kind == "fused":
 
         def step():
+            clear()
             linear_relu(x, w, b).backward(gy)
 
     elif kind == "eager":
 
         def step():
+            clear()
             torch.relu(F.linear(x, w, b)).backward(gy)
 
     else:  # the bare GEMMs
@@ -64,8 +71,6 @@ def _step_fn(kind, x, w, b, gy):
     def run():
         for _ in range(INNER):
             step()
-        # Gradients accumulate across steps; clear them outside the math.
-        x.grad = w.grad = b.grad = None
 
     return run
 
