@@ -1,0 +1,185 @@
+"""Saving and loading checkpoints: atomic writes, safe loads, plain-PyTorch model state.
+
+A checkpoint is a dict saved with :func:`torch.save` whose ``"model"`` entry is an ordinary
+``state_dict`` with the tutorial's key names (``linear_relu_stack.0.weight``, ...), beside
+``"optimizer"``, ``"scheduler"``, ``"epoch"``, ``"rng"``, ``"config"`` and ``"metrics"``.
+Everything in it is tensors and plain Python values, so ``torch.load(path,
+weights_only=True)`` reads it without running any pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "extract_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "sizes_from_state_dict",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled Python objects; loading it could run arbitrary code."""
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Atomically write ``obj`` with :func:`torch.save` to ``path``.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsynced, and the
+    file is renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows); then the
+    folder is fsynced so the rename itself survives a power cut. A crash or kill at any
+    point leaves either the old file or the new one, never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave half-written temporaries behind.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its rename is durable enough
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    trusted: bool = False,
+    map_location: str | torch.device | None = "cpu",
+) -> Any:
+    """Load what :func:`save_checkpoint` (or any ``torch.save``) wrote, safely by default.
+
+    With ``trusted=False`` the file is read with ``weights_only=True``: tensors and plain
+    values only. A file carrying pickled objects (for example a whole ``nn.Module`` saved
+    with ``torch.save(model)``) raises :class:`UnsafeCheckpointError`; pass
+    ``trusted=True`` only for files from a source you trust. Missing, truncated or corrupt
+    files raise :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    # torch.save has written zip archives since PyTorch 1.6; anything else is either an
+    # ancient legacy file or damage, and torch's own error for it talks about pickles.
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint ({size} bytes, not a "
+            "torch.save zip archive)"
+        )
+    # Check every member's CRC first: damage inside the pickle would otherwise look like
+    # an unsafe checkpoint, and damage inside tensor data would load without complaint.
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupt: checksum mismatch in {damaged}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except Exception as e:
+        msg = str(e)
+        if not trusted and "Weights only load failed" in msg:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+            what = f" (it contains {found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects{what}; loading it could run "
+                "arbitrary code. Refusing. Load it only if you trust its source: "
+                "trusted=True in Python, --trust on the command line."
+            ) from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt or truncated: {first}") from e
+
+
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model ``state_dict`` inside whatever was loaded.
+
+    Accepts a fastmlp checkpoint (``{"model": state_dict, ...}``), a bare ``state_dict``
+    (what the tutorial saves with ``torch.save(model.state_dict(), ...)``) or a whole
+    ``nn.Module`` (``torch.save(model)``, needs ``trusted=True`` to load). Key prefixes
+    added by ``torch.compile`` or ``DataParallel`` are removed.
+    """
+    if isinstance(obj, torch.nn.Module):
+        state: Any = obj.state_dict()
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = obj
+    else:
+        raise CheckpointError(
+            "not a model checkpoint: expected a dict with a 'model' state_dict, a state_dict "
+            f"or an nn.Module, got {type(obj).__name__}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def sizes_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """Layer widths of an MLP ``state_dict`` in tutorial layout, e.g. ``(784, 512, 512, 10)``.
+
+    Linear layers sit at even indices of ``linear_relu_stack`` (ReLUs between them).
+    """
+    weights: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"linear_relu_stack\.(\d+)\.weight", key)
+        if m:
+            weights[int(m.group(1))] = value
+    if not weights:
+        raise CheckpointError(
+            "state_dict has no 'linear_relu_stack.<i>.weight' entries; not an MLP in the "
+            f"tutorial's layout (keys: {', '.join(list(state)[:4])}...)"
+        )
+    order = sorted(weights)
+    if order != list(range(0, 2 * len(order), 2)):
+        raise CheckpointError(f"unexpected layer indices in state_dict: {order}")
+    sizes = [int(weights[order[0]].shape[1])]
+    for i in order:
+        w = weights[i]
+        if w.dim() != 2 or w.shape[1] != sizes[-1]:
+            raise CheckpointError(
+                f"linear_relu_stack.{i}.weight has shape {tuple(w.shape)}, expected "
+                f"(*, {sizes[-1]})"
+            )
+        sizes.append(int(w.shape[0]))
+    return tuple(sizes)

@@ -1,0 +1,189 @@
+"""Checkpoints: atomic saves that survive a kill, safe loads, plain-PyTorch model state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from workflow_fixtures import NeuralNetwork
+
+from fastmlp import checkpoint as ckpt
+from fastmlp.nn import MLP
+
+
+def state(value: float) -> dict[str, object]:
+    return {"model": {"w": torch.full((4, 4), value)}, "epoch": int(value), "note": "plain"}
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    p = ckpt.save_checkpoint(state(3.0), tmp_path / "sub" / "last.pt")
+    loaded = ckpt.load_checkpoint(p)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.full((4, 4), 3.0))
+    # The documented contract: plain torch.load with weights_only=True reads it.
+    assert torch.load(p, weights_only=True)["note"] == "plain"
+    assert [f.name for f in p.parent.iterdir()] == ["last.pt"]  # no temporaries left
+
+
+def test_failed_save_keeps_old_file_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = ckpt.save_checkpoint(state(1.0), tmp_path / "last.pt")
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"partial")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(state(2.0), p)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(p)["epoch"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+# The child saves version 1, then starts saving version 2 and is SIGKILLed while the bytes
+# are written but before the rename (the sleep stands in for a slow disk). Then the same
+# again at a random moment of a tight save loop.
+_CHILD = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from fastmlp import checkpoint as ckpt
+    path = sys.argv[1]
+    big = {"model": {"w": torch.zeros(1_000_000)}, "epoch": 1}
+    ckpt.save_checkpoint(big, path)
+    if sys.argv[2] == "at-fsync":
+        real_fsync = os.fsync
+        def slow_fsync(fd):
+            print("SAVING", flush=True)
+            time.sleep(60)
+            real_fsync(fd)
+        os.fsync = slow_fsync
+        ckpt.save_checkpoint({"model": {"w": torch.ones(1_000_000)}, "epoch": 2}, path)
+    else:
+        print("SAVING", flush=True)
+        i = 2
+        while True:
+            ckpt.save_checkpoint({"model": {"w": torch.full((1_000_000,), float(i))},
+                                  "epoch": i}, path)
+            i += 1
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+@pytest.mark.parametrize("when", ["at-fsync", "random"])
+def test_kill_during_save_leaves_a_valid_checkpoint(tmp_path: Path, when: str) -> None:
+    path = tmp_path / "last.pt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), when], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "SAVING"
+        if when == "random":
+            import time
+
+            time.sleep(0.3)  # several saves in flight by now
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    loaded = ckpt.load_checkpoint(path)
+    if when == "at-fsync":
+        assert loaded["epoch"] == 1  # the old checkpoint survived intact
+        leftovers = [f.name for f in tmp_path.iterdir() if f.name != "last.pt"]
+        assert leftovers and all(n.endswith(".tmp") for n in leftovers)
+    epoch = loaded["epoch"]
+    expected = 0.0 if epoch == 1 else float(epoch)
+    assert torch.equal(loaded["model"]["w"], torch.full((1_000_000,), expected))
+    # A later save in the same folder works despite the abandoned temporary.
+    ckpt.save_checkpoint(state(5.0), path)
+    assert ckpt.load_checkpoint(path)["epoch"] == 5
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path: Path) -> None:
+    p = tmp_path / "model.pth"
+    model = MLP()
+    torch.save(model, p)  # the tutorial's whole-model save
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="pickled Python objects.*--trust"):
+        ckpt.load_checkpoint(p)
+    loaded = ckpt.load_checkpoint(p, trusted=True)
+    assert type(loaded) is MLP
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(
+        ckpt.extract_state_dict(loaded)["linear_relu_stack.4.bias"],
+        getattr(model.linear_relu_stack, "4").bias,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda good: good[: len(good) // 2], "truncated"),
+        (lambda good: good[:100], "truncated"),
+        (lambda good: b"", "truncated or not a PyTorch checkpoint"),
+        (lambda good: b"hello world" * 50, "not a PyTorch checkpoint"),
+        (lambda good: good[:-30], "truncated"),
+        (lambda good: good[:80] + b"\xff" * 8 + good[88:], "corrupt: checksum mismatch"),
+        (lambda good: good[:200] + b"\xff" * 8 + good[208:], "corrupt"),
+        (lambda good: good[:-400] + b"\xff" * 8 + good[-392:], "corrupt"),
+    ],
+)
+def test_damaged_files_give_clear_errors(tmp_path: Path, content, message: str) -> None:
+    good = tmp_path / "good.pt"
+    ckpt.save_checkpoint(state(1.0), good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content(good.read_bytes()))
+    with pytest.raises(ckpt.CheckpointError, match=message) as info:
+        ckpt.load_checkpoint(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_tutorial_model_loads_fastmlp_state_and_back(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fused = MLP()
+    tutorial = NeuralNetwork()
+    # The documented one-liner: the "model" entry is the tutorial's state_dict.
+    ckpt.save_checkpoint({"model": fused.state_dict(), "epoch": 1}, tmp_path / "best.pt")
+    tutorial.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=True)["model"])
+    x = torch.rand(8, 1, 28, 28)
+    torch.testing.assert_close(tutorial(x), fused(x))
+    # And the other way: a state_dict saved the tutorial's way, loaded into fastmlp.
+    torch.save(NeuralNetwork().state_dict(), tmp_path / "model_weights.pth")
+    sd = ckpt.extract_state_dict(ckpt.load_checkpoint(tmp_path / "model_weights.pth"))
+    assert ckpt.sizes_from_state_dict(sd) == (784, 512, 512, 10)
+    back = MLP()
+    back.load_state_dict(sd)
+    tutorial.load_state_dict(sd)
+    torch.testing.assert_close(back(x), tutorial(x))
+
+
+def test_extract_state_dict_strips_wrapper_prefixes() -> None:
+    sd = {f"_orig_mod.{k}": v for k, v in MLP().state_dict().items()}
+    assert set(ckpt.extract_state_dict(sd)) == set(MLP().state_dict())
+    with pytest.raises(ckpt.CheckpointError, match="not a model checkpoint"):
+        ckpt.extract_state_dict([1, 2])
+    with pytest.raises(ckpt.CheckpointError, match="tutorial's layout"):
+        ckpt.sizes_from_state_dict({"fc.weight": torch.zeros(2, 2)})
+
+
+def test_sizes_from_state_dict_other_widths() -> None:
+    assert ckpt.sizes_from_state_dict(MLP((784, 64, 32, 16, 10)).state_dict()) == (
+        784,
+        64,
+        32,
+        16,
+        10,
+    )
