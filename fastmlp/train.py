@@ -1,0 +1,375 @@
+"""Training: ``TrainConfig`` (the documented recipe) and ``fit``.
+
+The tutorial's ``train_loop``/``test_loop`` live in :mod:`fastmlp.loops` and are re-exported
+here. ``fit`` runs a whole experiment from a :class:`TrainConfig`: data on the device, the fused
+MLP, optimizer and schedule, bf16 autocast if asked, per-epoch metrics, plots and atomic
+checkpoints that resume bit-identically on CPU.
+
+Losses and accuracies accumulate in device tensors; the host reads them once per epoch (and
+once every ``log_every`` steps for the progress line), so a GPU is never stalled per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmlp import checkpoint as ckpt
+from fastmlp import data
+from fastmlp.loops import EvalResult, evaluate, progress_bar, test_loop, train_loop
+
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "TrainConfig",
+    "build_model",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "make_scheduler",
+    "resolve_device",
+    "test_loop",
+    "train_loop",
+]
+
+LogFn = Callable[[str], None]
+# train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
+# `from fastmlp.train import train_loop, test_loop` reads like the tutorial.
+
+
+@dataclass
+class TrainConfig:
+    """One experiment. The defaults are what ``fastmlp train`` runs.
+
+    Measured on Fashion-MNIST with 784-512-512-10, final-epoch test accuracy, 2-core CPU:
+    the defaults (40 epochs) reach 90.73%; the best recipe found is the same with
+    ``epochs=120``: 91.04% mean of seeds 0-2 (91.09, 90.87, 91.16); ``epochs=80`` gives
+    91.00% (91.14, 90.84, 91.02). A training epoch takes ~1.5 s.
+    Tried and rejected on a GPU sweep: random shifts (1-2 px) and input dropout hurt this
+    MLP; weight decay 5e-4 or 1e-4, lr 0.05/0.2, batch 128/512, label smoothing 0/0.2,
+    cosine schedule and AdamW did no better; horizontal flips help only in long runs.
+    """
+
+    epochs: int = 40
+    batch_size: int = 256  # samples per optimizer step
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1  # peak learning rate (one-cycle) or initial rate (cosine/none)
+    momentum: float = 0.9  # SGD momentum; one-cycle cycles it between 0.85 and 0.95
+    nesterov: bool = True
+    weight_decay: float = 2e-4  # L2 coefficient (decoupled for AdamW)
+    schedule: str = "onecycle"  # none | onecycle | cosine; stepped every batch
+    warmup: float = 0.25  # fraction of all steps spent rising to the peak (one-cycle)
+    label_smoothing: float = 0.1
+    augment: bool = True  # random horizontal flip (+ shift if max_shift > 0)
+    max_shift: int = 0  # pixels of random shift under augment
+    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    sizes: tuple[int, ...] = (784, 512, 512, 10)
+    eval_batch_size: int = 2000
+    data: str | None = None  # data folder; None searches the usual places
+    train_samples: int | None = None  # train on the first N samples only (quick checks)
+
+    def __post_init__(self) -> None:
+        self.sizes = tuple(int(s) for s in self.sizes)
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, "eval batch size must be >= 1"),
+            (self.optimizer in ("sgd", "adam", "adamw"), f"unknown optimizer {self.optimizer!r}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (self.schedule in ("none", "onecycle", "cosine"), f"bad schedule {self.schedule!r}"),
+            (0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+            (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}"),
+            (self.max_shift >= 0, "max shift must be >= 0"),
+            (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
+            (len(self.sizes) >= 2 and min(self.sizes) >= 1, f"bad layer sizes {self.sizes}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Rebuild from :func:`dataclasses.asdict` output, ignoring unknown keys."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the GPU when there is one; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
+def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
+    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``."""
+    from fastmlp.nn import MLP  # the compiled extension loads here, not at import time
+
+    return MLP(sizes=tuple(sizes)).to(device)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov), Adam or AdamW as the config says."""
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step schedule over the whole run, or ``None`` for a constant rate."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind."""
+
+    model: nn.Module
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_accuracy: float = 0.0
+    out_dir: Path | None = None
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    try:
+        from importlib.metadata import version
+
+        fastmlp_version = version("fastmlp")
+    except Exception:  # running from a source tree that was never installed
+        fastmlp_version = "unknown"
+    return {
+        "fastmlp": fastmlp_version,
+        "torch": str(torch.__version__),  # TorchVersion would need pickle
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def fit(
+    config: TrainConfig | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    stop_after: int | None = None,
+    progress: bool | None = None,
+    log: LogFn | None = print,
+) -> FitResult:
+    """Train the fused MLP on Fashion-MNIST and evaluate after every epoch.
+
+    ``out_dir`` (if given) receives ``metrics.json``, ``curves.png``, ``confusion.png``,
+    ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy so far). ``resume`` is a
+    ``last.pt`` to continue from: its saved config is used, and the result is bit-identical
+    on CPU to an uninterrupted run. ``stop_after`` ends this call after that many total
+    epochs, as if interrupted. ``progress`` defaults to tqdm bars on a terminal.
+    """
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        state = ckpt.load_checkpoint(resume)
+        if not isinstance(state, dict) or "config" not in state or "optimizer" not in state:
+            raise ckpt.CheckpointError(f"{resume} is not a training checkpoint (no config)")
+        saved = TrainConfig.from_dict(state["config"])
+        if config is not None:  # where to run may change; what to compute may not
+            saved.device, saved.data = config.device, config.data or saved.data
+        config = saved
+    cfg = config if config is not None else TrainConfig()
+    progress = _is_tty() if progress is None else progress
+    say: LogFn = (lambda s: None) if log is None or progress else log
+    device = resolve_device(cfg.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_x, train_y = data.load_split(True, cfg.data)
+    if cfg.train_samples is not None:
+        train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
+    test_x, test_y = data.load_split(False, cfg.data)
+    train_loader = data.DeviceLoader(
+        train_x,
+        train_y,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        augment=cfg.augment,
+        max_shift=cfg.max_shift,
+        device=device,
+    )
+    test_loader = data.DeviceLoader(test_x, test_y, cfg.eval_batch_size, device=device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.sizes, device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history: list[dict[str, float]] = []
+    best, start = 0.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history, best, start = list(state["metrics"]), float(state["best_accuracy"]), state["epoch"]
+        say(f"Resuming from {resume} after epoch {start}")
+
+    # The config keeps the device as asked ("auto"); the device actually used is in meta.
+    cfg_dict = {**asdict(cfg), "sizes": list(cfg.sizes)}
+    meta = {
+        "device": str(device),
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    epoch_bar = progress_bar(cfg.epochs, "epochs", progress)
+    if epoch_bar is not None:
+        epoch_bar.update(start)
+    last_eval: EvalResult | None = None
+    for epoch in range(start, end):
+        say(f"Epoch {epoch + 1}\n-------------------------------")
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_loss = train_loop(
+            train_loader,
+            model,
+            loss_fn,
+            optimizer,
+            scheduler,
+            precision=cfg.precision,
+            log=say,
+            progress=progress,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        last_eval = evaluate(model, test_loader, cfg.precision)
+        say(
+            f"Test Error: \n Accuracy: {(100 * last_eval.accuracy):>0.1f}%, "
+            f"Avg loss: {last_eval.loss:>8f} \n"
+        )
+        trained = len(train_loader) * cfg.batch_size if train_loader.drop_last else len(train_y)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "test_loss": last_eval.loss,
+                "test_accuracy": last_eval.accuracy,
+                "seconds": seconds,
+                "samples_per_s": trained / seconds,
+            }
+        )
+        is_best = last_eval.accuracy > best
+        best = max(best, last_eval.accuracy)
+        if epoch_bar is not None:
+            epoch_bar.set_postfix(acc=f"{last_eval.accuracy:.4f}", best=f"{best:.4f}")
+            epoch_bar.update(1)
+        if out is not None:
+            state = {
+                "format": "fastmlp-checkpoint-1",
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch + 1,
+                "config": cfg_dict,
+                "metrics": history,
+                "best_accuracy": best,
+                "rng": _rng_state(),
+                "versions": meta["versions"],
+            }
+            ckpt.save_checkpoint(state, out / "last.pt")
+            if is_best:
+                ckpt.save_checkpoint(state, out / "best.pt")
+            _write_json(
+                out / "metrics.json",
+                {"config": cfg_dict, "epochs": history, "best_test_accuracy": best, **meta},
+            )
+    if epoch_bar is not None:
+        epoch_bar.close()
+    if out is not None and history:
+        from fastmlp import plots
+
+        if last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
+            last_eval = evaluate(model, test_loader, cfg.precision)
+        plots.save_curves(history, out / "curves.png")
+        plots.save_confusion(last_eval.confusion, data.CLASSES, out / "confusion.png")
+    if history:
+        say(
+            f"Done! best test accuracy {100 * best:.2f}%, "
+            f"{_median([h['seconds'] for h in history]):.2f} s/epoch (median)"
+        )
+    return FitResult(model=model, epochs=history, best_accuracy=best, out_dir=out)
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if s else 0.0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

@@ -1,0 +1,153 @@
+"""Training on the real data: accuracy, outputs, exact resume, the tutorial's loops."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained_result, trained_run
+
+from fastmlp import checkpoint as ckpt
+from fastmlp import data
+from fastmlp.train import TrainConfig, build_model, fit, resolve_device, train_loop
+from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def small(**kw: object) -> TrainConfig:
+    """A few thousand samples: enough to exercise everything in a second or two."""
+    base: dict[str, object] = dict(
+        epochs=2, batch_size=250, train_samples=3000, device="cpu", data=str(REAL_DATA)
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@needs_real_data
+def test_short_run_beats_80_percent_and_writes_outputs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    out = trained_run(tmp_path_factory)
+    result = trained_result()
+    assert result.best_accuracy > 0.80
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["optimizer"] == "sgd"
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for e in metrics["epochs"]:
+        assert set(e) >= {
+            "epoch",
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "seconds",
+            "samples_per_s",
+        }
+        assert 0 < e["test_accuracy"] <= 1 and e["seconds"] > 0 and e["samples_per_s"] > 0
+    assert metrics["epochs"][-1]["test_accuracy"] > 0.80
+    assert metrics["device"] == "cpu" and "torch" in metrics["versions"]
+    for name in ("curves.png", "confusion.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    last = torch.load(out / "last.pt", weights_only=True)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert last["epoch"] == 2 and "optimizer" in last and "scheduler" in last
+    assert set(last["model"]) == set(NeuralNetwork().state_dict())
+    assert best["best_accuracy"] == pytest.approx(result.best_accuracy)
+
+
+@needs_real_data
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    cfg = small(epochs=3, augment=True, max_shift=2, seed=7)  # every RNG path
+    straight = fit(cfg, tmp_path / "straight", log=None, progress=False)
+    fit(cfg, tmp_path / "split", stop_after=1, log=None, progress=False)
+    assert ckpt.load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    resumed = fit(
+        None, tmp_path / "split", resume=tmp_path / "split" / "last.pt", log=None, progress=False
+    )
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = [
+        {k: v for k, v in e.items() if k not in ("seconds", "samples_per_s")}
+        for e in straight.epochs
+    ]
+    assert strip == [
+        {k: v for k, v in e.items() if k not in ("seconds", "samples_per_s")}
+        for e in resumed.epochs
+    ]
+    saved = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [e["epoch"] for e in saved["epochs"]] == [1, 2, 3]
+
+
+@needs_real_data
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(optimizer="adamw", lr=2e-3, schedule="cosine", precision="bf16"),
+        dict(optimizer="adam", lr=1e-3, schedule="none", label_smoothing=0.0, augment=False),
+    ],
+)
+def test_other_optimizers_schedules_and_bf16_learn(kw: dict[str, object]) -> None:
+    result = fit(small(epochs=1, **kw), None, log=None, progress=False)
+    assert result.epochs[0]["test_accuracy"] > 0.5  # chance is 0.1; 3000 samples, 1 epoch
+    assert result.model.linear_relu_stack[0].weight.dtype == torch.float32  # master weights
+
+
+@needs_real_data
+def test_tutorial_loops_log_format_with_a_dataloader(capsys: pytest.CaptureFixture[str]) -> None:
+    from torchvision.transforms import ToTensor
+
+    ds = data.FashionMNIST(REAL_DATA, train=True, transform=ToTensor(), download=False)
+    subset = torch.utils.data.Subset(ds, range(1000))
+    loader = torch.utils.data.DataLoader(subset, batch_size=64)
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log_every=10)
+    acc, test_loss = tutorial_test_loop(loader, model, torch.nn.CrossEntropyLoss())
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("loss:")]
+    assert re.fullmatch(r"loss: \d\.\d{6}  \[    0/ 1000\]", lines[0])
+    assert re.fullmatch(r"loss: \d\.\d{6}  \[  640/ 1000\]", lines[1])
+    assert re.search(r"Test Error: \n Accuracy: \d+\.\d%, Avg loss: \d\.\d{6} \n", out)
+    assert loss > 0 and 0 <= acc <= 1 and test_loss > 0
+
+
+def test_device_loader_feeds_the_tutorial_model() -> None:
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+    loader = data.DeviceLoader(images, labels, batch_size=100, shuffle=True)
+    model = NeuralNetwork()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log=None)
+    acc, _ = tutorial_test_loop(loader, model, log=None)
+    assert loss > 0 and 0 <= acc <= 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(epochs=0), "epochs"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(lr=-1.0), "learning rate"),
+        (dict(schedule="step"), "schedule"),
+        (dict(precision="fp16"), "precision"),
+        (dict(label_smoothing=1.0), "label smoothing"),
+    ],
+)
+def test_config_validation(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="unknown device|unsupported device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
