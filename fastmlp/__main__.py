@@ -1,0 +1,5 @@
+"""`python -m fastmlp` runs the `fastmlp` command."""
+
+from fastmlp.cli import main
+
+raise SystemExit(main())

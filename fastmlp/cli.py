@@ -1,0 +1,392 @@
+"""The ``fastmlp`` command: train, evaluate, predict, samples.
+
+A thin shell over :mod:`fastmlp.train`, :mod:`fastmlp.checkpoint` and :mod:`fastmlp.data`.
+Every failure a user can cause (a bad flag or value, missing data, a damaged or unsafe
+checkpoint, an unreadable image) ends in a short ``fastmlp …: error: …`` message on stderr
+and a non-zero exit status, never a traceback (set ``FASTMLP_DEBUG=1`` to get one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from fastmlp import checkpoint as ckpt
+from fastmlp import data
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2  # argparse's convention for bad command lines
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """A bad command line; the message is the complete one-line error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block and exits; we want one line and an exit code
+    # that main() returns, so tests and callers can run main() in-process.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = True) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if not math.isfinite(value) or too_low or too_high:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"expected a value in {lo}{low}, {high}{hi}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        hidden = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 512,512, got {text!r}") from None
+    if not hidden or min(hidden) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 512,512, got {text!r}")
+    return (784, *hidden, 10)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all subcommands (exposed for documentation and tests)."""
+    from fastmlp.train import TrainConfig
+
+    d = TrainConfig()
+    p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    data_help = (
+        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA, "
+        "~/.cache/fastmlp, /usr/share/datasets/fashion-mnist)"
+    )
+    device_help = "auto (GPU if present), cpu, cuda or cuda:N (default: auto)"
+    trust_help = "allow loading checkpoints that contain pickled objects (only if trusted)"
+
+    t = sub.add_parser(
+        "train",
+        help="train the fused MLP",
+        description=(
+            "Train the fused 784-512-512-10 MLP on Fashion-MNIST. Writes metrics.json, "
+            "curves.png, confusion.png, last.pt and best.pt into --out. Unset options come "
+            "from the documented recipe, or from the checkpoint with --resume."
+        ),
+    )
+    S = argparse.SUPPRESS  # unset options stay unset, so --resume can tell what was given
+    t.add_argument("--data", metavar="DIR", default=S, help=data_help)
+    t.add_argument(
+        "--out",
+        metavar="DIR",
+        default=S,
+        help="output folder (default: runs/<date-time>; with --resume, its folder)",
+    )
+    t.add_argument("--epochs", type=_positive_int, default=S, help=f"default {d.epochs}")
+    t.add_argument("--batch-size", type=_positive_int, default=S, help=f"default {d.batch_size}")
+    t.add_argument(
+        "--optimizer", choices=["sgd", "adam", "adamw"], default=S, help=f"default {d.optimizer}"
+    )
+    t.add_argument(
+        "--lr",
+        type=_float_in(0, 10, low_open=True),
+        default=S,
+        help=f"peak learning rate, default {d.lr}",
+    )
+    t.add_argument("--momentum", type=_float_in(0, 1), default=S, help=f"default {d.momentum}")
+    t.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help=f"Nesterov momentum for SGD (default: {d.nesterov})",
+    )
+    t.add_argument(
+        "--weight-decay", type=_float_in(0, 1), default=S, help=f"default {d.weight_decay}"
+    )
+    t.add_argument(
+        "--schedule",
+        choices=["none", "onecycle", "cosine"],
+        default=S,
+        help=f"learning-rate schedule, stepped per batch (default {d.schedule})",
+    )
+    t.add_argument(
+        "--warmup",
+        type=_float_in(0, 1, low_open=True),
+        default=S,
+        help=f"one-cycle warm-up fraction of all steps (default {d.warmup})",
+    )
+    t.add_argument(
+        "--label-smoothing", type=_float_in(0, 1), default=S, help=f"default {d.label_smoothing}"
+    )
+    t.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help=f"random horizontal flip, plus --max-shift (default: {d.augment})",
+    )
+    t.add_argument(
+        "--max-shift",
+        type=_int,
+        default=S,
+        metavar="PX",
+        help=f"random shift in pixels under --augment (default {d.max_shift})",
+    )
+    t.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=S,
+        dest="sizes",
+        metavar="W,W",
+        help="hidden layer widths (default 512,512)",
+    )
+    t.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=S, help=f"default {d.precision}"
+    )
+    t.add_argument("--device", default=S, help=device_help)
+    t.add_argument("--seed", type=_int, default=S, help=f"default {d.seed}")
+    t.add_argument(
+        "--train-samples",
+        type=_positive_int,
+        default=S,
+        metavar="N",
+        help="train on the first N images only (quick checks; default: all 60000)",
+    )
+    t.add_argument(
+        "--resume", metavar="CKPT", default=None, help="continue the run saved in CKPT (a last.pt)"
+    )
+    t.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after epoch N (resume later with --resume)",
+    )
+    t.add_argument("--quiet", action="store_true", help="print only the final summary")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="test accuracy and loss of a checkpoint",
+        description="Print test accuracy and mean loss of a checkpoint "
+        "(a fastmlp .pt, or a state_dict saved by the tutorial).",
+    )
+    e.add_argument("checkpoint", metavar="CKPT")
+    e.add_argument("--data", metavar="DIR", default=None, help=data_help)
+    e.add_argument("--device", default="auto", help=device_help)
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--batch-size", type=_positive_int, default=2000)
+    e.add_argument("--trust", action="store_true", help=trust_help)
+    e.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify image files",
+        description="Classify PNG/JPEG images of any size: each is converted "
+        "to 28x28 grayscale like Fashion-MNIST (light object on dark ground).",
+    )
+    pr.add_argument("checkpoint", metavar="CKPT")
+    pr.add_argument("images", metavar="IMAGE", nargs="+")
+    pr.add_argument("--top", type=_positive_int, default=1, help="show the K best classes")
+    pr.add_argument(
+        "--invert",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="invert dark-on-light images (auto: when the border is light)",
+    )
+    pr.add_argument("--device", default="auto", help=device_help)
+    pr.add_argument("--trust", action="store_true", help=trust_help)
+    pr.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser(
+        "samples",
+        help="save a 3x3 grid of labelled training images",
+        description="The tutorial's 3x3 grid of random labelled training images.",
+    )
+    s.add_argument("--out", metavar="PNG", default="samples.png", help="default samples.png")
+    s.add_argument("--data", metavar="DIR", default=None, help=data_help)
+    s.add_argument("--seed", type=_int, default=None, help="pick the same images every time")
+    s.add_argument("--test", action="store_true", help="draw from the test split")
+    s.set_defaults(func=_cmd_samples)
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastmlp.train import TrainConfig, fit
+
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if args.resume:
+        # The saved config decides what is computed; only where may change.
+        ignored = sorted(set(given) - {"device", "data"})
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            print(
+                f"fastmlp train: note: resuming with the saved config; ignoring {flags}",
+                file=sys.stderr,
+            )
+        cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("device", "data")})
+        out = getattr(args, "out", None) or Path(args.resume).parent
+    else:
+        cfg = TrainConfig(**given)
+        out = getattr(args, "out", None) or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    log = None if args.quiet else print
+    try:
+        result = fit(
+            cfg,
+            out,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            log=log,
+            progress=None if log else False,
+        )
+    except KeyboardInterrupt:
+        saved = Path(out) / "last.pt"
+        hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
+        print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
+        return 130
+    if result.epochs:
+        last = result.epochs[-1]
+        print(
+            f"epoch {last['epoch']}: test accuracy {100 * last['test_accuracy']:.2f}% "
+            f"(best {100 * result.best_accuracy:.2f}%); outputs in {out}"
+        )
+    return 0
+
+
+def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, torch.device]:
+    from fastmlp.train import build_model, resolve_device
+
+    dev = resolve_device(device)
+    state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
+    model = build_model(ckpt.sizes_from_state_dict(state), dev)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {e}") from None
+    return model.eval(), dev
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fastmlp.train import evaluate
+
+    model, dev = _load_model(args.checkpoint, args.device, args.trust)
+    images, labels = data.load_split(False, args.data)
+    loader = data.DeviceLoader(images, labels, args.batch_size, device=dev)
+    r = evaluate(model, loader, args.precision)
+    correct = int(r.confusion.diag().sum())
+    print(f"Test Error: \n Accuracy: {100 * r.accuracy:>0.1f}%, Avg loss: {r.loss:>8f} \n")
+    print(
+        f"test accuracy {100 * r.accuracy:.2f}% ({correct}/{len(labels)}), mean loss {r.loss:.4f}"
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    model, dev = _load_model(args.checkpoint, args.device, args.trust)
+    batch = torch.stack([data.load_image(p, args.invert) for p in args.images]).to(dev)
+    with torch.no_grad():
+        probs = torch.softmax(model(batch).float(), dim=1).cpu()
+    k = min(args.top, probs.shape[1])
+    for path, p in zip(args.images, probs, strict=True):
+        values, indices = p.topk(k)
+        ranked = ", ".join(
+            f"{data.labels_map.get(int(i), str(int(i)))} {v:.1%}"
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        )
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from fastmlp import plots
+
+    images, labels = data.load_split(not args.test, args.data)
+    g = torch.Generator()
+    if args.seed is None:
+        g.seed()
+    else:
+        g.manual_seed(args.seed)
+    idx = torch.randint(len(labels), (9,), generator=g)
+    titles = [data.labels_map[int(labels[i])] for i in idx]
+    out = plots.save_samples(images[idx], titles, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fastmlp`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status."""
+    prog = "fastmlp"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        prog = f"fastmlp {args.command}"
+        return int(args.func(args))
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help and --version exit through here
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILURE)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        if os.environ.get("FASTMLP_DEBUG"):
+            raise
+        # data/checkpoint errors are ValueError/OSError/RuntimeError subclasses and carry
+        # complete messages; others get their type name for context.
+        known = (
+            data.DataNotFoundError,
+            data.DataFormatError,
+            ckpt.CheckpointError,
+            FileNotFoundError,
+            ValueError,
+            ImportError,
+        )
+        text = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:
+        if os.environ.get("FASTMLP_DEBUG"):
+            raise
+        print(
+            f"{prog}: error: {type(e).__name__}: {e} (set FASTMLP_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

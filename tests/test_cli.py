@@ -1,0 +1,216 @@
+"""The ``fastmlp`` command: each subcommand, and errors as one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained_run
+
+from fastmlp import data
+from fastmlp.cli import main
+from fastmlp.data import load_image
+from fastmlp.nn import MLP
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["train", "--epochs", "0"],
+        ["train", "--epochs", "many"],
+        ["train", "--lr", "abc"],
+        ["train", "--lr", "nan"],
+        ["train", "--momentum", "1.5"],
+        ["train", "--optimizer", "rmsprop"],
+        ["train", "--schedule", "step"],
+        ["train", "--precision", "fp16"],
+        ["train", "--batch-size", "-3"],
+        ["train", "--no-such-flag"],
+        ["evaluate"],
+        ["predict", "model.pt"],
+        ["samples", "--seed", "x"],
+    ],
+)
+def test_bad_command_lines(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(err)
+    assert out == ""
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "samples"])
+def test_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and f"usage: fastmlp {command}" in out
+    if command == "train":
+        for flag in (
+            "--data",
+            "--out",
+            "--epochs",
+            "--batch-size",
+            "--optimizer",
+            "--lr",
+            "--momentum",
+            "--schedule",
+            "--label-smoothing",
+            "--precision",
+            "--device",
+            "--seed",
+            "--resume",
+        ):
+            assert flag in out
+
+
+def test_invalid_device(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "train", "--device", "tpu", "--out", str(tmp_path))
+    assert code == 1
+    assert_one_line_error(err)
+
+
+def test_missing_and_unsafe_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "missing.pt"))
+    assert code == 1 and "checkpoint not found" in err
+    assert_one_line_error(err)
+    torch.save(MLP(), tmp_path / "whole.pt")
+    code, _, err = run(capsys, "predict", str(tmp_path / "whole.pt"), "x.png")
+    assert code == 1 and "--trust" in err
+    assert_one_line_error(err)
+    (tmp_path / "junk.pt").write_bytes(b"\0" * 100)
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "junk.pt"))
+    assert code == 1 and "not a PyTorch checkpoint" in err
+
+
+def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmlp.cli", "evaluate", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_data_not_found(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run(capsys, "samples", "--data", str(tmp_path / "nowhere"))
+    assert code == 1
+    assert "Looked in" in err and "apt-get install dataset-fashion-mnist" in err
+    assert "Traceback" not in err
+
+
+@needs_real_data
+def test_samples_grid(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out_png = tmp_path / "grid.png"
+    code, out, _ = run(capsys, "samples", "--out", str(out_png), "--seed", "0")
+    assert code == 0 and str(out_png) in out
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_real_data
+def test_train_stop_and_resume(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    common = [
+        "--data",
+        str(REAL_DATA),
+        "--train-samples",
+        "2000",
+        "--batch-size",
+        "200",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    code, out, _ = run(
+        capsys, "train", "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path), *common
+    )
+    assert code == 0 and "epoch 1:" in out
+    code, out, err = run(
+        capsys, "train", "--resume", str(tmp_path / "last.pt"), "--quiet", "--lr", "5"
+    )
+    assert code == 0 and "epoch 2:" in out
+    assert "ignoring --lr" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["config"]["lr"] == 0.1  # the saved config won
+
+
+@needs_real_data
+def test_evaluate_checkpoints(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    best = trained_run(tmp_path_factory) / "best.pt"
+    code, out, _ = run(capsys, "evaluate", str(best), "--data", str(REAL_DATA))
+    assert code == 0 and "Test Error:" in out
+    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
+    assert accuracy > 80
+    # A state_dict saved the tutorial's way evaluates too (untrained: near chance).
+    torch.save(NeuralNetwork().state_dict(), tmp_path / "model_weights.pth")
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "model_weights.pth"))
+    assert code == 0 and "test accuracy" in out
+    # A whole pickled model needs --trust, and works with it.
+    torch.save(MLP(), tmp_path / "model.pth")
+    assert run(capsys, "evaluate", str(tmp_path / "model.pth"))[0] == 1
+    assert run(capsys, "evaluate", str(tmp_path / "model.pth"), "--trust")[0] == 0
+
+
+@needs_real_data
+def test_predict_resized_and_inverted_images(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from PIL import Image
+
+    best = trained_run(tmp_path_factory) / "best.pt"
+    model = MLP()
+    model.load_state_dict(torch.load(best, weights_only=True)["model"])
+    images, labels = data.load_split(False, REAL_DATA, download=False)
+    with torch.no_grad():
+        probs = torch.softmax(model(images[:200].float() / 255), 1)
+    confident = ((probs.argmax(1) == labels[:200]) & (probs.max(1).values > 0.95)).nonzero()
+    i = int(confident[0, 0])
+    img = Image.fromarray(images[i].numpy(), mode="L")
+    big = tmp_path / "big.png"
+    img.resize((112, 112), Image.Resampling.BICUBIC).save(big)
+    # Dark object on a white page, as a photo or a drawing would be, in RGB JPEG.
+    inverted = tmp_path / "inverted.jpg"
+    Image.fromarray(255 - images[i].numpy(), mode="L").resize((90, 90)).convert("RGB").save(
+        inverted, quality=95
+    )
+    # Up- then down-sampling blurs a little; the image must come back close to the original.
+    assert (load_image(big)[0] - images[i].float() / 255).abs().mean() < 0.03
+    code, out, _ = run(capsys, "predict", str(best), str(big), str(inverted), "--top", "2")
+    assert code == 0
+    name = data.labels_map[int(labels[i])]
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.split(": ", 1)[1].startswith(name + " "), line
+    (tmp_path / "not-an-image.png").write_text("hello")
+    code, _, err = run(capsys, "predict", str(best), str(tmp_path / "not-an-image.png"))
+    assert code == 1 and "cannot read image" in err
+    code, _, err = run(capsys, "predict", str(best), str(tmp_path / "missing.png"))
+    assert code == 1 and "image not found" in err
