@@ -7,30 +7,11 @@ import io
 
 import pytest
 import torch
+from reference import NeuralNetwork
 from torch import nn
 
 import fastmlp
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
-
-
-class NeuralNetwork(nn.Module):
-    """The model of the "Learn the Basics" tutorial, section 4, verbatim."""
-
-    def __init__(self):
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.linear_relu_stack = nn.Sequential(
-            nn.Linear(28 * 28, 512),
-            nn.ReLU(),
-            nn.Linear(512, 512),
-            nn.ReLU(),
-            nn.Linear(512, 10),
-        )
-
-    def forward(self, x):
-        x = self.flatten(x)
-        logits = self.linear_relu_stack(x)
-        return logits
 
 
 def _images(n=5):

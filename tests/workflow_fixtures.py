@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from reference import NeuralNetwork  # noqa: F401  (re-exported for the workflow tests)
 
 from fastmlp import data
 
@@ -70,25 +70,6 @@ def write_fake_dataset(folder: Path, gz: bool = False) -> dict[str, torch.Tensor
     for key, (stem, _) in FILES.items():
         write_idx(folder / (stem + (".gz" if gz else "")), tensors[key], gz=gz)
     return tensors
-
-
-class NeuralNetwork(nn.Module):
-    """The tutorial's model, verbatim."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.linear_relu_stack = nn.Sequential(
-            nn.Linear(28 * 28, 512),
-            nn.ReLU(),
-            nn.Linear(512, 512),
-            nn.ReLU(),
-            nn.Linear(512, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(x)
-        return self.linear_relu_stack(x)
 
 
 _TRAINED: dict[str, Any] = {}
