@@ -6,8 +6,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 namespace fastmlp {
+
+// (..., features) -> (rows, features), contiguous. Unlike reshape({-1, f}) it
+// is defined when features is 0, as F.linear allows.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const int64_t rows =
+      c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
+  return t.reshape({rows, t.size(-1)}).contiguous();
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,8 +60,9 @@ def magnitude_refs(x, weight, bias, grad_y):
     that a result that is small through cancellation does not look inexact."""
     x, w, gy = x.double().abs(), weight.double().abs(), grad_y.double().abs()
     b = None if bias is None else bias.double().abs()
-    gy2 = gy.reshape(-1, gy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    rows = math.prod(gy.shape[:-1])
+    gy2 = gy.reshape(rows, gy.shape[-1])
+    x2 = x.reshape(rows, x.shape[-1])
     grad_x = (gy2 @ w).reshape(*gy.shape[:-1], w.shape[1])
     return [
         F.linear(x, w, b),

@@ -20,14 +20,20 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # products on absolute values (the bound of dot-product rounding). Ours may be
 # at most twice plain PyTorch's in the same dtype, plus this floor, so that a
 # result PyTorch happens to get exactly right still leaves room for rounding.
-ERROR_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-3}
+ERROR_FLOOR = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-3,
+    torch.float16: 2e-4,
+}
 
 
 def _inputs(batch, fan_in, fan_out, dtype, device="cpu", bias=True, generator=None):
     x = torch.randn(batch, fan_in, dtype=dtype, device=device, generator=generator)
     # nn.Linear's init scale keeps about half the pre-activations positive.
-    w = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1).mul_(fan_in**-0.5)
-    b = (torch.rand(fan_out, generator=generator) * 2 - 1).mul_(fan_in**-0.5)
+    scale = max(fan_in, 1) ** -0.5
+    w = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1).mul_(scale)
+    b = (torch.rand(fan_out, generator=generator) * 2 - 1).mul_(scale)
     w, b = w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
     return x, w, (b if bias else None)
 
@@ -74,6 +80,19 @@ def test_any_leading_dimensions(shape):
     w, b = torch.randn(6, 5), torch.randn(6)
     assert_matches_torch(x, w, b)
     assert linear_relu(x, w, b).shape == (*shape[:-1], 6)
+
+
+@pytest.mark.parametrize("fan_in,fan_out", [(0, 4), (5, 0), (0, 0)])
+def test_zero_features(fan_in, fan_out):
+    # F.linear allows empty feature dimensions; so must we.
+    for dtype in DTYPES:
+        assert_matches_torch(*_inputs(3, fan_in, fan_out, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)
+def test_float16_on_cpu(dtype):
+    assert_matches_torch(*_inputs(37, 21, 13, dtype))
+    assert_matches_torch(*_inputs(1100, 9, 70, dtype))
 
 
 def test_non_contiguous_inputs_and_weight_views():

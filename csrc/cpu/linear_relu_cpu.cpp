@@ -155,7 +155,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(x, weight, bias);
   const int64_t K = weight.size(1), N = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor x2 = as_rows(x);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x2.size(0);
@@ -288,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     std::array<bool, 3> output_mask) {
   check_linear_relu_backward_args(grad_y, y, x, weight, output_mask);
   const int64_t N = y.size(-1);
-  const at::Tensor y2 = y.reshape({-1, N}).contiguous();
-  const at::Tensor gy2 = grad_y.reshape({-1, N}).contiguous();
+  const at::Tensor y2 = as_rows(y);
+  const at::Tensor gy2 = as_rows(grad_y);
   const int64_t M = y2.size(0);
   const auto empty = [&] { return at::empty({0}, y.options()); };
 
@@ -299,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     grad_x = at::empty({M, w.size(1)}, y.options());
   }
   if (output_mask[1]) {
-    x2 = x->reshape({-1, x->size(-1)}).contiguous();
+    x2 = as_rows(*x);
     grad_w = at::empty({N, x2.size(1)}, y.options());
   }
   if (output_mask[2]) grad_b = at::empty({N}, y.options());

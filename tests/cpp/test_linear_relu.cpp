@@ -73,7 +73,7 @@ void check_against_reference(int64_t M, int64_t K, int64_t N,
                              at::ScalarType dtype, bool with_bias) {
   const auto opts = at::TensorOptions().dtype(dtype);
   const at::Tensor x = at::randn({M, K}, opts);
-  const at::Tensor w = at::randn({N, K}, opts).mul_(1.0 / std::sqrt(K));
+  const at::Tensor w = at::randn({N, K}, opts).mul_(1.0 / std::sqrt(std::max<int64_t>(K, 1)));
   std::optional<at::Tensor> b;
   if (with_bias) b = at::randn({N}, opts);
   const std::string name = "M=" + std::to_string(M) + " K=" + std::to_string(K) +
@@ -111,7 +111,7 @@ void check_against_reference(int64_t M, int64_t K, int64_t N,
 
 void test_grid() {
   const int64_t batches[] = {0, 1, 3, 64, 129, 1500};
-  const int64_t features[] = {1, 7, 512, 513};
+  const int64_t features[] = {0, 1, 7, 512, 513};
   for (auto dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
     for (int64_t M : batches) {
       for (int64_t K : features) {
