@@ -50,7 +50,8 @@ std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> {
+class LinearReLUFunction
+    : public torch::autograd::Function<LinearReLUFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight,
@@ -76,19 +77,22 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
                                 variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask = {
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-        has_bias && ctx->needs_input_grad(2)};
-    if (!mask[0] && !mask[1] && !mask[2]) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0),
+                                      ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(2)};
+    if (!mask[0] && !mask[1] && !mask[2])
+      return {at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor grad_y = grad_outputs[0].contiguous();
     std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
     if (at::GradMode::is_enabled()) {
       // create_graph=True: go through the backward op's autograd, which
       // raises a clear "double backward is not supported" when used.
-      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]), mask);
+      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]),
+                            mask);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
-      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]), mask);
+      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]),
+                            mask);
     }
     auto [gx, gw, gb] = grads;
     return {mask[0] ? gx : at::Tensor(), mask[1] ? gw : at::Tensor(),

@@ -13,8 +13,7 @@ namespace fastmlp {
 // (..., features) -> (rows, features), contiguous. Unlike reshape({-1, f}) it
 // is defined when features is 0, as F.linear allows.
 inline at::Tensor as_rows(const at::Tensor& t) {
-  const int64_t rows =
-      c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
+  const int64_t rows = c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
   return t.reshape({rows, t.size(-1)}).contiguous();
 }
 
@@ -24,8 +23,8 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), "fastmlp.linear_relu: ",
-              name,
+  TORCH_CHECK(is_supported_float(t.scalar_type()),
+              "fastmlp.linear_relu: ", name,
               " must be a floating-point tensor (float32, bfloat16, float16 "
               "or float64), got ",
               t.scalar_type());
@@ -33,7 +32,8 @@ inline void check_float_tensor(const at::Tensor& t, const char* name) {
 
 // Checks x (..., in_features), weight (out_features, in_features) and the
 // optional bias (out_features,) against each other.
-inline void check_linear_relu_args(const at::Tensor& x, const at::Tensor& weight,
+inline void check_linear_relu_args(const at::Tensor& x,
+                                   const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias) {
   check_float_tensor(x, "x");
   check_float_tensor(weight, "weight");
@@ -120,16 +120,16 @@ inline void check_linear_relu_backward_args(
   if (x.has_value()) {
     const at::Tensor& xv = *x;
     check_float_tensor(xv, "x");
-    TORCH_CHECK(xv.dim() == y.dim() &&
-                    xv.sizes().slice(0, xv.dim() - 1) ==
-                        y.sizes().slice(0, y.dim() - 1),
+    TORCH_CHECK(xv.dim() == y.dim() && xv.sizes().slice(0, xv.dim() - 1) ==
+                                           y.sizes().slice(0, y.dim() - 1),
                 "fastmlp.linear_relu_backward: x must have shape (..., "
                 "in_features) with the leading dimensions of y ",
                 y.sizes(), ", got ", xv.sizes());
-    TORCH_CHECK(xv.scalar_type() == y.scalar_type() && xv.device() == y.device(),
-                "fastmlp.linear_relu_backward: x must match y's dtype ",
-                y.scalar_type(), " and device ", y.device(), ", got ",
-                xv.scalar_type(), " on ", xv.device());
+    TORCH_CHECK(
+        xv.scalar_type() == y.scalar_type() && xv.device() == y.device(),
+        "fastmlp.linear_relu_backward: x must match y's dtype ",
+        y.scalar_type(), " and device ", y.device(), ", got ", xv.scalar_type(),
+        " on ", xv.device());
     if (weight.has_value()) {
       TORCH_CHECK(xv.size(-1) == weight->size(1),
                   "fastmlp.linear_relu_backward: x has ", xv.size(-1),

@@ -45,7 +45,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // thread, aligned to `align`.
 int64_t block_per_thread(int64_t n, int64_t align) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(align, ceil_div(ceil_div(n, threads), align) * align);
+  return std::max<int64_t>(align,
+                           ceil_div(ceil_div(n, threads), align) * align);
 }
 
 // at::parallel_for's workers start with default dispatch state; the tensors
@@ -138,7 +139,7 @@ void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
   const int64_t col_grain = block_per_thread(N, kColumnAlign);
   const int64_t row_block = std::max<int64_t>(
       16, kForwardBlockBytes / (static_cast<int64_t>(sizeof(scalar_t)) *
-                          std::min(N, col_grain)));
+                                std::min(N, col_grain)));
   at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
     BelowAutograd below;
     const at::Tensor w_cols = w.narrow(0, n0, n1 - n0);
@@ -164,9 +165,8 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, x.scalar_type(), "linear_relu_cpu", [&] {
-          linear_relu_forward_impl<scalar_t>(x2, w, b, out);
-        });
+        at::kBFloat16, at::kHalf, x.scalar_type(), "linear_relu_cpu",
+        [&] { linear_relu_forward_impl<scalar_t>(x2, w, b, out); });
   }
   return out.view(out_shape);
 }
@@ -189,7 +189,8 @@ void masked_grad_block(const scalar_t* gy, const scalar_t* y, scalar_t* g,
     int64_t c = c0;
     for (; c + Vec::size() <= c1; c += Vec::size()) {
       const Vec yv = Vec::loadu(y + off + c);
-      Vec::blendv(Vec::loadu(gy + off + c), zero, yv <= zero).store(g + off + c);
+      Vec::blendv(Vec::loadu(gy + off + c), zero, yv <= zero)
+          .store(g + off + c);
     }
     for (; c < c1; ++c) {
       g[off + c] = y[off + c] <= scalar_t(0) ? scalar_t(0) : gy[off + c];
@@ -246,13 +247,14 @@ void linear_relu_backward_impl(const at::Tensor& gy, const at::Tensor& y,
     // computes, while they are hot, its rows of grad_weight = g.T @ x_rows.
     at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
       BelowAutograd below;
-      masked_grad_block<scalar_t>(
-          gy.data_ptr<scalar_t>() + m0 * N, y.data_ptr<scalar_t>() + m0 * N,
-          g.data_ptr<scalar_t>(), rows, N, n0, n1,
-          mask[2] ? bias_acc.data() : nullptr);
+      masked_grad_block<scalar_t>(gy.data_ptr<scalar_t>() + m0 * N,
+                                  y.data_ptr<scalar_t>() + m0 * N,
+                                  g.data_ptr<scalar_t>(), rows, N, n0, n1,
+                                  mask[2] ? bias_acc.data() : nullptr);
       if (split && mask[1]) {
         accumulate_grad_weight(
-            g_rows.narrow(1, n0, n1 - n0), x_rows, grad_w.narrow(0, n0, n1 - n0),
+            g_rows.narrow(1, n0, n1 - n0), x_rows,
+            grad_w.narrow(0, n0, n1 - n0),
             gw_acc.defined() ? gw_acc.narrow(0, n0, n1 - n0) : at::Tensor(),
             first);
       }
@@ -310,12 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     grad_w.zero_();
     grad_b.zero_();
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, y.scalar_type(), "linear_relu_backward_cpu",
-        [&] {
-          linear_relu_backward_impl<scalar_t>(gy2, y2, x2, w, output_mask,
-                                              grad_x, grad_w, grad_b);
-        });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(),
+                                    "linear_relu_backward_cpu", [&] {
+                                      linear_relu_backward_impl<scalar_t>(
+                                          gy2, y2, x2, w, output_mask, grad_x,
+                                          grad_w, grad_b);
+                                    });
   }
   if (output_mask[0]) {
     std::vector<int64_t> x_shape(y.sizes().begin(), y.sizes().end());

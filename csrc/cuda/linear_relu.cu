@@ -97,8 +97,7 @@ Engine pick_engine(at::ScalarType dtype, int64_t M, int64_t N, int64_t K) {
   if (M == 0 || N == 0 || K == 0) return Engine::kAten;  // degenerate shapes
   const bool fits = fits_custom(M, N, K);
   if (req == Engine::kAten || req == Engine::kCublasLt) return req;
-  if (req == Engine::kCustom)
-    return fits ? Engine::kCustom : Engine::kCublasLt;
+  if (req == Engine::kCustom) return fits ? Engine::kCustom : Engine::kCublasLt;
   if (dtype == at::kFloat && !tf32_allowed()) return Engine::kCublasLt;
   if (!fits) return Engine::kCublasLt;
   const double flops = 2.0 * double(M) * double(N) * double(K);

@@ -73,10 +73,12 @@ void check_against_reference(int64_t M, int64_t K, int64_t N,
                              at::ScalarType dtype, bool with_bias) {
   const auto opts = at::TensorOptions().dtype(dtype);
   const at::Tensor x = at::randn({M, K}, opts);
-  const at::Tensor w = at::randn({N, K}, opts).mul_(1.0 / std::sqrt(std::max<int64_t>(K, 1)));
+  const at::Tensor w =
+      at::randn({N, K}, opts).mul_(1.0 / std::sqrt(std::max<int64_t>(K, 1)));
   std::optional<at::Tensor> b;
   if (with_bias) b = at::randn({N}, opts);
-  const std::string name = "M=" + std::to_string(M) + " K=" + std::to_string(K) +
+  const std::string name = "M=" + std::to_string(M) +
+                           " K=" + std::to_string(K) +
                            " N=" + std::to_string(N) + " " +
                            c10::toString(dtype) + (with_bias ? " bias" : "");
 
@@ -92,15 +94,16 @@ void check_against_reference(int64_t M, int64_t K, int64_t N,
   check(scaled_err(y, y_ref, y_mag) <= tolerance(dtype), name + ": forward");
 
   const at::Tensor gy = at::randn({M, N}, opts);
-  auto [gx, gw, gb] = linear_relu_backward(gy, y, x, w, {true, true, with_bias});
+  auto [gx, gw, gb] =
+      linear_relu_backward(gy, y, x, w, {true, true, with_bias});
   // threshold_backward: the gradient passes where y > 0 (here y is finite).
   const at::Tensor g64 = gy.to(at::kDouble) * (y.to(at::kDouble) > 0);
   const at::Tensor ga = gy.to(at::kDouble).abs();
   check(scaled_err(gx, g64.mm(w64), ga.mm(w64.abs())) <= tolerance(dtype),
         name + ": grad_x");
-  check(scaled_err(gw, g64.t().mm(x64), ga.t().mm(x64.abs())) <=
-            tolerance(dtype),
-        name + ": grad_weight");
+  check(
+      scaled_err(gw, g64.t().mm(x64), ga.t().mm(x64.abs())) <= tolerance(dtype),
+      name + ": grad_weight");
   if (with_bias) {
     check(scaled_err(gb, g64.sum(0), ga.sum(0)) <= tolerance(dtype),
           name + ": grad_bias");
@@ -150,7 +153,7 @@ void test_nan_and_zero_semantics() {
 void test_non_contiguous_and_leading_dims() {
   const at::Tensor base = at::randn({2, 6, 10});
   const at::Tensor x = base.slice(2, 0, 10, 2);  // (2, 6, 5), strided
-  const at::Tensor w = at::randn({5, 4}).t();     // (4, 5), a transposed view
+  const at::Tensor w = at::randn({5, 4}).t();    // (4, 5), a transposed view
   const at::Tensor y = linear_relu(x, w, std::nullopt);
   const at::Tensor ref = at::relu(at::linear(x, w));
   check(y.sizes() == ref.sizes(), "leading dims kept");
@@ -174,17 +177,22 @@ void test_bad_input() {
   const at::Tensor w = at::randn({4, 3});
   expect_error([&] { linear_relu(x, w.to(at::kDouble), std::nullopt); },
                "same dtype", "dtype mismatch");
-  expect_error([&] { linear_relu(at::randn({2, 5}), w, std::nullopt); },
-               "in_features mismatch", "in_features");
+  expect_error(
+      [&] {
+        linear_relu(at::randn({2, 5}), w, std::nullopt);
+      },
+      "in_features mismatch", "in_features");
   expect_error([&] { linear_relu(x, w, at::randn({5})); }, "bias must have",
                "bias length");
-  expect_error([&] { linear_relu(x, w, at::randn({1, 4})); },
-               "bias must be 1-D", "bias rank");
+  expect_error(
+      [&] {
+        linear_relu(x, w, at::randn({1, 4}));
+      },
+      "bias must be 1-D", "bias rank");
   expect_error([&] { linear_relu(x, at::randn({3}), std::nullopt); },
                "weight must be 2-D", "weight rank");
-  expect_error(
-      [&] { linear_relu(x.to(at::kInt), w, std::nullopt); },
-      "x must be a floating", "integer x");
+  expect_error([&] { linear_relu(x.to(at::kInt), w, std::nullopt); },
+               "x must be a floating", "integer x");
   expect_error(
       [&] {
         linear_relu_backward(at::rand({3, 5}), at::rand({3, 4}), std::nullopt,
