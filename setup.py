@@ -183,5 +183,6 @@ def build_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = build_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also how pip's build backend runs this file
+    ext_modules, cmdclass = build_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
