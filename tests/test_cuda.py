@@ -114,6 +114,29 @@ def _check(name, ours, torch_same, ref, prec, magnitude=None):
     )
 
 
+def _check_forward_backward(x, w, b, gy, prec):
+    """Both ops against float64 and against PyTorch in the same precision."""
+    y = _fwd()(x, w, b)
+    assert y.dtype == x.dtype
+    b64 = None if b is None else b.double()
+    y_ref = torch.relu(F.linear(x.double(), w.double(), b64))
+    y_mag = F.linear(x.double().abs(), w.double().abs(), None if b is None else b64.abs())
+    _check("y", y, torch.relu(F.linear(x, w, b)), y_ref, prec, y_mag)
+
+    # Backward on our y (its sign is the mask); the reference uses the same mask.
+    gx, gw, gb = _bwd()(gy, y, x, w, [True, True, b is not None])
+    g_ref = torch.where(y.double() <= 0, 0.0, gy.double())
+    g_same = torch.ops.aten.threshold_backward(gy, y, 0)
+    g_abs = g_ref.abs()
+    w_abs, x_abs = w.double().abs(), x.double().abs()
+    _check("grad_x", gx, g_same @ w, g_ref @ w.double(), prec, g_abs @ w_abs)
+    _check("grad_w", gw, g_same.t() @ x, g_ref.t() @ x.double(), prec, g_abs.t() @ x_abs)
+    if b is not None:
+        _check("grad_b", gb, g_same.sum(0), g_ref.sum(0), prec, g_abs.sum(0))
+    else:
+        assert gb.shape == (0,)
+
+
 # ---------------------------------------------------------------------------
 # Correctness grid.
 
@@ -129,30 +152,7 @@ def test_forward_backward_grid(engine, prec, fin, fout, batch, bias):
     with precision(prec) as dtype:
         x, w, b, gy = _inputs(batch, fin, fout, dtype, bias=bias)
         _poison_allocator(batch * max(fin, fout) + fin * fout)
-        y = _fwd()(x, w, b)
-        # float64 reference and PyTorch in the same precision.
-        y_ref = torch.relu(F.linear(x.double(), w.double(), None if b is None else b.double()))
-        y_torch = torch.relu(F.linear(x, w, b))
-        assert y.dtype == dtype
-        y_mag = F.linear(
-            x.double().abs(), w.double().abs(), None if b is None else b.double().abs()
-        )
-        _check("y", y, y_torch, y_ref, prec, y_mag)
-
-        # Backward on our y (its sign is the mask); the reference uses the same mask.
-        mask = [True, True, b is not None]
-        gx, gw, gb = _bwd()(gy, y, x, w, mask)
-        g_ref = torch.where(y.double() <= 0, 0.0, gy.double())
-        g_same = torch.ops.aten.threshold_backward(gy, y, 0)
-        g_abs = g_ref.abs()
-        _check("grad_x", gx, g_same @ w, g_ref @ w.double(), prec, g_abs @ w.double().abs())
-        _check(
-            "grad_w", gw, g_same.t() @ x, g_ref.t() @ x.double(), prec, g_abs.t() @ x.double().abs()
-        )
-        if b is not None:
-            _check("grad_b", gb, g_same.sum(0), g_ref.sum(0), prec, g_abs.sum(0))
-        else:
-            assert gb.shape == (0,)
+        _check_forward_backward(x, w, b, gy, prec)
 
 
 @pytest.mark.parametrize("engine", ["custom", "cublaslt", "auto"], indirect=True)
@@ -166,19 +166,7 @@ def test_large_shapes(engine, prec, batch, fin, fout):
     with precision(prec) as dtype:
         x, w, b, gy = _inputs(batch, fin, fout, dtype)
         _poison_allocator(batch * max(fin, fout))
-        y = _fwd()(x, w, b)
-        y_ref = torch.relu(F.linear(x.double(), w.double(), b.double()))
-        y_mag = F.linear(x.double().abs(), w.double().abs(), b.double().abs())
-        _check("y", y, torch.relu(F.linear(x, w, b)), y_ref, prec, y_mag)
-        gx, gw, gb = _bwd()(gy, y, x, w, [True, True, True])
-        g_ref = torch.where(y.double() <= 0, 0.0, gy.double())
-        g_same = torch.ops.aten.threshold_backward(gy, y, 0)
-        g_abs = g_ref.abs()
-        _check("grad_x", gx, g_same @ w, g_ref @ w.double(), prec, g_abs @ w.double().abs())
-        _check(
-            "grad_w", gw, g_same.t() @ x, g_ref.t() @ x.double(), prec, g_abs.t() @ x.double().abs()
-        )
-        _check("grad_b", gb, g_same.sum(0), g_ref.sum(0), prec, g_abs.sum(0))
+        _check_forward_backward(x, w, b, gy, prec)
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
