@@ -1,5 +1,5 @@
 """Typed Python wrappers over the ``torch.ops.fastmlp`` ops, with their fake
-(meta) implementations and autograd.
+(meta) implementations.
 
 The ops themselves are defined in C++ (csrc/linear_relu.cpp) and implemented
 per backend (csrc/cpu, csrc/cuda). This module adds what PyTorch needs around
