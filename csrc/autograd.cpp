@@ -83,18 +83,13 @@ class LinearReLUFunction
     if (!mask[0] && !mask[1] && !mask[2])
       return {at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor grad_y = grad_outputs[0].contiguous();
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: go through the backward op's autograd, which
-      // raises a clear "double backward is not supported" when used.
-      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]),
-                            mask);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below;
-      grads = call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]),
-                            mask);
-    }
-    auto [gx, gw, gb] = grads;
+    // With create_graph=True, go through the backward op's autograd, which
+    // raises a clear "double backward is not supported" when used; otherwise
+    // skip the autograd layer entirely.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
+    auto [gx, gw, gb] =
+        call_backward(grad_y, saved[0], maybe(saved[2]), maybe(saved[1]), mask);
     return {mask[0] ? gx : at::Tensor(), mask[1] ? gw : at::Tensor(),
             mask[2] ? gb : at::Tensor()};
   }

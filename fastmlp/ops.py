@@ -82,26 +82,31 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
     )
 
 
+def _check_matches(t: torch.Tensor, t_name: str, other: torch.Tensor, other_name: str) -> None:
+    pair = f"{t_name} and {other_name}"
+    torch._check(
+        t.dtype == other.dtype,
+        lambda: (
+            f"fastmlp.linear_relu: {pair} must have the same dtype, "
+            f"got {t_name} {t.dtype} and {other_name} {other.dtype}"
+        ),
+    )
+    torch._check(
+        t.device == other.device,
+        lambda: (
+            f"fastmlp.linear_relu: {pair} must be on the same device, "
+            f"got {t_name} on {t.device} and {other_name} on {other.device}"
+        ),
+    )
+
+
 @torch.library.register_fake("fastmlp::linear_relu")
 def _linear_relu_fake(x, weight, bias):
     _check_dtype(x, "x")
     _check_dtype(weight, "weight")
     torch._check(weight.dim() == 2, lambda: "fastmlp.linear_relu: weight must be 2-D")
     torch._check(x.dim() >= 1, lambda: "fastmlp.linear_relu: x must have at least 1 dimension")
-    torch._check(
-        x.dtype == weight.dtype,
-        lambda: (
-            f"fastmlp.linear_relu: x and weight must have the same dtype, "
-            f"got x {x.dtype} and weight {weight.dtype}"
-        ),
-    )
-    torch._check(
-        x.device == weight.device,
-        lambda: (
-            f"fastmlp.linear_relu: x and weight must be on the same device, "
-            f"got x on {x.device} and weight on {weight.device}"
-        ),
-    )
+    _check_matches(x, "x", weight, "weight")
     torch._check(
         x.shape[-1] == weight.shape[1],
         lambda: (
@@ -118,20 +123,7 @@ def _linear_relu_fake(x, weight, bias):
                 f"{weight.shape[0]} elements"
             ),
         )
-        torch._check(
-            bias.dtype == weight.dtype,
-            lambda: (
-                f"fastmlp.linear_relu: bias and weight must have the same dtype, "
-                f"got bias {bias.dtype} and weight {weight.dtype}"
-            ),
-        )
-        torch._check(
-            bias.device == weight.device,
-            lambda: (
-                f"fastmlp.linear_relu: bias and weight must be on the same device, "
-                f"got bias on {bias.device} and weight on {weight.device}"
-            ),
-        )
+        _check_matches(bias, "bias", weight, "weight")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -231,10 +231,9 @@ void linear_relu_backward_impl(const at::Tensor& gy, const at::Tensor& y,
   at::Tensor g = at::empty({rows_per_step, N}, y.options());
   // grad_weight is summed over row steps; a 16-bit result is accumulated in
   // float across steps so that it is rounded once.
-  const bool multi_step = M > rows_per_step;
-  const bool low_precision = at::isReducedFloatingType(y.scalar_type());
   at::Tensor gw_acc;
-  if (mask[1] && multi_step && low_precision) {
+  if (mask[1] && M > rows_per_step &&
+      at::is_reduced_floating_point_v<scalar_t>) {
     gw_acc = at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
   }
   std::vector<acc_t<scalar_t>> bias_acc(mask[2] ? N : 0, acc_t<scalar_t>(0));
