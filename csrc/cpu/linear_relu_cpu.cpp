@@ -22,138 +22,12 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cpu/cpu_kernels.h"
 
 namespace fastmlp {
 namespace {
 
-using at::vec::Vectorized;
-
-// Rows of a batch processed per backward step: the masked gradient of one
-// step (kBackwardRows x out_features) is the only temporary and stays small
-// enough for L2, whatever the batch size.
-constexpr int64_t kBackwardRows = 1024;
-
-// Bytes of output a thread computes per forward GEMM call before applying
-// the epilogue to it: large enough that the GEMM runs at full speed, small
-// enough to still be in L2 (1 MiB per core on the EPYC this was tuned on).
-constexpr int64_t kForwardBlockBytes = 512 * 1024;
-
-// Columns per forward block are rounded to this so blocks start on a vector
-// and cache-line boundary.
-constexpr int64_t kColumnAlign = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Grain for splitting `n` items over the pool: one contiguous block per
-// thread, aligned to `align`.
-int64_t block_per_thread(int64_t n, int64_t align) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(align,
-                           ceil_div(ceil_div(n, threads), align) * align);
-}
-
-// at::parallel_for's workers start with default dispatch state; the tensors
-// handed to our kernel may require grad, and the *_out GEMM calls below must
-// not be recorded by autograd.
-struct BelowAutograd {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset};
-};
-
-// ReLU that keeps NaN (like torch.relu): Vectorized::maximum propagates NaN.
-template <typename scalar_t>
-void relu_inplace(scalar_t* row, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::maximum(Vec::loadu(row + i), zero).store(row + i);
-  }
-  if (i < n) {
-    at::vec::maximum(Vec::loadu(row + i, n - i), zero).store(row + i, n - i);
-  }
-}
-
-// out[0:rows, 0:cols] (row stride ldo) = relu(x_rows @ w_cols.T + bias_cols).
-// The block is first filled with the bias so that the GEMM accumulates onto it
-// (beta = 1): the pre-activation is rounded once, as in torch's addmm.
-template <typename scalar_t>
-void forward_block(const at::Tensor& x_rows, const at::Tensor& w_cols,
-                   const scalar_t* bias, at::Tensor out_block) {
-  const int64_t rows = out_block.size(0), cols = out_block.size(1);
-  scalar_t* out = out_block.data_ptr<scalar_t>();
-  const int64_t ldo = out_block.stride(0);
-  if (bias != nullptr) {
-    for (int64_t r = 0; r < rows; ++r) {
-      std::copy(bias, bias + cols, out + r * ldo);
-    }
-    at::addmm_out(out_block, out_block, x_rows, w_cols.t());
-  } else {
-    at::mm_out(out_block, x_rows, w_cols.t());
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    relu_inplace(out + r * ldo, cols);
-  }
-}
-
-// Whether to split the GEMMs over threads ourselves (each thread's block then
-// gets its epilogue while in cache) or to call one GEMM and let the library
-// thread it. Measured on a 2-core EPYC at batch 64-1024, 512/784 -> 512: for
-// float32/float64 MKL run per thread matches or beats its own threading, so
-// the fusion is free; for bfloat16/float16 oneDNN's single-threaded GEMMs were
-// 15-35% slower than one library-threaded GEMM, more than the saved passes.
-template <typename scalar_t>
-constexpr bool split_gemms_by_thread() {
-  return !at::is_reduced_floating_point_v<scalar_t>;
-}
-
-// Library-threaded forward: one addmm (bias folded in, rounded once), then
-// the ReLU over row blocks in parallel.
-template <typename scalar_t>
-void forward_whole(const at::Tensor& x2, const at::Tensor& w,
-                   const at::Tensor& bias, at::Tensor& out) {
-  if (bias.defined()) {
-    at::addmm_out(out, bias, x2, w.t());
-  } else {
-    at::mm_out(out, x2, w.t());
-  }
-  const int64_t N = out.size(1);
-  scalar_t* data = out.data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0), std::max<int64_t>(1, 16384 / N),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       relu_inplace(data + r * N, N);
-                     }
-                   });
-}
-
-template <typename scalar_t>
-void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
-                              const at::Tensor& bias_t, at::Tensor& out) {
-  if (!split_gemms_by_thread<scalar_t>()) {
-    forward_whole<scalar_t>(x2, w, bias_t, out);
-    return;
-  }
-  const scalar_t* bias =
-      bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
-  const int64_t M = x2.size(0), N = w.size(0);
-  // Split over output columns: each thread reads only its slice of the
-  // weight (which stays in its cache from one row block to the next) and
-  // owns out[:, n0:n1]. Rows go in blocks so the block fits in L2.
-  const int64_t col_grain = block_per_thread(N, kColumnAlign);
-  const int64_t row_block = std::max<int64_t>(
-      16, kForwardBlockBytes / (static_cast<int64_t>(sizeof(scalar_t)) *
-                                std::min(N, col_grain)));
-  at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
-    BelowAutograd below;
-    const at::Tensor w_cols = w.narrow(0, n0, n1 - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += row_block) {
-      const int64_t rows = std::min(row_block, M - m0);
-      forward_block<scalar_t>(x2.narrow(0, m0, rows), w_cols,
-                              bias == nullptr ? nullptr : bias + n0,
-                              out.narrow(0, m0, rows).narrow(1, n0, n1 - n0));
-    }
-  });
-}
+using namespace cpu;  // NOLINT: the building blocks of this file
 
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
@@ -172,38 +46,6 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
         [&] { linear_relu_forward_impl<scalar_t>(x2, w, b, out); });
   }
   return out.view(out_shape);
-}
-
-// Bias-gradient accumulator: float for the 16-bit types, like torch's sum.
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
-
-// g[r, c] = y[r, c] <= 0 ? 0 : grad_y[r, c] for one row block and a column
-// range, adding each column's sum into bias_acc. This is torch's
-// threshold_backward rule: where y is NaN the gradient passes.
-template <typename scalar_t>
-void masked_grad_block(const scalar_t* gy, const scalar_t* y, scalar_t* g,
-                       int64_t rows, int64_t ld, int64_t c0, int64_t c1,
-                       acc_t<scalar_t>* bias_acc) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = r * ld;
-    int64_t c = c0;
-    for (; c + Vec::size() <= c1; c += Vec::size()) {
-      const Vec yv = Vec::loadu(y + off + c);
-      Vec::blendv(Vec::loadu(gy + off + c), zero, yv <= zero)
-          .store(g + off + c);
-    }
-    for (; c < c1; ++c) {
-      g[off + c] = y[off + c] <= scalar_t(0) ? scalar_t(0) : gy[off + c];
-    }
-    if (bias_acc != nullptr) {
-      for (int64_t j = c0; j < c1; ++j) {
-        bias_acc[j] += static_cast<acc_t<scalar_t>>(g[off + j]);
-      }
-    }
-  }
 }
 
 // grad_weight (+)= g.T @ x for one row step; `acc` (float) when 16-bit
