@@ -14,4 +14,14 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "linear_relu_backward(Tensor grad_y, Tensor y, Tensor? x, "
       "Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // One SGD training step of an MLP in place: forward (ReLU after every
+  // layer but the last), mean softmax cross-entropy with label smoothing,
+  // backward, and torch.optim.SGD's update (dampening 0) of the weights,
+  // biases (empty list: none) and momentum buffers (one per parameter, in
+  // parameter order, when momentum != 0; else empty). Returns the loss.
+  m.def(
+      "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, "
+      "Tensor(b!)[] biases, Tensor(c!)[] momentum_buffers, float lr, "
+      "float momentum, float weight_decay, bool nesterov, "
+      "float label_smoothing) -> Tensor");
 }

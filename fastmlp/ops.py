@@ -146,6 +146,16 @@ def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
     return grad_x, grad_w, grad_b
 
 
+@torch.library.register_fake("fastmlp::mlp_sgd_step")
+def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
+    # The parameters and buffers are updated in place; the output is the loss.
+    torch._check(
+        x.dim() == 2 and target.shape == (x.shape[0],),
+        lambda: "fastmlp.mlp_sgd_step: x must be (batch, in_features), target (batch,)",
+    )
+    return x.new_empty(())
+
+
 # --- autograd ------------------------------------------------------------------
 # linear_relu's autograd is registered in C++ (csrc/autograd.cpp) for speed; its
 # backward calls the linear_relu_backward op. That op itself is not

@@ -1,0 +1,182 @@
+"""``FusedSGD``: torch.optim.SGD that can run a whole MLP training step as one kernel.
+
+``FusedSGD(model, lr=...)`` *is* a ``torch.optim.SGD`` over the model's parameters: its
+``step()``, ``zero_grad()``, ``state_dict()``, learning-rate schedulers and checkpoints
+behave exactly as SGD's, and its momentum buffers live in ``state[p]["momentum_buffer"]``
+as SGD's do, so a run can switch between the two at any step.
+
+What it adds is :meth:`FusedSGD.train_step`: forward, cross-entropy, backward and the SGD
+update of a :class:`fastmlp.MLP` in one call of the ``fastmlp::mlp_sgd_step`` CPU kernel,
+without autograd, ``.grad`` tensors or a separate optimizer pass. It applies when the model
+and batch are on the CPU in float32/float64 and no autocast is active, and falls back to
+the ordinary autograd step otherwise (a GPU, bf16 autocast, a model wrapped in DDP), so
+``train_step`` is always correct to call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
+
+__all__ = ["FusedSGD", "mlp_linears"]
+
+
+def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers of ``model`` in order if it is an MLP the fused step can run
+    (Flatten, then Linear/ReLU layers with a ReLU after every Linear but the last, as
+    :class:`fastmlp.MLP` and the tutorial's ``NeuralNetwork`` are); else ``None``.
+    """
+    from fastmlp.nn import FusedLinearReLU
+
+    flatten, stack = getattr(model, "flatten", None), getattr(model, "linear_relu_stack", None)
+    if not isinstance(flatten, nn.Flatten) or not isinstance(stack, nn.Sequential):
+        return None
+    if set(model._modules) != {"flatten", "linear_relu_stack"} or flatten.start_dim != 1:
+        return None
+    linears: list[nn.Linear] = []
+    relu_after: list[bool] = []
+    for sub in stack:
+        if isinstance(sub, FusedLinearReLU):
+            linears.append(sub)
+            relu_after.append(True)
+        elif type(sub) is nn.Linear:
+            linears.append(sub)
+            relu_after.append(False)
+        elif isinstance(sub, nn.ReLU) and relu_after and not relu_after[-1]:
+            relu_after[-1] = True
+        elif not isinstance(sub, nn.Identity):  # fuse() leaves Identity in the ReLU's slot
+            return None
+    if not linears or relu_after != [True] * (len(linears) - 1) + [False]:
+        return None
+    has_bias = {lin.bias is not None for lin in linears}
+    return linears if len(has_bias) == 1 else None
+
+
+class FusedSGD(torch.optim.SGD):
+    """SGD for a :class:`fastmlp.MLP`, with a fused whole-step fast path.
+
+    Args:
+        model: a :class:`fastmlp.MLP` (or the tutorial's ``NeuralNetwork`` layout; see
+            :func:`mlp_linears`). The optimizer covers all its parameters, in one group.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
+            The fused path needs ``dampening=0`` and ``maximize=False``; other values
+            always take the autograd path.
+
+    Use :meth:`train_step` for the whole step, or the usual ``loss.backward();
+    opt.step()``. The fused step leaves ``.grad`` as ``None`` (it never materialises
+    gradients) and does not run module hooks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"FusedSGD takes the model (an nn.Module), not its parameters; got {type(model)}"
+            )
+        super().__init__(
+            model.parameters(),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        self.model = model
+        self._linears = mlp_linears(model)
+        self._fused_batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def fused_step_applies(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`train_step` on batch ``x`` runs the fused kernel."""
+        if self._linears is None or len(self.param_groups) != 1:
+            return False
+        group = self.param_groups[0]
+        weight = self._linears[0].weight
+        params = [p for lin in self._linears for p in (lin.weight, lin.bias) if p is not None]
+        return (
+            group["dampening"] == 0
+            and not group["maximize"]
+            and len(group["params"]) == len(params)
+            and all(a is b for a, b in zip(group["params"], params, strict=True))
+            and x.dim() >= 2
+            and x.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and weight.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def train_step(
+        self, x: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """One training step on ``(x, target)``; returns the batch's mean loss (0-d, detached).
+
+        Same result, up to rounding, as::
+
+            loss = F.cross_entropy(model(x), target, label_smoothing=label_smoothing)
+            opt.zero_grad(); loss.backward(); opt.step()
+
+        ``target`` holds class indices (int64). The fused kernel runs when
+        :meth:`fused_step_applies`; otherwise exactly the code above runs.
+        """
+        if not self.fused_step_applies(x):
+            loss = F.cross_entropy(self.model(x), target, label_smoothing=label_smoothing)
+            self.zero_grad(set_to_none=True)
+            loss.backward()
+            self.step()
+            return loss.detach()
+        # Through step(), so that step hooks run and LR schedulers see a step taken.
+        self._fused_batch = (x, target, float(label_smoothing))
+        try:
+            return self.step()
+        finally:
+            self._fused_batch = None
+
+    def step(self, closure=None):  # type: ignore[override]
+        """SGD's ``step``; inside :meth:`train_step`, the fused step (returns the loss)."""
+        batch = self._fused_batch
+        if batch is None:
+            return super().step(closure)
+        x, target, label_smoothing = batch
+        group = self.param_groups[0]
+        params = group["params"]
+        momentum = group["momentum"]
+        buffers: list[torch.Tensor] = []
+        if momentum != 0:
+            for p in params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    # SGD starts the buffer at the first gradient; m * 0 + g is the same.
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.contiguous_format
+                    )
+                buffers.append(state["momentum_buffer"])
+        linears = self._linears
+        assert linears is not None  # fused_step_applies checked it
+        for p in params:
+            p.grad = None  # a fused step computes no .grad; stale ones would mislead
+        with torch.no_grad():
+            return torch.ops.fastmlp.mlp_sgd_step(
+                x.reshape(x.shape[0], -1) if x.dim() != 2 else x,
+                target,
+                [lin.weight for lin in linears],
+                [lin.bias for lin in linears] if linears[0].bias is not None else [],
+                buffers,
+                float(group["lr"]),
+                float(momentum),
+                float(group["weight_decay"]),
+                bool(group["nesterov"]),
+                label_smoothing,
+            )
