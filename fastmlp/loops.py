@@ -9,6 +9,7 @@ and counts accumulate in device tensors; the host reads them once per epoch, and
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,20 +56,29 @@ def train_loop(
 ) -> float:
     """One epoch, as in the tutorial: prints ``loss: …  [current/size]`` every ``log_every``
     batches (or shows a tqdm bar with ``progress=True``). Returns the mean batch loss.
+
+    With a :class:`fastmlp.optim.FusedSGD` of ``model`` and an ``nn.CrossEntropyLoss``,
+    each step is its ``train_step`` (one fused kernel on the CPU) instead of
+    forward/backward/step.
     """
     model.train()
     device = _model_device(model)
     size = len(dataloader.dataset)  # type: ignore[attr-defined]
+    fused_step = _fused_step(optimizer, model, loss_fn)
     bar = progress_bar(len(dataloader), "train", progress, leave=False)  # type: ignore[arg-type]
     total = torch.zeros((), device=device)
     batches = 0
     for batch, (X, y) in enumerate(dataloader):
         X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss = loss_fn(model(X), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if fused_step is not None:
+            with autocast(device, precision):  # under bf16 autocast it takes the autograd path
+                loss = fused_step(X, y)
+        else:
+            with autocast(device, precision):
+                loss = loss_fn(model(X), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += loss.detach()
@@ -85,6 +95,25 @@ def train_loop(
     if bar is not None:
         bar.close()
     return total.item() / max(batches, 1)
+
+
+def _fused_step(
+    optimizer: Any, model: nn.Module, loss_fn: Any
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``optimizer.train_step`` when the optimizer can run the whole step itself (a
+    :class:`fastmlp.optim.FusedSGD` of this model, with a plain mean cross-entropy loss);
+    else ``None``. (Its kernel rejects negative targets, where ``ignore_index`` would skip
+    them: Fashion-MNIST has none.)"""
+    from fastmlp.optim import FusedSGD
+
+    plain_cross_entropy = (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.weight is None
+        and loss_fn.reduction == "mean"
+    )
+    if isinstance(optimizer, FusedSGD) and optimizer.model is model and plain_cross_entropy:
+        return functools.partial(optimizer.train_step, label_smoothing=loss_fn.label_smoothing)
+    return None
 
 
 @dataclass

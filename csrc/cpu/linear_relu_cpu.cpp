@@ -32,7 +32,7 @@ using namespace cpu;  // NOLINT: the building blocks of this file
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(x, weight, bias);
-  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t N = weight.size(0);
   const at::Tensor x2 = as_rows(x);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
