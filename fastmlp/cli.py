@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train the fused 784-512-512-10 MLP on Fashion-MNIST. Writes metrics.json, "
             "curves.png, confusion.png, last.pt and best.pt into --out. Unset options come "
-            "from the documented recipe, or from the checkpoint with --resume."
+            "from the documented recipe, or from the checkpoint with --resume. Runs "
+            "unchanged under torchrun (DistributedDataParallel, one process per GPU or "
+            "several on a CPU): --batch-size is then per process, rank 0 writes --out."
         ),
     )
     S = argparse.SUPPRESS  # unset options stay unset, so --resume can tell what was given
@@ -116,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: runs/<date-time>; with --resume, its folder)",
     )
     t.add_argument("--epochs", type=_positive_int, default=S, help=f"default {d.epochs}")
-    t.add_argument("--batch-size", type=_positive_int, default=S, help=f"default {d.batch_size}")
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=S,
+        help="samples per step and process; under torchrun the global batch is this times "
+        f"the number of processes (default {d.batch_size})",
+    )
     t.add_argument(
         "--optimizer", choices=["sgd", "adam", "adamw"], default=S, help=f"default {d.optimizer}"
     )
@@ -176,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["fp32", "bf16"], default=S, help=f"default {d.precision}"
     )
     t.add_argument("--device", default=S, help=device_help)
+    t.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default=S,
+        help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU "
+        "(default auto; unused in a single process)",
+    )
     t.add_argument("--seed", type=_int, default=S, help=f"default {d.seed}")
     t.add_argument(
         "--train-samples",
@@ -249,14 +264,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if args.resume:
         # The saved config decides what is computed; only where may change.
-        ignored = sorted(set(given) - {"device", "data"})
-        if ignored:
+        where = ("device", "data", "backend")
+        ignored = sorted(set(given) - set(where))
+        if ignored and _rank() == 0:
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             print(
                 f"fastmlp train: note: resuming with the saved config; ignoring {flags}",
                 file=sys.stderr,
             )
-        cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("device", "data")})
+        cfg = TrainConfig(**{k: v for k, v in given.items() if k in where})
         out = getattr(args, "out", None) or Path(args.resume).parent
     else:
         cfg = TrainConfig(**given)
@@ -272,17 +288,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=None if log else False,
         )
     except KeyboardInterrupt:
-        saved = Path(out) / "last.pt"
-        hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
-        print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
+        if _rank() == 0:
+            saved = Path(out) / "last.pt"
+            hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
+            print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
         return 130
-    if result.epochs:
+    if result.epochs and result.rank == 0:
         last = result.epochs[-1]
         print(
             f"epoch {last['epoch']}: test accuracy {100 * last['test_accuracy']:.2f}% "
             f"(best {100 * result.best_accuracy:.2f}%); outputs in {out}"
         )
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints summaries."""
+    text = os.environ.get("RANK", "0")
+    return int(text) if text.isdigit() else 0
 
 
 def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, torch.device]:

@@ -2,7 +2,8 @@
 
 Replaces ``torch.utils.data.DataLoader`` for in-memory datasets such as Fashion-MNIST: one
 ``randperm`` per epoch, one gather per batch, optional augmentation done on the device for
-the whole batch at once.
+the whole batch at once. With ``rank``/``world_size`` it also replaces ``DistributedSampler``:
+each process of a distributed run takes its own disjoint slice of every global batch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ class DeviceLoader:
     Yields ``(X float32 (B, 1, 28, 28), y int64 (B,))`` on ``device``. ``augment`` adds a
     random horizontal flip and a random shift of up to ``max_shift`` pixels per image (zero
     padding), done on the device for the whole batch at once.
+
+    Sharding (``rank`` of ``world_size`` processes): ``batch_size`` is per process, and the
+    global batch is ``batch_size * world_size``. Every rank draws the same seeded
+    permutation and cuts it into the same global batches as a single process with
+    ``batch_size * world_size`` would; rank ``r`` takes the ``r``-th equal piece of each
+    (and the ``r``-th slice of its augmentation draws), so the ranks' batches together are
+    exactly the single-process batch, and every sample is seen exactly once per epoch by
+    exactly one rank. A short last global batch of ``n`` samples is split as evenly as
+    possible (pieces differ by at most one sample; with ``n < world_size`` some are empty)
+    rather than padded with repeats or dropped; :attr:`share` tells the loss how to weight
+    it (see :class:`fastmlp.distributed.ShardMeanLoss`). All ranks yield the same number of
+    batches, which DDP needs. ``drop_last`` drops a short last *global* batch.
     """
 
     def __init__(
@@ -38,9 +51,13 @@ class DeviceLoader:
         augment: bool = False,
         max_shift: int = 0,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world {world_size}")
         if images.dtype != torch.uint8 or images.dim() != 3:
             raise ValueError(f"images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
         if len(images) != len(labels):
@@ -54,16 +71,30 @@ class DeviceLoader:
         self.seed = seed
         self.augment = augment
         self.max_shift = max_shift
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+        #: This rank's part of the batch yielded last, relative to an equal part:
+        #: ``n_rank * world_size / n_global``. 1.0 except for an uneven last batch.
+        self.share = 1.0
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step over all ranks: ``batch_size * world_size``."""
+        return self.batch_size * self.world_size
 
     @property
     def dataset(self) -> torch.utils.data.TensorDataset:
-        """The resident split, so ``len(loader.dataset)`` works as with a DataLoader."""
+        """The resident split, so ``len(loader.dataset)`` works as with a DataLoader.
+
+        The whole split on every rank, as with a ``DistributedSampler``.
+        """
         return torch.utils.data.TensorDataset(self.x, self.y)
 
     def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches per epoch, the same on every rank."""
+        n, step = len(self.y), self.global_batch_size
+        return n // step if self.drop_last else -(-n // step)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle/augmentation stream for ``epoch`` (also advanced by iterating)."""
@@ -81,31 +112,45 @@ class DeviceLoader:
         n = len(self.y)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
         self.epoch += 1
-        stop = len(self) * self.batch_size
-        for start in range(0, min(stop, n), self.batch_size):
-            end = start + self.batch_size
+        step, world = self.global_batch_size, self.world_size
+        for start in range(0, len(self) * step, step):
+            size = min(step, n - start)  # this global batch
+            # Rank r's piece [size*r/world, size*(r+1)/world): exactly batch_size samples
+            # for a full batch, pieces within one sample of each other for a short one.
+            lo, hi = size * self.rank // world, size * (self.rank + 1) // world
             if order is None:
-                x, y = self.x[start:end], self.y[start:end]
+                x, y = self.x[start + lo : start + hi], self.y[start + lo : start + hi]
             else:
-                x, y = self.x[order[start:end]], self.y[order[start:end]]
+                idx = order[start + lo : start + hi]
+                x, y = self.x[idx], self.y[idx]
             if self.augment:
-                x = _augment(x, g, self.max_shift)
+                x = _augment(x, g, self.max_shift, size, lo)
+            self.share = (hi - lo) * world / size
             yield x.unsqueeze(1), y
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, max_shift: int) -> torch.Tensor:
-    """Random horizontal flip and integer shift of a batch ``(B, H, W)``, all on device."""
+def _augment(
+    x: torch.Tensor, g: torch.Generator, max_shift: int, size: int | None = None, offset: int = 0
+) -> torch.Tensor:
+    """Random horizontal flip and integer shift of a batch ``(B, H, W)``, all on device.
+
+    ``x`` is rows ``offset:offset+B`` of a global batch of ``size`` (default ``B``): the
+    random draws are made for the whole global batch and sliced, so every rank of a
+    sharded loader augments its samples exactly as a single process would.
+    """
     b, h, w = x.shape
-    flip = torch.rand(b, generator=g, device=x.device) < 0.5
+    size = b if size is None else size
+    rows = slice(offset, offset + b)
+    flip = torch.rand(size, generator=g, device=x.device)[rows] < 0.5
     x = torch.where(flip[:, None, None], x.flip(-1), x)
     if max_shift <= 0:
         return x
     s = max_shift
     padded = torch.nn.functional.pad(x, (s, s, s, s))
     # One gather for the whole batch: row/column offsets per image index the padded batch.
-    dy = torch.randint(0, 2 * s + 1, (b, 1), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * s + 1, (b, 1), generator=g, device=x.device)
-    rows = dy + torch.arange(h, device=x.device)
-    cols = dx + torch.arange(w, device=x.device)
+    dy = torch.randint(0, 2 * s + 1, (size, 1), generator=g, device=x.device)[rows]
+    dx = torch.randint(0, 2 * s + 1, (size, 1), generator=g, device=x.device)[rows]
+    ys = dy + torch.arange(h, device=x.device)
+    xs = dx + torch.arange(w, device=x.device)
     batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]]
+    return padded[batch, ys[:, :, None], xs[:, None, :]]
