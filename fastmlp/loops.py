@@ -89,7 +89,9 @@ def train_loop(
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             elif log is not None:
-                log(f"loss: {value:>7f}  [{batch * len(X):>5d}/{size:>5d}]")
+                # Samples so far over all processes (a sharded loader's global batch).
+                current = batch * getattr(dataloader, "global_batch_size", len(X))
+                log(f"loss: {value:>7f}  [{current:>5d}/{size:>5d}]")
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -111,7 +113,15 @@ def _fused_step(
         and loss_fn.weight is None
         and loss_fn.reduction == "mean"
     )
-    if isinstance(optimizer, FusedSGD) and optimizer.model is model and plain_cross_entropy:
+    # Under DDP the gradients must be all-reduced between backward and update, which the
+    # fused kernel cannot do: DDP models always take the autograd step.
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if (
+        isinstance(optimizer, FusedSGD)
+        and optimizer.model is model
+        and plain_cross_entropy
+        and not ddp
+    ):
         return functools.partial(optimizer.train_step, label_smoothing=loss_fn.label_smoothing)
     return None
 

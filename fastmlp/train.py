@@ -7,6 +7,10 @@ checkpoints that resume bit-identically on CPU.
 
 Losses and accuracies accumulate in device tensors; the host reads them once per epoch (and
 once every ``log_every`` steps for the progress line), so a GPU is never stalled per step.
+
+Under ``torchrun`` every process runs ``fit``: DistributedDataParallel over a process group
+from :mod:`fastmlp.distributed`, a sharded loader, evaluation summed over ranks, and files
+written by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from fastmlp import checkpoint as ckpt
-from fastmlp import data
+from fastmlp import data, distributed
 from fastmlp.loops import EvalResult, evaluate, progress_bar, test_loop, train_loop
 
 __all__ = [
@@ -61,7 +65,7 @@ class TrainConfig:
     """
 
     epochs: int = 40
-    batch_size: int = 256  # samples per optimizer step
+    batch_size: int = 256  # samples per optimizer step and process (global: x world size)
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.1  # peak learning rate (one-cycle) or initial rate (cosine/none)
     momentum: float = 0.9  # SGD momentum; one-cycle cycles it between 0.85 and 0.95
@@ -79,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = 2000
     data: str | None = None  # data folder; None searches the usual places
     train_samples: int | None = None  # train on the first N samples only (quick checks)
+    backend: str = "auto"  # process group under torchrun: auto (nccl on CUDA, gloo) | gloo | nccl
 
     def __post_init__(self) -> None:
         self.sizes = tuple(int(s) for s in self.sizes)
@@ -94,6 +99,7 @@ class TrainConfig:
             (0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}"),
+            (self.backend in distributed.BACKENDS, f"unknown backend {self.backend!r}"),
             (self.max_shift >= 0, "max shift must be >= 0"),
             (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
             (len(self.sizes) >= 2 and min(self.sizes) >= 1, f"bad layer sizes {self.sizes}"),
@@ -132,11 +138,17 @@ def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW as the config says."""
+    """SGD (momentum, Nesterov), Adam or AdamW as the config says.
+
+    SGD is a :class:`fastmlp.optim.FusedSGD` (a ``torch.optim.SGD``): when ``train_loop``
+    is given this very ``model`` it runs each step as one fused kernel on the CPU.
+    """
+    from fastmlp.optim import FusedSGD
+
     params = model.parameters()
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params,
+        return FusedSGD(
+            model,
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -168,6 +180,8 @@ class FitResult:
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_accuracy: float = 0.0
     out_dir: Path | None = None
+    rank: int = 0  # this process's rank; only rank 0 writes out_dir
+    world_size: int = 1
 
 
 def _versions() -> dict[str, str]:
@@ -226,6 +240,14 @@ def fit(
     ``last.pt`` to continue from: its saved config is used, and the result is bit-identical
     on CPU to an uninterrupted run. ``stop_after`` ends this call after that many total
     epochs, as if interrupted. ``progress`` defaults to tqdm bars on a terminal.
+
+    Launched by ``torchrun`` (see :mod:`fastmlp.distributed`), every process calls ``fit``
+    with the same arguments: the process group is created here and destroyed on the way
+    out (or an existing one is used), the model is wrapped in DistributedDataParallel,
+    each rank trains on its slice of every global batch of ``batch_size * world_size``
+    samples, test results are summed over ranks, and rank 0 alone logs and writes
+    ``out_dir``. Every rank reads ``resume`` itself, so it must be reachable from all of
+    them. The returned ``model`` is the plain (unwrapped) module on every rank.
     """
     state: dict[str, Any] | None = None
     if resume is not None:
@@ -235,19 +257,48 @@ def fit(
         saved = TrainConfig.from_dict(state["config"])
         if config is not None:  # where to run may change; what to compute may not
             saved.device, saved.data = config.device, config.data or saved.data
+            saved.backend = config.backend
         config = saved
     cfg = config if config is not None else TrainConfig()
-    progress = _is_tty() if progress is None else progress
-    say: LogFn = (lambda s: None) if log is None or progress else log
-    device = resolve_device(cfg.device)
+    env = distributed.detect_env()  # None: one process, no process group
+    device = distributed.device_for_rank(resolve_device(cfg.device), env)
+    with distributed.process_group(cfg.backend, device) as ctx:
+        return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log)
+
+
+def _fit(
+    cfg: TrainConfig,
+    ctx: distributed.Context,
+    device: torch.device,
+    out_dir: str | os.PathLike[str] | None,
+    state: dict[str, Any] | None,
+    resume: str | os.PathLike[str] | None,
+    stop_after: int | None,
+    progress: bool | None,
+    log: LogFn | None,
+) -> FitResult:
+    main = ctx.is_main
+    progress = main and (_is_tty() if progress is None else progress)
+    say: LogFn = (lambda s: None) if log is None or progress or not main else log
+    if state is not None:
+        trained_by = int(state["config"].get("world_size", 1))
+        if trained_by != ctx.world_size:
+            raise ValueError(
+                f"{resume} was trained by {trained_by} process(es) and this run has "
+                f"{ctx.world_size}: the global batch, steps per epoch and schedule depend on "
+                f"it; resume with {trained_by} process(es)"
+            )
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
+    if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
+        distributed.split_cpu_threads(ctx)
 
     train_x, train_y = data.load_split(True, cfg.data)
     if cfg.train_samples is not None:
         train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
     test_x, test_y = data.load_split(False, cfg.data)
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device)
     train_loader = data.DeviceLoader(
         train_x,
         train_y,
@@ -256,15 +307,17 @@ def fit(
         seed=cfg.seed,
         augment=cfg.augment,
         max_shift=cfg.max_shift,
-        device=device,
+        **shard,
     )
-    test_loader = data.DeviceLoader(test_x, test_y, cfg.eval_batch_size, device=device)
+    test_loader = data.DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.sizes, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
+        label_smoothing=cfg.label_smoothing
+    )
     history: list[dict[str, float]] = []
     best, start = 0.0, 0
     if state is not None:
@@ -275,9 +328,28 @@ def fit(
         _set_rng_state(state["rng"])
         history, best, start = list(state["metrics"]), float(state["best_accuracy"]), state["epoch"]
         say(f"Resuming from {resume} after epoch {start}")
+    net: nn.Module = model
+    if ctx.distributed:
+        # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
+        # backward runs (the fused op's weight grads arrive through ordinary AccumulateGrad
+        # hooks). The optimizer keeps stepping `model`'s parameters: DDP shares them.
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if ctx.world_size > 1:
+        loss_fn = distributed.ShardMeanLoss(loss_fn, train_loader)
 
     # The config keeps the device as asked ("auto"); the device actually used is in meta.
-    cfg_dict = {**asdict(cfg), "sizes": list(cfg.sizes)}
+    # It records the process-group backend in use (as asked without one) and the world
+    # size, which a resume must match.
+    cfg_dict = {
+        **asdict(cfg),
+        "sizes": list(cfg.sizes),
+        "backend": ctx.backend or cfg.backend,
+        "world_size": ctx.world_size,
+    }
     meta = {
         "device": str(device),
         "device_name": _device_name(device),
@@ -295,7 +367,7 @@ def fit(
         t0 = time.perf_counter()
         train_loss = train_loop(
             train_loader,
-            model,
+            net,
             loss_fn,
             optimizer,
             scheduler,
@@ -306,12 +378,14 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        last_eval = evaluate(model, test_loader, cfg.precision)
+        train_loss = _mean_over_ranks(train_loss, ctx)
+        last_eval = _evaluate(model, test_loader, cfg.precision, ctx)
         say(
             f"Test Error: \n Accuracy: {(100 * last_eval.accuracy):>0.1f}%, "
             f"Avg loss: {last_eval.loss:>8f} \n"
         )
-        trained = len(train_loader) * cfg.batch_size if train_loader.drop_last else len(train_y)
+        steps = len(train_loader)
+        trained = steps * train_loader.global_batch_size if train_loader.drop_last else len(train_y)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -327,7 +401,7 @@ def fit(
         if epoch_bar is not None:
             epoch_bar.set_postfix(acc=f"{last_eval.accuracy:.4f}", best=f"{best:.4f}")
             epoch_bar.update(1)
-        if out is not None:
+        if out is not None and main:
             state = {
                 "format": "fastmlp-checkpoint-1",
                 "model": model.state_dict(),
@@ -353,15 +427,50 @@ def fit(
         from fastmlp import plots
 
         if last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
-            last_eval = evaluate(model, test_loader, cfg.precision)
-        plots.save_curves(history, out / "curves.png")
-        plots.save_confusion(last_eval.confusion, data.CLASSES, out / "confusion.png")
+            last_eval = _evaluate(model, test_loader, cfg.precision, ctx)
+        if main:
+            plots.save_curves(history, out / "curves.png")
+            plots.save_confusion(last_eval.confusion, data.CLASSES, out / "confusion.png")
     if history:
         say(
             f"Done! best test accuracy {100 * best:.2f}%, "
             f"{_median([h['seconds'] for h in history]):.2f} s/epoch (median)"
         )
-    return FitResult(model=model, epochs=history, best_accuracy=best, out_dir=out)
+    if ctx.distributed:
+        torch.distributed.barrier()  # no rank returns before rank 0's files are written
+    return FitResult(
+        model=model,
+        epochs=history,
+        best_accuracy=best,
+        out_dir=out,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+
+
+def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:
+    if ctx.world_size == 1:
+        return value
+    total = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64), ctx)
+    return float(total[0]) / ctx.world_size
+
+
+def _evaluate(
+    model: nn.Module, loader: data.DeviceLoader, precision: str, ctx: distributed.Context
+) -> EvalResult:
+    """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere."""
+    r = evaluate(model, loader, precision)
+    if ctx.world_size == 1:
+        return r
+    n = int(r.confusion.sum())
+    # One collective: the loss sum and the counts (exact in float64 up to 2**53).
+    local = torch.cat([torch.tensor([r.loss * n], dtype=torch.float64), r.confusion.flatten()])
+    total = distributed.all_reduce_sum(local, ctx)
+    cm = total[1:].round().long().view_as(r.confusion)
+    count = max(int(cm.sum()), 1)
+    return EvalResult(
+        accuracy=float(cm.diag().sum()) / count, loss=float(total[0]) / count, confusion=cm
+    )
 
 
 def _median(values: list[float]) -> float:
