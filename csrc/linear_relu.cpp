@@ -19,9 +19,15 @@ TORCH_LIBRARY(fastmlp, m) {
   // backward, and torch.optim.SGD's update (dampening 0) of the weights,
   // biases (empty list: none) and momentum buffers (one per parameter, in
   // parameter order, when momentum != 0; else empty). Returns the loss.
+  // compute_dtype=bfloat16 with float32 parameters runs the GEMMs in bfloat16
+  // (as torch.autocast would) and updates the float32 parameters. Their
+  // bfloat16 copies are made for the call, or, when compute_copies lists one
+  // per parameter (in parameter order), read from there and refreshed with
+  // the updated values, saving the next step the cast.
   m.def(
       "mlp_sgd_step(Tensor x, Tensor target, Tensor(a!)[] weights, "
-      "Tensor(b!)[] biases, Tensor(c!)[] momentum_buffers, float lr, "
+      "Tensor(b!)[] biases, Tensor(c!)[] momentum_buffers, "
+      "Tensor(d!)[] compute_copies, float lr, "
       "float momentum, float weight_decay, bool nesterov, "
-      "float label_smoothing) -> Tensor");
+      "float label_smoothing, ScalarType? compute_dtype=None) -> Tensor");
 }

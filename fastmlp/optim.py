@@ -8,9 +8,11 @@ as SGD's do, so a run can switch between the two at any step.
 What it adds is :meth:`FusedSGD.train_step`: forward, cross-entropy, backward and the SGD
 update of a :class:`fastmlp.MLP` in one call of the ``fastmlp::mlp_sgd_step`` CPU kernel,
 without autograd, ``.grad`` tensors or a separate optimizer pass. It applies when the model
-and batch are on the CPU in float32/float64 and no autocast is active, and falls back to
-the ordinary autograd step otherwise (a GPU, bf16 autocast, a model wrapped in DDP), so
-``train_step`` is always correct to call.
+and batch are on the CPU in float32/float64, also under ``torch.autocast("cpu",
+dtype=torch.bfloat16)`` (bfloat16 GEMMs on copies of the float32 parameters, which are
+updated in float32, as autocast does), and falls back to the ordinary autograd step
+otherwise (a GPU, another autocast dtype, a model wrapped in DDP), so ``train_step`` is
+always correct to call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
 
 __all__ = ["FusedSGD", "mlp_linears"]
+
+_UNSUPPORTED = object()  # an autocast state the fused kernel does not implement
 
 
 def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
@@ -53,6 +57,11 @@ def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
         return None
     has_bias = {lin.bias is not None for lin in linears}
     return linears if len(has_bias) == 1 else None
+
+
+def _identity(params: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """What changes whenever a parameter's values may have: (version, storage address)."""
+    return [(p._version, p.data_ptr()) for p in params]
 
 
 class FusedSGD(torch.optim.SGD):
@@ -97,6 +106,8 @@ class FusedSGD(torch.optim.SGD):
         self.model = model
         self._linears = mlp_linears(model)
         self._fused_batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._copies: list[torch.Tensor] = []
+        self._copies_of: list[tuple[int, int]] | None = None
 
     def fused_step_applies(self, x: torch.Tensor) -> bool:
         """Whether :meth:`train_step` on batch ``x`` runs the fused kernel."""
@@ -115,8 +126,18 @@ class FusedSGD(torch.optim.SGD):
             and weight.device.type == "cpu"
             and x.dtype == weight.dtype
             and weight.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu")
+            and self._compute_dtype(weight.dtype) is not _UNSUPPORTED
         )
+
+    @staticmethod
+    def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype | None | object:
+        """The GEMMs' dtype under the current autocast state: None (the parameters'),
+        bfloat16 (CPU bf16 autocast of float32 parameters), or _UNSUPPORTED."""
+        if not torch.is_autocast_enabled("cpu"):
+            return None
+        if torch.get_autocast_dtype("cpu") == torch.bfloat16 and param_dtype == torch.float32:
+            return torch.bfloat16
+        return _UNSUPPORTED
 
     def train_step(
         self, x: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
@@ -167,16 +188,32 @@ class FusedSGD(torch.optim.SGD):
         assert linears is not None  # fused_step_applies checked it
         for p in params:
             p.grad = None  # a fused step computes no .grad; stale ones would mislead
+        compute_dtype = self._compute_dtype(params[0].dtype)
+        copies = self._compute_copies(params) if compute_dtype is not None else []
         with torch.no_grad():
-            return torch.ops.fastmlp.mlp_sgd_step(
+            loss = torch.ops.fastmlp.mlp_sgd_step(
                 x.reshape(x.shape[0], -1) if x.dim() != 2 else x,
                 target,
                 [lin.weight for lin in linears],
                 [lin.bias for lin in linears] if linears[0].bias is not None else [],
                 buffers,
+                copies,
                 float(group["lr"]),
                 float(momentum),
                 float(group["weight_decay"]),
                 bool(group["nesterov"]),
                 label_smoothing,
+                compute_dtype,
             )
+        if copies:
+            self._copies_of = _identity(params)
+        return loss
+
+    def _compute_copies(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """bfloat16 copies of the parameters, kept by the kernel equal to them after each
+        fused step (which saves casting 535k weights per step). Made afresh whenever a
+        parameter has changed otherwise since (its version counter or storage moved:
+        a plain step(), load_state_dict, an in-place edit)."""
+        if self._copies_of != _identity(params):
+            self._copies = [p.detach().to(torch.bfloat16) for p in params]
+        return self._copies

@@ -20,10 +20,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
@@ -38,29 +40,78 @@ struct SgdOptions {
   bool nesterov;
 };
 
-// One layer's parameters and, with momentum, their buffers (else undefined).
+// One layer's parameters, with momentum their buffers (else undefined), and
+// the copies the step's GEMMs read (see math_t). keep_copies: the copies are
+// the caller's, to be left equal to the updated parameters for its next step.
 struct Layer {
-  at::Tensor weight, bias, weight_buf, bias_buf;
+  at::Tensor weight, bias, weight_buf, bias_buf, weight_c, bias_c;
+  bool keep_copies = false;
 };
 
-// torch.optim.SGD's update of n contiguous elements given their gradient g:
-// d = g + wd*p; buf = m*buf + d; d = nesterov ? d + m*buf : buf; p -= lr*d.
+// Parameters (and momentum buffers) are kept in math_t; GEMMs, activations
+// and gradients run in scalar_t. They are the same type except under
+// bfloat16 compute, where the float32 parameters are cast to bfloat16 copies
+// for the step's GEMMs, as torch.autocast does, and updated in float32.
 template <typename scalar_t>
-void sgd_update(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
-                const SgdOptions& o) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec wd(static_cast<scalar_t>(o.weight_decay));
-  const Vec m(static_cast<scalar_t>(o.momentum));
-  const Vec lr(static_cast<scalar_t>(o.lr));
+using math_t = at::opmath_type<scalar_t>;
+
+// Loads / stores n <= Vectorized<math_t>::size() elements of T as math_t.
+template <typename T>
+Vectorized<math_t<T>> load_math(const T* p, int64_t n) {
+  using Vec = Vectorized<math_t<T>>;
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    return Vec::loadu(p, n);
+  } else {
+    __at_align__ T buf[Vec::size()];
+    const T* src = p;
+    if (n < Vec::size()) {
+      std::copy(p, p + n, buf);
+      src = buf;
+    }
+    Vec out;
+    at::vec::load_fp32_from_bf16(reinterpret_cast<const c10::BFloat16*>(src),
+                                 out);
+    return out;
+  }
+}
+
+template <typename T>
+void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_float_bfloat16(v, v).store(p, n);
+  }
+}
+
+// torch.optim.SGD's update of n contiguous elements whose gradient is the
+// sum of `grads` (partial sums, added in order): d = g + wd*p;
+// buf = m*buf + d; d = nesterov ? d + m*buf : buf; p -= lr*d.
+// When `copy` is given, the new values are also written there in copy_t (the
+// compute copy of the parameters, kept up to date in the same pass).
+template <typename param_t, typename grad_t, typename copy_t = grad_t>
+void sgd_update(param_t* p, const std::vector<const grad_t*>& grads,
+                param_t* buf, int64_t n, const SgdOptions& o,
+                copy_t* copy = nullptr) {
+  using Vec = Vectorized<param_t>;
+  const Vec wd(static_cast<param_t>(o.weight_decay));
+  const Vec m(static_cast<param_t>(o.momentum));
+  const Vec lr(static_cast<param_t>(o.lr));
   auto step = [&](int64_t i, int64_t count) {
-    Vec pv = Vec::loadu(p + i, count);
-    Vec d = at::vec::fmadd(wd, pv, Vec::loadu(g + i, count));
+    Vec g = load_math(grads[0] + i, count);
+    for (size_t k = 1; k < grads.size(); ++k) {
+      g = g + load_math(grads[k] + i, count);
+    }
+    const Vec pv = Vec::loadu(p + i, count);
+    Vec d = at::vec::fmadd(wd, pv, g);
     if (buf != nullptr) {
       const Vec b = at::vec::fmadd(m, Vec::loadu(buf + i, count), d);
       b.store(buf + i, count);
       d = o.nesterov ? at::vec::fmadd(m, b, d) : b;
     }
-    at::vec::fnmadd(lr, d, pv).store(p + i, count);
+    const Vec updated = at::vec::fnmadd(lr, d, pv);
+    updated.store(p + i, count);
+    if (copy != nullptr) store_math(updated, copy + i, count);
   };
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) step(i, Vec::size());
@@ -68,29 +119,26 @@ void sgd_update(scalar_t* p, const scalar_t* g, scalar_t* buf, int64_t n,
 }
 
 // g[:, c0:c1] = sum of the parts' columns c0:c1, masked where y <= 0 (the
-// ReLU's threshold_backward rule; NaN passes) when y is given, with each
-// column's sum added into bias_acc[c - c0]. Parts are B x ld row-major; g may
-// be the first part. Rows are summed in order, so results do not depend on
-// timing.
+// ReLU's threshold_backward rule; NaN passes), with each column's sum added
+// into bias_acc[c - c0]. Parts are B x ld row-major; g may be the first part.
+// Sums are in math_t and in a fixed order, so results do not depend on timing.
 template <typename scalar_t>
 void combine_grad_block(const std::vector<const scalar_t*>& parts,
                         const scalar_t* y, scalar_t* g, int64_t rows,
                         int64_t ld, int64_t c0, int64_t c1,
-                        scalar_t* bias_acc) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
+                        math_t<scalar_t>* bias_acc) {
+  using Vec = Vectorized<math_t<scalar_t>>;
+  const Vec zero(0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t off = r * ld;
     for (int64_t c = c0; c < c1; c += Vec::size()) {
       const int64_t n = std::min<int64_t>(Vec::size(), c1 - c);
-      Vec sum = Vec::loadu(parts[0] + off + c, n);
+      Vec sum = load_math(parts[0] + off + c, n);
       for (size_t p = 1; p < parts.size(); ++p) {
-        sum = sum + Vec::loadu(parts[p] + off + c, n);
+        sum = sum + load_math(parts[p] + off + c, n);
       }
-      if (y != nullptr) {
-        sum = Vec::blendv(sum, zero, Vec::loadu(y + off + c, n) <= zero);
-      }
-      sum.store(g + off + c, n);
+      sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
+      store_math(sum, g + off + c, n);
       if (bias_acc != nullptr) {
         (Vec::loadu(bias_acc + c - c0, n) + sum).store(bias_acc + c - c0, n);
       }
@@ -129,24 +177,74 @@ void cross_entropy_rows(scalar_t* z, int64_t B, int64_t C, int64_t r0,
   }
 }
 
+// A rows x cols matrix in memory this thread keeps from one call to the
+// next: a fresh allocation of this size (hundreds of KiB) would be new pages
+// from the OS at every step, and their faults cost as much as the GEMM
+// writing them (measured: the 256x784 weight-gradient block took 330 us
+// instead of 180 us).
+at::Tensor scratch_matrix(int64_t rows, int64_t cols,
+                          const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  const int64_t n = rows * cols;
+  if (!buffer.defined() || buffer.numel() < n ||
+      buffer.scalar_type() != options.dtype().toScalarType()) {
+    buffer = at::empty({n}, options);
+  }
+  return buffer.narrow(0, 0, n).view({rows, cols});
+}
+
+// The step's larger temporaries (activations, gradient parts), kept by the
+// calling thread from one call to the next for the same reason as
+// scratch_matrix. Each call takes its buffers in the same order (next()).
+class Workspace {
+ public:
+  static Workspace& for_this_thread() {
+    thread_local Workspace ws;
+    ws.slot_ = 0;
+    return ws;
+  }
+  at::Tensor next(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    if (slot_ == buffers_.size()) buffers_.emplace_back();
+    at::Tensor& buf = buffers_[slot_++];
+    const int64_t n = c10::multiply_integers(sizes);
+    if (!buf.defined() || buf.numel() < n ||
+        buf.scalar_type() != options.dtype().toScalarType()) {
+      buf = at::empty({n}, options);
+    }
+    return buf.narrow(0, 0, n).view(sizes);
+  }
+
+ private:
+  std::vector<at::Tensor> buffers_;
+  size_t slot_ = 0;
+};
+
+// data + offset of an optional tensor (a momentum buffer), or nullptr.
+template <typename T>
+T* ptr_at(const at::Tensor& t, int64_t offset = 0) {
+  return t.defined() ? t.data_ptr<T>() + offset : nullptr;
+}
+
 // The output layer (no activation) with the loss, split over batch rows:
 // the logits are usually too few (10) to split over threads by feature.
 // Each thread, for its rows: logits, loss and d(loss)/d(logits), its rows of
 // d(loss)/d(h) = g @ W (the old W), and its partial sums of the weight and
 // bias gradients. The partial sums are then added in block order
-// (deterministic) and the layer updated. Returns the mean loss; writes
+// (deterministic) while the layer is updated. Returns the mean loss; writes
 // d(loss)/d(h) into grad_h when defined.
 template <typename scalar_t>
 double output_layer_step(const at::Tensor& h, Layer& layer,
                          const at::Tensor& target, double eps,
-                         const at::Tensor& grad_h, const SgdOptions& o) {
+                         const at::Tensor& grad_h, const SgdOptions& o,
+                         Workspace& ws) {
+  using param_t = math_t<scalar_t>;
   const int64_t B = h.size(0), K = h.size(1), C = layer.weight.size(0);
   const int64_t grain = block_per_thread(B, 1);
   const int64_t blocks = ceil_div(B, grain);
   const bool has_bias = layer.bias.defined();
-  at::Tensor logits = at::empty({B, C}, h.options());
-  at::Tensor w_parts = at::empty({blocks, C, K}, h.options());
-  at::Tensor b_parts = at::zeros({blocks, C}, h.options());
+  at::Tensor logits = ws.next({B, C}, h.options());
+  at::Tensor w_parts = ws.next({blocks, C, K}, h.options());
+  at::Tensor b_parts = ws.next({blocks, C}, layer.weight.options()).zero_();
   std::vector<double> row_loss(B);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     BelowAutograd below;
@@ -155,59 +253,53 @@ double output_layer_step(const at::Tensor& h, Layer& layer,
       const at::Tensor h_rows = h.narrow(0, r0, rows);
       at::Tensor z = logits.narrow(0, r0, rows);
       if (has_bias) {
-        at::addmm_out(z, layer.bias, h_rows, layer.weight.t());
+        at::addmm_out(z, layer.bias_c, h_rows, layer.weight_c.t());
       } else {
-        at::mm_out(z, h_rows, layer.weight.t());
+        at::mm_out(z, h_rows, layer.weight_c.t());
       }
       cross_entropy_rows(logits.data_ptr<scalar_t>(), B, C, r0, r0 + rows,
                          target.data_ptr<int64_t>(), eps, row_loss.data());
       if (grad_h.defined()) {
         at::Tensor gh = grad_h.narrow(0, r0, rows);
-        at::mm_out(gh, z, layer.weight);
+        at::mm_out(gh, z, layer.weight_c);
       }
       at::Tensor w_part = w_parts.select(0, blk);
       at::mm_out(w_part, z.t(), h_rows);
       if (has_bias) {
         const scalar_t* g = z.data_ptr<scalar_t>();  // row stride C
-        scalar_t* part = b_parts.data_ptr<scalar_t>() + blk * C;
+        param_t* part = b_parts.data_ptr<param_t>() + blk * C;
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < C; ++c) part[c] += g[r * C + c];
         }
       }
     }
   });
-  // Sum the partial gradients into part 0 and update, over element ranges.
-  scalar_t* wg = w_parts.data_ptr<scalar_t>();
-  scalar_t* bg = b_parts.data_ptr<scalar_t>();
   const int64_t w_numel = C * K;
-  const auto sum_parts = [blocks](scalar_t* parts, int64_t stride, int64_t i0,
-                                  int64_t i1) {
-    for (int64_t p = 1; p < blocks; ++p) {
-      for (int64_t i = i0; i < i1; ++i) parts[i] += parts[p * stride + i];
-    }
-  };
   at::parallel_for(0, w_numel, 16384, [&](int64_t i0, int64_t i1) {
-    sum_parts(wg, w_numel, i0, i1);
-    sgd_update<scalar_t>(layer.weight.data_ptr<scalar_t>() + i0, wg + i0,
-                         layer.weight_buf.defined()
-                             ? layer.weight_buf.data_ptr<scalar_t>() + i0
-                             : nullptr,
-                         i1 - i0, o);
+    std::vector<const scalar_t*> grads;
+    for (int64_t p = 0; p < blocks; ++p) {
+      grads.push_back(w_parts.data_ptr<scalar_t>() + p * w_numel + i0);
+    }
+    sgd_update<param_t, scalar_t>(
+        layer.weight.data_ptr<param_t>() + i0, grads,
+        ptr_at<param_t>(layer.weight_buf, i0), i1 - i0, o,
+        layer.keep_copies ? layer.weight_c.data_ptr<scalar_t>() + i0 : nullptr);
   });
   if (has_bias) {
-    sum_parts(bg, C, 0, C);
-    sgd_update<scalar_t>(layer.bias.data_ptr<scalar_t>(), bg,
-                         layer.bias_buf.defined()
-                             ? layer.bias_buf.data_ptr<scalar_t>()
-                             : nullptr,
-                         C, o);
+    std::vector<const param_t*> grads;
+    for (int64_t p = 0; p < blocks; ++p) {
+      grads.push_back(b_parts.data_ptr<param_t>() + p * C);
+    }
+    sgd_update<param_t, param_t, scalar_t>(
+        layer.bias.data_ptr<param_t>(), grads, ptr_at<param_t>(layer.bias_buf),
+        C, o, layer.keep_copies ? layer.bias_c.data_ptr<scalar_t>() : nullptr);
   }
   double total = 0;
   for (const double l : row_loss) total += l;  // fixed order: deterministic
   return total / static_cast<double>(B);
 }
 
-// Backward and update of one layer y = act(h @ W.T + b).
+// Backward and update of a hidden layer y = relu(h @ W.T + b).
 //
 // d(loss)/d(y) arrives as the sum of `g_parts` (P x B x N). The layer's
 // output features are cut into one block per thread; the thread that owns
@@ -220,12 +312,14 @@ double output_layer_step(const at::Tensor& h, Layer& layer,
 template <typename scalar_t>
 at::Tensor layer_backward_update(const at::Tensor& g_parts, const at::Tensor& y,
                                  const at::Tensor& h, Layer& layer,
-                                 bool need_grad_h, const SgdOptions& o) {
+                                 bool need_grad_h, const SgdOptions& o,
+                                 Workspace& ws) {
+  using param_t = math_t<scalar_t>;
   const int64_t B = g_parts.size(1), N = g_parts.size(2), K = h.size(1);
   const int64_t grain = block_per_thread(N, kColumnAlign);
   const int64_t blocks = ceil_div(N, grain);
   const at::Tensor out_parts =
-      need_grad_h ? at::empty({blocks, B, K}, h.options()) : at::Tensor();
+      need_grad_h ? ws.next({blocks, B, K}, h.options()) : at::Tensor();
   std::vector<const scalar_t*> parts;
   for (int64_t p = 0; p < g_parts.size(0); ++p) {
     parts.push_back(g_parts.data_ptr<scalar_t>() + p * B * N);
@@ -233,37 +327,43 @@ at::Tensor layer_backward_update(const at::Tensor& g_parts, const at::Tensor& y,
   scalar_t* g = g_parts.data_ptr<scalar_t>();  // the summed gradient, in place
   const at::Tensor g_mat = g_parts.select(0, 0);
   const bool has_bias = layer.bias.defined();
+  // Plain SGD on parameters of the compute type: the update is the GEMM.
+  const bool update_in_gemm =
+      !layer.weight_buf.defined() && std::is_same_v<scalar_t, param_t>;
   const double decay = 1.0 - o.lr * o.weight_decay;
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     BelowAutograd below;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * grain, rows = std::min(N, n0 + grain) - n0;
-      std::vector<scalar_t> bias_grad(has_bias ? rows : 0, scalar_t(0));
-      combine_grad_block<scalar_t>(
-          parts, y.defined() ? y.data_ptr<scalar_t>() : nullptr, g, B, N, n0,
-          n0 + rows, has_bias ? bias_grad.data() : nullptr);
+      std::vector<param_t> bias_grad(has_bias ? rows : 0, param_t(0));
+      combine_grad_block<scalar_t>(parts, y.data_ptr<scalar_t>(), g, B, N, n0,
+                                   n0 + rows,
+                                   has_bias ? bias_grad.data() : nullptr);
       const at::Tensor g_cols = g_mat.narrow(1, n0, rows);
-      at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
       if (need_grad_h) {
         at::Tensor out = out_parts.select(0, blk);
-        at::mm_out(out, g_cols, w_rows);
+        at::mm_out(out, g_cols, layer.weight_c.narrow(0, n0, rows));
       }
-      if (!layer.weight_buf.defined()) {
+      at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
+      if (update_in_gemm) {
         // W = (1 - lr*wd) W - lr * g^T h, in the GEMM itself.
         w_rows.addmm_(g_cols.t(), h, decay, -o.lr);
       } else {
-        const at::Tensor grad_rows = at::mm(g_cols.t(), h);
-        sgd_update<scalar_t>(
-            w_rows.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(),
-            layer.weight_buf.data_ptr<scalar_t>() + n0 * K, rows * K, o);
+        at::Tensor grad_rows = scratch_matrix(rows, K, h.options());
+        at::mm_out(grad_rows, g_cols.t(), h);
+        sgd_update<param_t, scalar_t>(
+            w_rows.data_ptr<param_t>(), {grad_rows.data_ptr<scalar_t>()},
+            ptr_at<param_t>(layer.weight_buf, n0 * K), rows * K, o,
+            layer.keep_copies ? layer.weight_c.data_ptr<scalar_t>() + n0 * K
+                              : nullptr);
       }
       if (has_bias) {
-        scalar_t* buf = layer.bias_buf.defined()
-                            ? layer.bias_buf.data_ptr<scalar_t>() + n0
-                            : nullptr;
-        sgd_update<scalar_t>(layer.bias.data_ptr<scalar_t>() + n0,
-                             bias_grad.data(), buf, rows, o);
+        sgd_update<param_t, param_t, scalar_t>(
+            layer.bias.data_ptr<param_t>() + n0, {bias_grad.data()},
+            ptr_at<param_t>(layer.bias_buf, n0), rows, o,
+            layer.keep_copies ? layer.bias_c.data_ptr<scalar_t>() + n0
+                              : nullptr);
       }
     }
   });
@@ -275,23 +375,32 @@ double mlp_sgd_step_impl(const at::Tensor& x, const at::Tensor& target,
                          std::vector<Layer>& layers, const SgdOptions& o,
                          double label_smoothing) {
   const size_t L = layers.size();
+  // The compute copies of the parameters (the parameters themselves unless
+  // the compute type is narrower).
+  for (Layer& layer : layers) {
+    if (layer.keep_copies) continue;
+    layer.weight_c = layer.weight.to(x.scalar_type());
+    if (layer.bias.defined()) layer.bias_c = layer.bias.to(x.scalar_type());
+  }
+  Workspace& ws = Workspace::for_this_thread();
   // acts[l] is layer l's input.
   std::vector<at::Tensor> acts(L);
   acts[0] = x;
   for (size_t l = 0; l + 1 < L; ++l) {
     at::Tensor out =
-        at::empty({x.size(0), layers[l].weight.size(0)}, x.options());
-    linear_relu_forward_impl<scalar_t>(acts[l], layers[l].weight,
-                                       layers[l].bias, out);
+        ws.next({x.size(0), layers[l].weight.size(0)}, x.options());
+    linear_relu_forward_impl<scalar_t>(acts[l], layers[l].weight_c,
+                                       layers[l].bias_c, out);
     acts[l + 1] = out;
   }
-  const at::Tensor grad_h = L > 1 ? at::empty_like(acts[L - 1]) : at::Tensor();
+  const at::Tensor grad_h =
+      L > 1 ? ws.next(acts[L - 1].sizes(), x.options()) : at::Tensor();
   const double loss = output_layer_step<scalar_t>(
-      acts[L - 1], layers[L - 1], target, label_smoothing, grad_h, o);
+      acts[L - 1], layers[L - 1], target, label_smoothing, grad_h, o, ws);
   at::Tensor g_parts = L > 1 ? grad_h.unsqueeze(0) : at::Tensor();
   for (size_t l = L - 1; l-- > 0;) {
     g_parts = layer_backward_update<scalar_t>(g_parts, acts[l + 1], acts[l],
-                                              layers[l], l > 0, o);
+                                              layers[l], l > 0, o, ws);
   }
   return loss;
 }
@@ -375,12 +484,38 @@ void check_step_args(const at::Tensor& x, const at::Tensor& target,
 
 at::Tensor mlp_sgd_step_cpu(const at::Tensor& x, const at::Tensor& target,
                             at::TensorList weights, at::TensorList biases,
-                            at::TensorList momentum_buffers, double lr,
+                            at::TensorList momentum_buffers,
+                            at::TensorList compute_copies, double lr,
                             double momentum, double weight_decay, bool nesterov,
-                            double label_smoothing) {
+                            double label_smoothing,
+                            std::optional<at::ScalarType> compute_dtype) {
   const SgdOptions o{lr, momentum, weight_decay, nesterov};
   check_step_args(x, target, weights, biases, momentum_buffers, o,
                   label_smoothing);
+  const bool bf16 =
+      compute_dtype.has_value() && *compute_dtype != x.scalar_type();
+  TORCH_CHECK(!bf16 || (*compute_dtype == at::kBFloat16 &&
+                        x.scalar_type() == at::kFloat),
+              "fastmlp.mlp_sgd_step: compute_dtype must be None, the "
+              "parameters' dtype, or bfloat16 with float32 parameters; got ",
+              *compute_dtype, " with ", x.scalar_type(), " parameters");
+  const size_t n_params = weights.size() + biases.size();
+  TORCH_CHECK(
+      compute_copies.empty() || (bf16 && compute_copies.size() == n_params),
+      "fastmlp.mlp_sgd_step: compute_copies must be empty, or (with "
+      "compute_dtype=bfloat16) one per parameter (",
+      n_params, "), got ", compute_copies.size());
+  for (size_t i = 0; i < compute_copies.size(); ++i) {
+    const at::Tensor& c = compute_copies[i];
+    const at::Tensor& p = i % 2 == 0 || biases.empty()
+                              ? weights[biases.empty() ? i : i / 2]
+                              : biases[i / 2];
+    TORCH_CHECK(c.scalar_type() == at::kBFloat16 && c.sizes() == p.sizes() &&
+                    c.is_contiguous() && c.device() == p.device(),
+                "fastmlp.mlp_sgd_step: compute_copies[", i,
+                "] must be a contiguous bfloat16 tensor of shape ", p.sizes(),
+                ", got ", c.scalar_type(), " ", c.sizes());
+  }
   std::vector<Layer> layers(weights.size());
   const size_t per_layer = biases.empty() ? 1 : 2;
   for (size_t l = 0; l < weights.size(); ++l) {
@@ -391,16 +526,26 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& x, const at::Tensor& target,
       layers[l].weight_buf = momentum_buffers[per_layer * l];
       if (!biases.empty()) layers[l].bias_buf = momentum_buffers[2 * l + 1];
     }
+    if (!compute_copies.empty()) {  // same order
+      layers[l].keep_copies = true;
+      layers[l].weight_c = compute_copies[per_layer * l];
+      if (!biases.empty()) layers[l].bias_c = compute_copies[2 * l + 1];
+    }
   }
   const at::Tensor x_c = x.contiguous();
   const at::Tensor t_c = target.contiguous();
   double loss = 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_sgd_step_cpu", [&] {
-    loss = mlp_sgd_step_impl<scalar_t>(x_c, t_c, layers, o, label_smoothing);
-  });
+  if (bf16) {
+    loss = mlp_sgd_step_impl<at::BFloat16>(x_c.to(at::kBFloat16), t_c, layers,
+                                           o, label_smoothing);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_sgd_step_cpu", [&] {
+      loss = mlp_sgd_step_impl<scalar_t>(x_c, t_c, layers, o, label_smoothing);
+    });
+  }
   // The parameters changed in place: tell autograd, so that a graph which
   // saved them errors out instead of using the new values.
-  for (const auto list : {weights, biases, momentum_buffers}) {
+  for (const auto list : {weights, biases, momentum_buffers, compute_copies}) {
     for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
   }
   return at::scalar_tensor(loss, x.options());

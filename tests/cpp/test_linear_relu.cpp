@@ -209,8 +209,9 @@ void test_bad_input() {
 // analytic gradients of softmax cross-entropy and ReLU, then SGD with
 // momentum, Nesterov and weight decay), in float64, over odd shapes.
 using Step = at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList,
-                        at::TensorList, at::TensorList, double, double, double,
-                        bool, double);
+                        at::TensorList, at::TensorList, at::TensorList, double,
+                        double, double, bool, double,
+                        std::optional<at::ScalarType>);
 
 at::Tensor mlp_sgd_step(const at::Tensor& x, const at::Tensor& t,
                         at::TensorList w, at::TensorList b, at::TensorList buf,
@@ -219,7 +220,7 @@ at::Tensor mlp_sgd_step(const at::Tensor& x, const at::Tensor& t,
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmlp::mlp_sgd_step", "")
                        .typed<Step>();
-  return op.call(x, t, w, b, buf, lr, m, wd, nesterov, eps);
+  return op.call(x, t, w, b, buf, {}, lr, m, wd, nesterov, eps, std::nullopt);
 }
 
 double reference_step(const at::Tensor& x, const at::Tensor& t,
