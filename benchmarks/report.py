@@ -1,5 +1,6 @@
-"""Renders a pytest-benchmark JSON of benchmarks/test_bench_ops.py as a
-markdown table of per-step times and ratios (all from the one run).
+"""Renders a pytest-benchmark JSON as a markdown table (all numbers from the one run):
+per-step times and ratios for benchmarks/test_bench_ops.py, seconds per epoch, ratios to
+each baseline and the fraction of the GEMM floor for benchmarks/test_bench_epoch.py.
 
     python benchmarks/report.py bench.json
 """
@@ -24,6 +25,64 @@ def _cpu_name() -> str:
 
 
 def render(data: dict) -> str:
+    """The table for whichever suite wrote ``data``."""
+    if any(b["extra_info"].get("suite") == "epoch" for b in data["benchmarks"]):
+        return render_epoch(data)
+    return render_ops(data)
+
+
+EPOCH_VARIANTS = ["tutorial", "eager", "compile", "fastmlp", "fastmlp-bf16"]
+BASELINES = ["tutorial", "eager", "compile"]
+
+
+def render_epoch(data: dict) -> str:
+    """Seconds per epoch (fastest round), samples/s, speed-up over each baseline, and
+    achieved / floor, the floor being the epoch's FLOPs at the measured GEMM rate."""
+    epochs: dict[str, dict[str, dict]] = defaultdict(dict)  # device -> variant -> info
+    gemm_rate: dict[tuple[str, str], float] = {}  # (device, dtype) -> FLOP/s
+    for bench in data["benchmarks"]:
+        info = dict(bench["extra_info"], seconds=bench["stats"]["min"])
+        if info["variant"] == "gemm":
+            gemm_rate[(info["device"], info["dtype"])] = info["flops"] / info["seconds"]
+        else:
+            epochs[info["device"]][info["variant"]] = info
+    lines = []
+    for device, runs in epochs.items():
+        any_run = next(iter(runs.values()))
+        name = any_run.get("device_name") if device == "cuda" else _cpu_name()
+        rates = ", ".join(
+            f"{dt} {gemm_rate[(device, dt)] / 1e9:.0f} GFLOP/s"
+            for dt in ("fp32", "bf16")
+            if (device, dt) in gemm_rate
+        )
+        lines += [
+            f"{device}: {name}, {any_run['threads']} threads, torch "
+            f"{data.get('torch_version', '?')}; batch {any_run['batch']}, "
+            f"{any_run['samples']} samples, {any_run['flops'] / 1e9:.0f} GFLOP per epoch; "
+            f"GEMM rate {rates or 'not measured'}",
+            "",
+            "| run | s/epoch | samples/s | vs tutorial | vs eager | vs compile | floor s "
+            "| floor / time |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for variant in [v for v in EPOCH_VARIANTS if v in runs]:
+            info = runs[variant]
+            t = info["seconds"]
+            ratios = [f"{runs[b]['seconds'] / t:.2f}x" if b in runs else "–" for b in BASELINES]
+            rate = gemm_rate.get((device, info["dtype"]))
+            floor = info["flops"] / rate if rate else float("nan")
+            lines.append(
+                f"| {variant} ({info['dtype']}) | {t:.2f} | {info['samples'] / t:,.0f} "
+                f"| {' | '.join(ratios)} | {floor:.2f} | {floor / t:.2f} |"
+            )
+        compile_s = runs.get("compile", {}).get("compile_seconds")
+        if compile_s:
+            lines += ["", f"torch.compile's compilation ({compile_s:.0f} s) is not included."]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def render_ops(data: dict) -> str:
     # (precision, fan_in, fan_out, batch) -> kind -> median seconds per step
     table: dict[tuple, dict[str, float]] = defaultdict(dict)
     flops: dict[tuple, int] = {}

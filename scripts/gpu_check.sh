@@ -69,6 +69,22 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   [ "$rc" -ne 0 ] && FAILED+=("bench(rc=$rc)") && tail -n 30 "$OUT/bench_main.log"
   log "benchmarks done (rc=$rc)"
 
+  # The end-to-end epoch suite needs Fashion-MNIST on this machine (FASTMLP_DATA, or
+  # the folder carried along); without it the stage is skipped, not failed.
+  T=$(($(left) - 60)); [ "$T" -gt 150 ] && T=150
+  if [ "$T" -gt 40 ] && $PY -c "from fastmlp import data; data.find_data_dir(download=False)" 2>/dev/null; then
+    log "epoch suite (cuda) with ${T}s"
+    FASTMLP_BENCH_ROUNDS=2 timeout "$T" $PY -m pytest -q -o addopts= -p no:cacheprovider \
+      benchmarks/test_bench_epoch.py -k cuda --benchmark-json="$OUT/epoch.json" \
+      >"$OUT/epoch.log" 2>&1
+    rc=$?
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && FAILED+=("epoch(rc=$rc)")
+    $PY benchmarks/report.py "$OUT/epoch.json" >"$OUT/epoch.md" 2>>"$OUT/epoch.log" || true
+    log "epoch suite done (rc=$rc)"
+  else
+    log "epoch suite skipped (no data or no time)"
+  fi
+
   T=$(left)
   if [ "$T" -gt 45 ]; then
     log "max-autotune baseline with ${T}s left"
