@@ -121,6 +121,7 @@ class FusedSGD(torch.optim.SGD):
             and not group["maximize"]
             and len(group["params"]) == len(params)
             and all(a is b for a, b in zip(group["params"], params, strict=True))
+            and all(p.requires_grad for p in params)  # SGD leaves frozen ones alone
             and x.dim() >= 2
             and x.device.type == "cpu"
             and weight.device.type == "cpu"

@@ -119,7 +119,7 @@ def test_other_models_are_not_taken_for_mlps(model):
 
 
 @pytest.mark.parametrize(
-    "case", ["tanh-model", "dampening", "maximize", "fp16-autocast", "two-groups"]
+    "case", ["tanh-model", "dampening", "maximize", "fp16-autocast", "two-groups", "frozen"]
 )
 def test_falls_back_to_the_autograd_step(case):
     """Whatever the fused kernel cannot run, train_step still does exactly the eager step."""
@@ -135,6 +135,9 @@ def test_falls_back_to_the_autograd_step(case):
     ref = fastmlp.unfuse(copy.deepcopy(model))
     opt = FusedSGD(model, lr=0.1, **options)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, **options)
+    if case == "frozen":
+        for m in (model, ref):
+            m.linear_relu_stack[0].weight.requires_grad_(False)
     if case == "two-groups":
         extra = nn.Parameter(torch.zeros(1))
         opt.add_param_group({"params": [extra]})
