@@ -2,7 +2,8 @@
 
 Fused Linear+ReLU kernels (C++ for the CPU, CUDA for the GPU) registered as
 PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
-(``fastmlp.nn``), and a fast FashionMNIST workflow (``fastmlp.data``,
+(``fastmlp.nn``), ``FusedSGD`` that runs a whole training step as one kernel
+(``fastmlp.optim``), and a fast FashionMNIST workflow (``fastmlp.data``,
 ``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
 """
 
@@ -19,10 +20,22 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "environment that has the torch you run with (see README.md)."
     ) from exc
 
-from fastmlp import nn, ops  # noqa: E402
+from fastmlp import nn, ops, optim  # noqa: E402
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
 from fastmlp.ops import linear_relu  # noqa: E402
+from fastmlp.optim import FusedSGD  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "FusedLinearReLU", "fuse", "unfuse", "linear_relu", "nn", "ops", "__version__"]
+__all__ = [
+    "MLP",
+    "FusedLinearReLU",
+    "FusedSGD",
+    "fuse",
+    "unfuse",
+    "linear_relu",
+    "nn",
+    "ops",
+    "optim",
+    "__version__",
+]
