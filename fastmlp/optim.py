@@ -105,6 +105,13 @@ class FusedSGD(torch.optim.SGD):
         )
         self.model = model
         self._linears = mlp_linears(model)
+        # The kernel's arguments, gathered once (module attribute lookups cost ~1 us each).
+        linears = self._linears or []
+        self._weights = [lin.weight for lin in linears]
+        self._biases = (
+            [lin.bias for lin in linears] if linears and linears[0].bias is not None else []
+        )
+        self._params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
         self._fused_batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._copies: list[torch.Tensor] = []
         self._copies_of: list[tuple[int, int]] | None = None
@@ -114,8 +121,8 @@ class FusedSGD(torch.optim.SGD):
         if self._linears is None or len(self.param_groups) != 1:
             return False
         group = self.param_groups[0]
-        weight = self._linears[0].weight
-        params = [p for lin in self._linears for p in (lin.weight, lin.bias) if p is not None]
+        weight = self._weights[0]
+        params = self._params
         return (
             group["dampening"] == 0
             and not group["maximize"]
@@ -185,8 +192,6 @@ class FusedSGD(torch.optim.SGD):
                         p, memory_format=torch.contiguous_format
                     )
                 buffers.append(state["momentum_buffer"])
-        linears = self._linears
-        assert linears is not None  # fused_step_applies checked it
         for p in params:
             p.grad = None  # a fused step computes no .grad; stale ones would mislead
         compute_dtype = self._compute_dtype(params[0].dtype)
@@ -195,8 +200,8 @@ class FusedSGD(torch.optim.SGD):
             loss = torch.ops.fastmlp.mlp_sgd_step(
                 x.reshape(x.shape[0], -1) if x.dim() != 2 else x,
                 target,
-                [lin.weight for lin in linears],
-                [lin.bias for lin in linears] if linears[0].bias is not None else [],
+                self._weights,
+                self._biases,
                 buffers,
                 copies,
                 float(group["lr"]),
