@@ -84,6 +84,16 @@ void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
   if constexpr (std::is_same_v<T, math_t<T>>) {
     v.store(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    // A full vector of floats is half a vector of bfloat16: store those 16
+    // bytes directly (the partial store below goes through a memcpy, which
+    // this path, run once per 8 weights per step, cannot afford).
+    if (n == Vectorized<float>::size()) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       at::vec::cvtfp32_bf16(__m256(v)));
+      return;
+    }
+#endif
     at::vec::convert_float_bfloat16(v, v).store(p, n);
   }
 }
