@@ -59,7 +59,7 @@ class TrainConfig:
     the defaults (40 epochs) reach 90.78%; the best recipe found is the same with
     ``epochs=120``: 91.04% mean of seeds 0-2 (91.09, 90.87, 91.16); ``epochs=80`` gives
     91.00% (91.14, 90.84, 91.02). A training epoch takes ~1.3-1.5 s. Fastest to 90%:
-    ``epochs=20, augment=False, precision="bf16"`` (90% after epoch 18-20, 15-20 s).
+    ``epochs=20, augment=False, precision="bf16"`` (90% after epoch 18-20, 15-16 s).
     Tried and rejected on a GPU sweep: random shifts (1-2 px) and input dropout hurt this
     MLP; weight decay 5e-4 or 1e-4, lr 0.05/0.2, batch 128/512, label smoothing 0/0.2,
     cosine schedule and AdamW did no better; horizontal flips help only in long runs.
