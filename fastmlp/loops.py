@@ -70,12 +70,9 @@ def train_loop(
     batches = 0
     for batch, (X, y) in enumerate(dataloader):
         X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if fused_step is not None:
-            with autocast(device, precision):  # under bf16 autocast it takes the autograd path
-                loss = fused_step(X, y)
-        else:
-            with autocast(device, precision):
-                loss = loss_fn(model(X), y)
+        with autocast(device, precision):
+            loss = fused_step(X, y) if fused_step is not None else loss_fn(model(X), y)
+        if fused_step is None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

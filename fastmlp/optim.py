@@ -104,9 +104,9 @@ class FusedSGD(torch.optim.SGD):
             maximize=maximize,
         )
         self.model = model
-        self._linears = mlp_linears(model)
-        # The kernel's arguments, gathered once (module attribute lookups cost ~1 us each).
-        linears = self._linears or []
+        # The kernel's arguments, gathered once (module attribute lookups cost ~1 us each);
+        # all empty when the model is not an MLP the kernel can run.
+        linears = mlp_linears(model) or []
         self._weights = [lin.weight for lin in linears]
         self._biases = (
             [lin.bias for lin in linears] if linears and linears[0].bias is not None else []
@@ -118,7 +118,7 @@ class FusedSGD(torch.optim.SGD):
 
     def fused_step_applies(self, x: torch.Tensor) -> bool:
         """Whether :meth:`train_step` on batch ``x`` runs the fused kernel."""
-        if self._linears is None or len(self.param_groups) != 1:
+        if not self._params or len(self.param_groups) != 1:
             return False
         group = self.param_groups[0]
         weight = self._weights[0]
