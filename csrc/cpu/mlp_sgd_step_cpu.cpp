@@ -419,10 +419,46 @@ double mlp_sgd_step_impl(const at::Tensor& x, const at::Tensor& target,
   return loss;
 }
 
-void check_step_args(const at::Tensor& x, const at::Tensor& target,
+// The parameters in the order the per-parameter lists (momentum buffers,
+// compute copies) follow: weight, bias, weight, bias, ... (weights only when
+// there are no biases).
+std::vector<at::Tensor> parameter_order(at::TensorList weights,
+                                        at::TensorList biases) {
+  std::vector<at::Tensor> params;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    params.push_back(weights[l]);
+    if (!biases.empty()) params.push_back(biases[l]);
+  }
+  return params;
+}
+
+// A list holding one tensor per parameter (in parameter_order) when `wanted`,
+// none otherwise; each contiguous, of its parameter's shape and device, and
+// of `dtype`.
+void check_per_parameter(at::TensorList list, const char* name,
+                         const std::vector<at::Tensor>& params, bool wanted,
+                         const char* when, at::ScalarType dtype) {
+  const char* op = "fastmlp.mlp_sgd_step: ";
+  TORCH_CHECK(list.size() == (wanted ? params.size() : 0), op, name,
+              " must hold one tensor per parameter (", params.size(), ") ",
+              when, ", and none otherwise, got ", list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.sizes() == params[i].sizes() && t.scalar_type() == dtype &&
+                    t.device() == params[i].device() && t.is_contiguous(),
+                op, name, "[", i, "] must be a contiguous ", dtype,
+                " tensor of shape ", params[i].sizes(), ", got ",
+                t.scalar_type(), " of shape ", t.sizes());
+  }
+}
+
+// Everything is checked before anything is written, so a bad call leaves
+// the parameters untouched. Returns whether the GEMMs run in bfloat16.
+bool check_step_args(const at::Tensor& x, const at::Tensor& target,
                      at::TensorList weights, at::TensorList biases,
-                     at::TensorList buffers, const SgdOptions& o,
-                     double label_smoothing) {
+                     at::TensorList buffers, at::TensorList copies,
+                     const SgdOptions& o, double label_smoothing,
+                     std::optional<at::ScalarType> compute_dtype) {
   const char* op = "fastmlp.mlp_sgd_step: ";
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               op, "x must be float32 or float64, got ", x.scalar_type());
@@ -444,40 +480,32 @@ void check_step_args(const at::Tensor& x, const at::Tensor& target,
                 "weights[", l, "] must have shape (out_features, ", features,
                 "), got ", w.sizes());
     features = w.size(0);
-    std::vector<at::Tensor> params = {w};
     if (!biases.empty()) {
       TORCH_CHECK(biases[l].dim() == 1 && biases[l].size(0) == w.size(0), op,
                   "biases[", l, "] must have shape (", w.size(0), ",), got ",
                   biases[l].sizes());
-      params.push_back(biases[l]);
-    }
-    for (const at::Tensor& p : params) {
-      TORCH_CHECK(p.scalar_type() == x.scalar_type() &&
-                      p.device() == x.device() && p.is_contiguous(),
-                  op, "parameters of layer ", l,
-                  " must be contiguous and match x (", x.scalar_type(), " on ",
-                  x.device(), "), got ", p.scalar_type(), " on ", p.device());
     }
   }
-  const size_t n_params = weights.size() + biases.size();
-  TORCH_CHECK(buffers.size() == (o.momentum != 0 ? n_params : 0), op,
-              "momentum_buffers must hold one buffer per parameter (", n_params,
-              ") when momentum != 0 and none otherwise, got ", buffers.size());
-  std::vector<at::Tensor> params;
-  for (size_t l = 0; l < weights.size(); ++l) {
-    params.push_back(weights[l]);
-    if (!biases.empty()) params.push_back(biases[l]);
+  const std::vector<at::Tensor> params = parameter_order(weights, biases);
+  for (const at::Tensor& p : params) {
+    TORCH_CHECK(p.scalar_type() == x.scalar_type() &&
+                    p.device() == x.device() && p.is_contiguous(),
+                op, "parameters must be contiguous and match x (",
+                x.scalar_type(), " on ", x.device(), "), got ", p.scalar_type(),
+                " on ", p.device());
   }
-  for (size_t i = 0; i < buffers.size(); ++i) {
-    TORCH_CHECK(buffers[i].sizes() == params[i].sizes() &&
-                    buffers[i].scalar_type() == params[i].scalar_type() &&
-                    buffers[i].device() == params[i].device() &&
-                    buffers[i].is_contiguous(),
-                op, "momentum_buffers[", i,
-                "] must be a contiguous tensor like its parameter (",
-                params[i].sizes(), ", ", params[i].scalar_type(), "), got ",
-                buffers[i].sizes(), " ", buffers[i].scalar_type());
-  }
+  const bool bf16 =
+      compute_dtype.has_value() && *compute_dtype != x.scalar_type();
+  TORCH_CHECK(!bf16 || (*compute_dtype == at::kBFloat16 &&
+                        x.scalar_type() == at::kFloat),
+              op,
+              "compute_dtype must be None, the parameters' dtype, or bfloat16 "
+              "with float32 parameters; got ",
+              *compute_dtype, " with ", x.scalar_type(), " parameters");
+  check_per_parameter(buffers, "momentum_buffers", params, o.momentum != 0,
+                      "when momentum != 0", x.scalar_type());
+  check_per_parameter(copies, "compute_copies", params, bf16 && !copies.empty(),
+                      "if given, under compute_dtype=bfloat16", at::kBFloat16);
   TORCH_CHECK(std::isfinite(o.lr) && o.lr >= 0, op,
               "lr must be a finite number >= 0, got ", o.lr);
   TORCH_CHECK(o.momentum >= 0 && o.weight_decay >= 0, op,
@@ -485,8 +513,6 @@ void check_step_args(const at::Tensor& x, const at::Tensor& target,
   TORCH_CHECK(!o.nesterov || o.momentum > 0, op, "nesterov needs momentum > 0");
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, op,
               "label_smoothing must be in [0, 1], got ", label_smoothing);
-  // Targets are checked before anything is written, so a bad batch leaves
-  // the parameters untouched.
   const int64_t classes = weights.back().size(0);
   const at::Tensor t = target.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
@@ -494,6 +520,7 @@ void check_step_args(const at::Tensor& x, const at::Tensor& target,
     TORCH_CHECK(tp[i] >= 0 && tp[i] < classes, op, "target[", i, "] = ", tp[i],
                 " is not a class index in [0, ", classes, ")");
   }
+  return bf16;
 }
 
 at::Tensor mlp_sgd_step_cpu(const at::Tensor& x, const at::Tensor& target,
@@ -504,46 +531,25 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& x, const at::Tensor& target,
                             double label_smoothing,
                             std::optional<at::ScalarType> compute_dtype) {
   const SgdOptions o{lr, momentum, weight_decay, nesterov};
-  check_step_args(x, target, weights, biases, momentum_buffers, o,
-                  label_smoothing);
   const bool bf16 =
-      compute_dtype.has_value() && *compute_dtype != x.scalar_type();
-  TORCH_CHECK(!bf16 || (*compute_dtype == at::kBFloat16 &&
-                        x.scalar_type() == at::kFloat),
-              "fastmlp.mlp_sgd_step: compute_dtype must be None, the "
-              "parameters' dtype, or bfloat16 with float32 parameters; got ",
-              *compute_dtype, " with ", x.scalar_type(), " parameters");
-  const size_t n_params = weights.size() + biases.size();
-  TORCH_CHECK(
-      compute_copies.empty() || (bf16 && compute_copies.size() == n_params),
-      "fastmlp.mlp_sgd_step: compute_copies must be empty, or (with "
-      "compute_dtype=bfloat16) one per parameter (",
-      n_params, "), got ", compute_copies.size());
-  for (size_t i = 0; i < compute_copies.size(); ++i) {
-    const at::Tensor& c = compute_copies[i];
-    const at::Tensor& p = i % 2 == 0 || biases.empty()
-                              ? weights[biases.empty() ? i : i / 2]
-                              : biases[i / 2];
-    TORCH_CHECK(c.scalar_type() == at::kBFloat16 && c.sizes() == p.sizes() &&
-                    c.is_contiguous() && c.device() == p.device(),
-                "fastmlp.mlp_sgd_step: compute_copies[", i,
-                "] must be a contiguous bfloat16 tensor of shape ", p.sizes(),
-                ", got ", c.scalar_type(), " ", c.sizes());
-  }
+      check_step_args(x, target, weights, biases, momentum_buffers,
+                      compute_copies, o, label_smoothing, compute_dtype);
   std::vector<Layer> layers(weights.size());
-  const size_t per_layer = biases.empty() ? 1 : 2;
+  const bool has_bias = !biases.empty();
   for (size_t l = 0; l < weights.size(); ++l) {
+    // Index of layer l's weight in the per-parameter lists (parameter_order);
+    // its bias follows it.
+    const size_t w = has_bias ? 2 * l : l;
     layers[l].weight = weights[l];
-    if (!biases.empty()) layers[l].bias = biases[l];
+    if (has_bias) layers[l].bias = biases[l];
     if (!momentum_buffers.empty()) {
-      // Buffers come in parameter order: weight, bias, weight, bias, ...
-      layers[l].weight_buf = momentum_buffers[per_layer * l];
-      if (!biases.empty()) layers[l].bias_buf = momentum_buffers[2 * l + 1];
+      layers[l].weight_buf = momentum_buffers[w];
+      if (has_bias) layers[l].bias_buf = momentum_buffers[w + 1];
     }
-    if (!compute_copies.empty()) {  // same order
+    if (!compute_copies.empty()) {
       layers[l].keep_copies = true;
-      layers[l].weight_c = compute_copies[per_layer * l];
-      if (!biases.empty()) layers[l].bias_c = compute_copies[2 * l + 1];
+      layers[l].weight_c = compute_copies[w];
+      if (has_bias) layers[l].bias_c = compute_copies[w + 1];
     }
   }
   const at::Tensor x_c = x.contiguous();
