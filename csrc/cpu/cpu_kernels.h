@@ -15,16 +15,13 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 namespace fastmlp {
 namespace cpu {
 
 using at::vec::Vectorized;
-
-// Rows of a batch processed per backward step: the masked gradient of one
-// step (kBackwardRows x out_features) is the only temporary and stays small
-// enough for L2, whatever the batch size.
-constexpr int64_t kBackwardRows = 1024;
 
 // Bytes of output a thread computes per forward GEMM call before applying
 // the epilogue to it: large enough that the GEMM runs at full speed, small
@@ -148,33 +145,86 @@ void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
   });
 }
 
-// Bias-gradient accumulator: float for the 16-bit types, like torch's sum.
+// Element arithmetic type: float for the 16-bit types (as torch accumulates),
+// the type itself otherwise.
 template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
+using math_t = at::opmath_type<scalar_t>;
 
-// g[r, c] = y[r, c] <= 0 ? 0 : grad_y[r, c] for one row block and a column
-// range, adding each column's sum into bias_acc. This is torch's
-// threshold_backward rule: where y is NaN the gradient passes.
+// Loads n <= Vectorized<math_t<T>>::size() elements of T as math_t.
+template <typename T>
+Vectorized<math_t<T>> load_math(const T* p, int64_t n) {
+  using Vec = Vectorized<math_t<T>>;
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    return Vec::loadu(p, n);
+  } else {
+    __at_align__ T buf[Vec::size()];
+    const T* src = p;
+    if (n < Vec::size()) {
+      std::fill(buf, buf + Vec::size(), T(0));
+      std::copy(p, p + n, buf);
+      src = buf;
+    }
+    Vec out;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      at::vec::load_fp32_from_bf16(src, out);
+    } else {
+      at::vec::load_fp32_from_fp16(src, out);
+    }
+    return out;
+  }
+}
+
+// Stores n <= Vectorized<math_t<T>>::size() elements of v as T.
+template <typename T>
+void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    v.store(p, n);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    // A full vector of floats is half a vector of 16-bit values: store those
+    // 16 bytes directly (the partial store below goes through a memcpy, too
+    // slow for a pass over every weight of a step).
+    if (n == Vectorized<float>::size()) {
+      const __m256 f = v;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       std::is_same_v<T, c10::BFloat16>
+                           ? at::vec::cvtfp32_bf16(f)
+                           : at::vec::cvtfp32_fp16(f));
+      return;
+    }
+#endif
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      at::vec::convert_float_bfloat16(v, v).store(p, n);
+    } else {
+      at::vec::convert_float_half(v, v).store(p, n);
+    }
+  }
+}
+
+// g[:, c0:c1] = sum of the parts' columns c0:c1, masked where y <= 0 (the
+// ReLU's threshold_backward rule: NaN passes, 0 blocks), with each column's
+// sum added into bias_acc[c - c0] (when given). Parts are rows x ld
+// row-major; g may be the first part. Sums are in math_t and in row order,
+// so results do not depend on the thread count or timing.
 template <typename scalar_t>
-void masked_grad_block(const scalar_t* gy, const scalar_t* y, scalar_t* g,
-                       int64_t rows, int64_t ld, int64_t c0, int64_t c1,
-                       acc_t<scalar_t>* bias_acc) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
+void combine_grad_block(const std::vector<const scalar_t*>& parts,
+                        const scalar_t* y, scalar_t* g, int64_t rows,
+                        int64_t ld, int64_t c0, int64_t c1,
+                        math_t<scalar_t>* bias_acc) {
+  using Vec = Vectorized<math_t<scalar_t>>;
+  const Vec zero(0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t off = r * ld;
-    int64_t c = c0;
-    for (; c + Vec::size() <= c1; c += Vec::size()) {
-      const Vec yv = Vec::loadu(y + off + c);
-      Vec::blendv(Vec::loadu(gy + off + c), zero, yv <= zero)
-          .store(g + off + c);
-    }
-    for (; c < c1; ++c) {
-      g[off + c] = y[off + c] <= scalar_t(0) ? scalar_t(0) : gy[off + c];
-    }
-    if (bias_acc != nullptr) {
-      for (int64_t j = c0; j < c1; ++j) {
-        bias_acc[j] += static_cast<acc_t<scalar_t>>(g[off + j]);
+    for (int64_t c = c0; c < c1; c += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), c1 - c);
+      Vec sum = load_math(parts[0] + off + c, n);
+      for (size_t p = 1; p < parts.size(); ++p) {
+        sum = sum + load_math(parts[p] + off + c, n);
+      }
+      sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
+      store_math(sum, g + off + c, n);
+      if (bias_acc != nullptr) {
+        (Vec::loadu(bias_acc + c - c0, n) + sum).store(bias_acc + c - c0, n);
       }
     }
   }

@@ -29,6 +29,11 @@ namespace {
 
 using namespace cpu;  // NOLINT: the building blocks of this file
 
+// Rows of a batch processed per backward step: the masked gradient of one
+// step (kBackwardRows x out_features) is the only temporary and stays small
+// enough for L2, whatever the batch size.
+constexpr int64_t kBackwardRows = 1024;
+
 at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
   check_linear_relu_args(x, weight, bias);
@@ -78,7 +83,7 @@ void linear_relu_backward_impl(const at::Tensor& gy, const at::Tensor& y,
       at::is_reduced_floating_point_v<scalar_t>) {
     gw_acc = at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
   }
-  std::vector<acc_t<scalar_t>> bias_acc(mask[2] ? N : 0, acc_t<scalar_t>(0));
+  std::vector<math_t<scalar_t>> bias_acc(mask[2] ? N : 0, math_t<scalar_t>(0));
   const int64_t col_grain = block_per_thread(N, kColumnAlign);
 
   for (int64_t m0 = 0; m0 < M; m0 += rows_per_step) {
@@ -91,10 +96,10 @@ void linear_relu_backward_impl(const at::Tensor& gy, const at::Tensor& y,
     // computes, while they are hot, its rows of grad_weight = g.T @ x_rows.
     at::parallel_for(0, N, col_grain, [&](int64_t n0, int64_t n1) {
       BelowAutograd below;
-      masked_grad_block<scalar_t>(gy.data_ptr<scalar_t>() + m0 * N,
-                                  y.data_ptr<scalar_t>() + m0 * N,
-                                  g.data_ptr<scalar_t>(), rows, N, n0, n1,
-                                  mask[2] ? bias_acc.data() : nullptr);
+      combine_grad_block<scalar_t>({gy.data_ptr<scalar_t>() + m0 * N},
+                                   y.data_ptr<scalar_t>() + m0 * N,
+                                   g.data_ptr<scalar_t>(), rows, N, n0, n1,
+                                   mask[2] ? bias_acc.data() + n0 : nullptr);
       if (split && mask[1]) {
         accumulate_grad_weight(
             g_rows.narrow(1, n0, n1 - n0), x_rows,

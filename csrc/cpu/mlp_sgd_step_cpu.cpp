@@ -56,47 +56,6 @@ struct Layer {
 // and gradients run in scalar_t. They are the same type except under
 // bfloat16 compute, where the float32 parameters are cast to bfloat16 copies
 // for the step's GEMMs, as torch.autocast does, and updated in float32.
-template <typename scalar_t>
-using math_t = at::opmath_type<scalar_t>;
-
-// Loads / stores n <= Vectorized<math_t>::size() elements of T as math_t.
-template <typename T>
-Vectorized<math_t<T>> load_math(const T* p, int64_t n) {
-  using Vec = Vectorized<math_t<T>>;
-  if constexpr (std::is_same_v<T, math_t<T>>) {
-    return Vec::loadu(p, n);
-  } else {
-    __at_align__ T buf[Vec::size()];
-    const T* src = p;
-    if (n < Vec::size()) {
-      std::copy(p, p + n, buf);
-      src = buf;
-    }
-    Vec out;
-    at::vec::load_fp32_from_bf16(reinterpret_cast<const c10::BFloat16*>(src),
-                                 out);
-    return out;
-  }
-}
-
-template <typename T>
-void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, math_t<T>>) {
-    v.store(p, n);
-  } else {
-#if defined(CPU_CAPABILITY_AVX2)
-    // A full vector of floats is half a vector of bfloat16: store those 16
-    // bytes directly (the partial store below goes through a memcpy, which
-    // this path, run once per 8 weights per step, cannot afford).
-    if (n == Vectorized<float>::size()) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                       at::vec::cvtfp32_bf16(__m256(v)));
-      return;
-    }
-#endif
-    at::vec::convert_float_bfloat16(v, v).store(p, n);
-  }
-}
 
 // torch.optim.SGD's update of n contiguous elements whose gradient is the
 // sum of `grads` (partial sums, added in order): d = g + wd*p;
@@ -130,34 +89,6 @@ void sgd_update(param_t* p, const std::vector<const grad_t*>& grads,
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) step(i, Vec::size());
   if (i < n) step(i, n - i);
-}
-
-// g[:, c0:c1] = sum of the parts' columns c0:c1, masked where y <= 0 (the
-// ReLU's threshold_backward rule; NaN passes), with each column's sum added
-// into bias_acc[c - c0]. Parts are B x ld row-major; g may be the first part.
-// Sums are in math_t and in a fixed order, so results do not depend on timing.
-template <typename scalar_t>
-void combine_grad_block(const std::vector<const scalar_t*>& parts,
-                        const scalar_t* y, scalar_t* g, int64_t rows,
-                        int64_t ld, int64_t c0, int64_t c1,
-                        math_t<scalar_t>* bias_acc) {
-  using Vec = Vectorized<math_t<scalar_t>>;
-  const Vec zero(0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = r * ld;
-    for (int64_t c = c0; c < c1; c += Vec::size()) {
-      const int64_t n = std::min<int64_t>(Vec::size(), c1 - c);
-      Vec sum = load_math(parts[0] + off + c, n);
-      for (size_t p = 1; p < parts.size(); ++p) {
-        sum = sum + load_math(parts[p] + off + c, n);
-      }
-      sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
-      store_math(sum, g + off + c, n);
-      if (bias_acc != nullptr) {
-        (Vec::loadu(bias_acc + c - c0, n) + sum).store(bias_acc + c - c0, n);
-      }
-    }
-  }
 }
 
 // Softmax cross-entropy with label smoothing eps for rows r0:r1 of the
