@@ -30,6 +30,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
+# nvcc flags of the CUDA kernels; scripts/cuda_resources.py compiles with the
+# same ones to report registers, shared memory and spills.
+NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo")
+
+
+def _sources(*patterns: str) -> list[str]:
+    return [
+        os.path.relpath(p, ROOT)
+        for pattern in patterns
+        for p in sorted(glob.glob(os.path.join(ROOT, pattern)))
+    ]
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f"\nfastmlp build error: {message}\n\n")
     raise SystemExit(1)
@@ -133,9 +146,9 @@ def build_extensions():
         )
 
     with_cuda = want_cuda(torch.version.cuda, cuda_home)
-    sources = [
-        os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))
-    ]
+    # csrc/ and csrc/cpu/ build everywhere; csrc/cuda/ (CUDA kernels and the
+    # host glue that launches them) only in CUDA builds.
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
         # at::vec's 256-bit kernels for the epilogues; every x86-64 CPU since
@@ -154,13 +167,13 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/cuda/*.cu"))]
+        sources += _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs
         libraries += [cublaslt_library(library_dirs)]
         define_macros.append(("FASTMLP_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = list(NVCC_FLAGS)
         extension = cpp_extension.CUDAExtension
         print(
             f"fastmlp: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "

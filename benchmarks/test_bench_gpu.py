@@ -3,7 +3,9 @@
 What is timed:
   * fwd_bwd: one layer's forward and backward (x, weight and bias all need
     gradients, as in a hidden layer), ``y = f(x); y.backward(gy)``, for
-      - fused-<engine>: ``fastmlp.ops.linear_relu`` with FASTMLP_CUDA_ENGINE set,
+      - fused-<engine>: ``fastmlp.ops.linear_relu`` with that engine forced
+        (fastmlp.engines.cuda_engine); fused-auto is the default rule, i.e. the
+        ``aten`` engine wherever no engine is validated yet,
       - eager: ``torch.relu(F.linear(x, w, b))`` under autograd,
       - compile: the eager code under
         ``torch.compile(mode="max-autotune-no-cudagraphs")`` (compile time excluded).
@@ -21,6 +23,7 @@ to choose which shapes get the (slow to compile) max-autotune baseline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -35,6 +38,7 @@ pytestmark = [
 
 if torch.cuda.is_available():
     import fastmlp.ops
+    from fastmlp import engines
 
 SHAPES = [(784, 512), (512, 512)]
 BATCHES = [64, 256, 4096]
@@ -71,6 +75,13 @@ class _Tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def _engine(impl: str):
+    """Forces the engine of a "fused-<engine>" implementation for the duration."""
+    if impl.startswith("fused-"):
+        return engines.cuda_engine(impl.split("-", 1)[1])
+    return contextlib.nullcontext()
 
 
 def _problem(batch, fin, fout, dtype):
@@ -177,16 +188,12 @@ def _ids(val):
 @pytest.mark.parametrize("prec", list(PRECS))
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_fwd_bwd(benchmark, monkeypatch, shape, batch, prec, impl, mode):
+def test_fwd_bwd(benchmark, shape, batch, prec, impl, mode):
     fin, fout = shape
     dtype, tf32 = PRECS[prec]
-    if impl.startswith("fused-"):
-        monkeypatch.setenv("FASTMLP_CUDA_ENGINE", impl.split("-", 1)[1])
-        fn = _fused
-    else:
-        fn = _eager
+    fn = _fused if impl.startswith("fused-") else _eager
     inner = _inner(batch)
-    with _Tf32(tf32):
+    with _Tf32(tf32), _engine(impl):
         x, w, b, gy = _problem(batch, fin, fout, dtype)
         step = _make_step(fn, x, w, b, gy)
         run = _wall_runner(step, inner) if mode == "wall" else _graph_runner(step, inner)
@@ -208,11 +215,11 @@ def test_fwd_bwd(benchmark, monkeypatch, shape, batch, prec, impl, mode):
 
 @pytest.mark.parametrize("impl", ["torch.mm", "fused-custom", "fused-cublaslt", "fused-auto"])
 @pytest.mark.parametrize("prec", list(PRECS))
-def test_fwd_large(benchmark, monkeypatch, prec, impl):
+def test_fwd_large(benchmark, prec, impl):
     M, K, N = 16384, 4096, 4096
     dtype, tf32 = PRECS[prec]
     inner = 5
-    with _Tf32(tf32), torch.no_grad():
+    with _Tf32(tf32), torch.no_grad(), _engine(impl):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
         w = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K**0.5
@@ -223,7 +230,6 @@ def test_fwd_large(benchmark, monkeypatch, prec, impl):
             def once():
                 torch.mm(x, wt)
         else:
-            monkeypatch.setenv("FASTMLP_CUDA_ENGINE", impl.split("-", 1)[1])
 
             def once():
                 torch.ops.fastmlp.linear_relu(x, w, b)

@@ -1,6 +1,6 @@
 // Op schemas of the fastmlp library. Each backend registers its kernels in
-// its own file (cpu/linear_relu_cpu.cpp, cuda/linear_relu.cu); the Python
-// side (fastmlp/ops.py) adds fake implementations and autograd.
+// its own file (cpu/linear_relu_cpu.cpp, cuda/linear_relu_cuda.cpp); the
+// Python side (fastmlp/ops.py) adds fake implementations and autograd.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastmlp, m) {

@@ -20,7 +20,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "environment that has the torch you run with (see README.md)."
     ) from exc
 
-from fastmlp import nn, ops, optim  # noqa: E402
+from fastmlp import engines, nn, ops, optim  # noqa: E402
+from fastmlp.engines import cuda_engine_report  # noqa: E402
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
 from fastmlp.ops import linear_relu  # noqa: E402
 from fastmlp.optim import FusedSGD  # noqa: E402
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "cuda_engine_report",
+    "engines",
     "FusedLinearReLU",
     "FusedSGD",
     "fuse",

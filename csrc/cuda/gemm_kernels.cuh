@@ -1,10 +1,10 @@
 // Launchers for fastmlp's own CUDA kernels (implemented in gemm_kernels.cu).
 //
-// This header is deliberately free of torch headers: gemm_kernels.cu then
-// compiles in parallel with (and much faster than) the torch glue in
-// linear_relu.cu. Every launcher checks cudaGetLastError() after each of its
-// launches and returns the first error; the caller turns it into a Python
-// error with C10_CUDA_CHECK.
+// This header is deliberately free of torch headers: gemm_kernels.cu is the
+// only file nvcc compiles, and the torch glue that includes this header
+// (linear_relu_cuda.cpp) is host code for the host compiler. Every launcher
+// checks cudaGetLastError() after each of its launches and returns the first
+// error; the caller turns it into a Python error with C10_CUDA_CHECK.
 //
 // Conventions: all matrices are row-major and contiguous; pointers are raw
 // device pointers to elements of `dtype`; "mask(g, y)" is PyTorch's ReLU

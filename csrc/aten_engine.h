@@ -1,0 +1,31 @@
+// The "aten" engine: linear_relu and its backward written in plain ATen ops.
+//
+// Device-generic host code, compiled in every build. The CUDA op glue uses it
+// as the engine that is correct on every GPU (the default until a recorded GPU
+// run has validated a faster engine, see cuda_engines.h) and for float64; the
+// C++ tests run it on CPU tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace fastmlp {
+
+// relu(linear(x, weight, bias)), below autograd and autocast: the inputs
+// already have the dtype the caller chose and the result keeps it.
+at::Tensor linear_relu_aten(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias);
+
+// (grad_x, grad_weight, grad_bias) from grad_y and the forward output y, with
+// linear_relu_backward's contract: an output not asked for in mask is an
+// empty (0,) tensor of its own (never one tensor shared by several outputs,
+// which the schema does not declare as aliases).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
+    const at::Tensor& grad_y, const at::Tensor& y,
+    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
+    std::array<bool, 3> mask);
+
+}  // namespace fastmlp

@@ -1,0 +1,185 @@
+"""The validated-engine rule of the CUDA ops (csrc/cuda_engines.cpp), tested without a GPU.
+
+The rule is host code compiled into every build: these tests ask it about GPU
+generations by compute capability, with the recorded table and with filled ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmlp import engines
+from fastmlp.engines import PRECISIONS, engine_choice
+
+WARNING = "no recorded GPU run has validated"
+H100 = 90
+# A filled table: custom for small bf16 products, cuBLASLt above, and tf32 on cuBLASLt.
+TABLE = ["90 bf16 custom 8e9", "90 bf16 cublaslt inf", "90 tf32 cublaslt inf"]
+
+
+@pytest.fixture(autouse=True)
+def _requested_from_env(monkeypatch):
+    """Each test starts from FASTMLP_CUDA_ENGINE unset (auto) and leaves it so."""
+    monkeypatch.delenv("FASTMLP_CUDA_ENGINE", raising=False)
+    engines.set_cuda_engine(None)
+    yield
+    monkeypatch.delenv("FASTMLP_CUDA_ENGINE", raising=False)
+    engines.set_cuda_engine(None)
+
+
+def _recorded(capability: int, precision: str) -> list[str]:
+    return [e for e in engines.validated_engines() if e.split()[:2] == [str(capability), precision]]
+
+
+@pytest.mark.parametrize("capability", [70, 80, 89, 90, 100])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_auto_without_validated_entry_is_aten(capability, precision):
+    if _recorded(capability, precision):
+        pytest.skip("the recorded table validates an engine here")
+    choice = engine_choice(capability, precision)
+    assert (choice.engine, choice.reason) == ("aten", "fallback")
+    assert choice.precision == precision
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_auto_with_an_empty_table_is_aten(precision):
+    choice = engine_choice(H100, precision, table=[])
+    assert (choice.engine, choice.reason) == ("aten", "fallback")
+
+
+def test_recorded_entries_parse_and_are_used():
+    for entry in engines.validated_engines():
+        capability, precision, engine, max_flops = entry.split()
+        choice = engine_choice(int(capability), precision, flops=1.0)
+        assert choice.reason == "validated", entry
+        assert choice.engine in ("custom", "cublaslt"), entry
+        assert float(max_flops) > 0
+
+
+def test_filled_table_picks_the_first_entry_that_fits():
+    small = engine_choice(H100, "bf16", flops=1e6, table=TABLE)
+    assert (small.engine, small.reason) == ("custom", "validated")
+    large = engine_choice(H100, "bf16", flops=1e12, table=TABLE)
+    assert (large.engine, large.reason) == ("cublaslt", "validated")
+    # At exactly the crossover the first entry still applies.
+    assert engine_choice(H100, "bf16", flops=8e9, table=TABLE).engine == "custom"
+    # A shape fastmlp's kernels cannot take skips the custom entry.
+    assert engine_choice(H100, "bf16", flops=1e6, fits_custom=False, table=TABLE).engine == (
+        "cublaslt"
+    )
+    assert engine_choice(H100, "tf32", flops=1e6, table=TABLE).engine == "cublaslt"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_filled_table_leaves_other_precisions_on_aten(precision):
+    choice = engine_choice(H100, precision, table=TABLE)
+    assert (choice.engine, choice.reason) == ("aten", "fallback")
+
+
+@pytest.mark.parametrize("capability", [80, 89, 100])
+def test_filled_table_is_per_capability(capability):
+    choice = engine_choice(capability, "bf16", flops=1e6, table=TABLE)
+    assert (choice.engine, choice.reason) == ("aten", "fallback")
+
+
+def test_float64_and_empty_products_are_aten_even_when_forced():
+    engines.set_cuda_engine("custom")
+    assert engine_choice(H100, "fp64", table=TABLE).engine == "aten"
+    assert engine_choice(H100, "bf16", flops=0, table=TABLE).engine == "aten"
+
+
+@pytest.mark.parametrize("forced", ["custom", "cublaslt", "aten"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+def test_forced_engine(forced, precision):
+    engines.set_cuda_engine(forced)
+    choice = engine_choice(H100, precision, table=TABLE)
+    assert (choice.engine, choice.reason) == (forced, "forced")
+
+
+def test_forced_custom_too_large_for_our_kernels_uses_cublaslt():
+    engines.set_cuda_engine("custom")
+    choice = engine_choice(H100, "bf16", fits_custom=False, table=[])
+    assert (choice.engine, choice.reason) == ("cublaslt", "forced")
+
+
+def test_forced_unvalidated_engine_warns_once(capfd):
+    engines.set_cuda_engine("custom")
+    for _ in range(3):
+        engine_choice(H100, "bf16", table=[])
+    err = capfd.readouterr().err
+    assert err.count(WARNING) == 1, err
+    assert "'custom'" in err and "bf16" in err and "9.0" in err
+    # Another precision or GPU generation is another warning, again once.
+    for _ in range(2):
+        engine_choice(H100, "fp16", table=[])
+        engine_choice(80, "bf16", table=[])
+    assert capfd.readouterr().err.count(WARNING) == 2
+    # set_cuda_engine re-arms the warnings.
+    engines.set_cuda_engine("custom")
+    engine_choice(H100, "bf16", table=[])
+    assert capfd.readouterr().err.count(WARNING) == 1
+
+
+def test_forced_validated_or_aten_engine_does_not_warn(capfd):
+    engines.set_cuda_engine("custom")
+    engine_choice(H100, "bf16", flops=1e6, table=TABLE)
+    engines.set_cuda_engine("aten")
+    engine_choice(H100, "bf16", table=[])
+    engines.set_cuda_engine(None)
+    engine_choice(H100, "bf16", table=[])
+    assert WARNING not in capfd.readouterr().err
+
+
+def test_environment_variable_is_read_once(monkeypatch):
+    monkeypatch.setenv("FASTMLP_CUDA_ENGINE", "cublaslt")
+    engines.set_cuda_engine(None)
+    assert engines.requested_cuda_engine() == "cublaslt"
+    monkeypatch.setenv("FASTMLP_CUDA_ENGINE", "aten")
+    assert engines.requested_cuda_engine() == "cublaslt"  # cached
+    engines.set_cuda_engine(None)  # the documented way to re-read it
+    assert engines.requested_cuda_engine() == "aten"
+
+
+def test_context_manager_switches_and_restores(monkeypatch):
+    monkeypatch.setenv("FASTMLP_CUDA_ENGINE", "aten")
+    engines.set_cuda_engine(None)
+    with engines.cuda_engine("custom"):
+        assert engines.requested_cuda_engine() == "custom"
+    assert engines.requested_cuda_engine() == "aten"
+
+
+def test_bad_environment_value_raises_on_use(monkeypatch):
+    monkeypatch.setenv("FASTMLP_CUDA_ENGINE", "fastest")
+    engines.set_cuda_engine(None)
+    for _ in range(2):  # not cached: every use says what is wrong
+        with pytest.raises(RuntimeError, match="FASTMLP_CUDA_ENGINE must be one of.*'fastest'"):
+            engine_choice(H100, "bf16")
+
+
+def test_bad_names_raise():
+    with pytest.raises(ValueError, match="CUDA engine must be one of"):
+        engines.set_cuda_engine("fastest")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        engine_choice(H100, "int8")
+    for entry in ("90 bf16 custom", "90 bf16 custom 1e6 extra", "x bf16 custom 1"):
+        with pytest.raises(RuntimeError, match="validated-engine entry reads"):
+            engine_choice(H100, "bf16", table=[entry])
+    with pytest.raises(RuntimeError, match="unknown engine"):
+        engine_choice(H100, "bf16", table=["90 bf16 auto 1"])
+
+
+def test_report_covers_every_precision():
+    report = engines.cuda_engine_report(capability=(9, 0))
+    assert [c.precision for c in report] == list(PRECISIONS)
+    fp64 = report[-1]
+    assert (fp64.engine, fp64.reason) == ("aten", "fallback")
+    table = engines.format_report(report)
+    assert table.splitlines()[0].split()[:3] == ["precision", "engine", "reason"]
+    assert len(table.splitlines()) == 1 + len(PRECISIONS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_report_without_a_gpu_says_how_to_ask():
+    with pytest.raises(RuntimeError, match="capability="):
+        engines.cuda_engine_report()
