@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Build fastmlp for the local GPU, run the CUDA tests and the GPU benchmarks,
-# and write logs, JSON and a markdown table to OUTDIR.
+# The first-GPU validation in one call: build fastmlp for the local GPU, run
+# the correctness tests of every CUDA engine, print the validated-engine
+# entries the run earned (scripts/gpu_engine_table.py), then the op
+# benchmarks, the epoch suite and, with what time is left, the torch.compile
+# max-autotune baseline. Logs, JSON and markdown go to OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR
 #
 # Meant for a lent GPU machine without internet (torch, ninja, pytest and
-# pytest-benchmark preinstalled). Keeps going after a failing stage so the
-# benchmarks still run; exits non-zero at the end if any stage failed.
-# Budget: about 7.5 minutes on an H100 with 16 cores; the max-autotune
-# baseline gets whatever time is left (FASTMLP_GPU_CHECK_BUDGET_S, default 450).
+# pytest-benchmark preinstalled; the torch there may be older than CI's).
+# Keeps going after a failing stage so the benchmarks still run; exits
+# non-zero at the end if any stage failed. Budget: about 7.5 minutes on an
+# H100/H200 with 16 cores (FASTMLP_GPU_CHECK_BUDGET_S, default 450).
+#
+# Promoting an engine afterwards: copy the printed entries into
+# validated_engines() in csrc/cuda_engines.cpp, and the measured table into
+# the README ("Supported GPUs and engines").
 set -u -o pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
@@ -31,7 +38,7 @@ if [ -z "$CAP" ]; then
   log "no CUDA device visible to torch"
   exit 2
 fi
-export TORCH_CUDA_ARCH_LIST="$CAP" MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST="$CAP" MAX_JOBS=${MAX_JOBS:-16} FASTMLP_CUDA=1
 log "building for compute capability $CAP (MAX_JOBS=$MAX_JOBS)"
 if ! $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$OUT/build.log" 2>&1; then
   # `python -m pytest` from the repository root imports the in-place build too.
@@ -43,19 +50,21 @@ if ! $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$OUT
     tail -n 40 "$OUT/build_inplace.log"
   fi
 fi
-# Register-usage lines, if the build printed any (-Xptxas -v is not on by default).
-grep -E "ptxas info|spill" "$OUT/build.log" >"$OUT/ptxas.txt" 2>/dev/null || true
 log "build stage done"
 
 if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   log "tests"
   # shellcheck disable=SC2086
   T_TESTS=$(($(left) / 2)); [ "$T_TESTS" -gt 240 ] && T_TESTS=240
-  timeout "$T_TESTS" $PY -m pytest $PYTEST_ARGS \
-    tests/test_cuda.py tests/test_ops.py 2>&1 | tee "$OUT/tests.log" | tail -n 40
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -ne 0 ] && FAILED+=("tests(rc=$rc)")
-  log "tests done (rc=$rc)"
+  : >"$OUT/test_results.jsonl"
+  # Every engine is forced in turn by the tests themselves; the per-test
+  # outcomes (engine, precision) decide which engines this run validates.
+  FASTMLP_TEST_RESULTS="$OUT/test_results.jsonl" timeout "$T_TESTS" $PY -m pytest $PYTEST_ARGS \
+    tests/test_cuda*.py tests/test_engines.py tests/test_ops.py 2>&1 | tee "$OUT/tests.log" | tail -n 40
+  TESTS_RC=${PIPESTATUS[0]}
+  [ "$TESTS_RC" -ne 0 ] && FAILED+=("tests(rc=$TESTS_RC)")
+  log "tests done (rc=$TESTS_RC)"
+  $PY -m fastmlp.engines >"$OUT/engine_report.txt" 2>&1 || true
 
   JSONL="$OUT/bench.jsonl"
   : >"$JSONL"
@@ -102,9 +111,15 @@ fi
 
 $PY scripts/gpu_report.py "$OUT/bench.jsonl" --tests-log "$OUT/tests.log" \
   --failed "${FAILED[*]:-}" >"$OUT/gpu_results.md" || FAILED+=(report)
+if [ -s "$OUT/test_results.jsonl" ]; then
+  $PY scripts/gpu_engine_table.py --tests "$OUT/test_results.jsonl" --bench "$OUT/bench.jsonl" \
+    --tests-rc "${TESTS_RC:-2}" >"$OUT/validated_engines.txt" 2>&1 || FAILED+=(engine-table)
+fi
 log "total $(elapsed)s"
 echo
 cat "$OUT/gpu_results.md"
+echo
+cat "$OUT/engine_report.txt" "$OUT/validated_engines.txt" 2>/dev/null
 if [ "${#FAILED[@]}" -ne 0 ]; then
   echo "FAILED stages: ${FAILED[*]}"
   exit 1
