@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections import defaultdict
 
+from fastmlp import hardware
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+
+def _cpu_name(data: dict) -> str:
+    """The measuring machine's CPU and the ISA flags that decide fp32/bf16 speed, as
+    benchmarks/conftest.py recorded them (bf16 numbers mean nothing without them)."""
+    machine = data.get("machine") or hardware.describe()  # JSON from before the record
+    isa = ", ".join(machine["cpu_isa"]) or "no AVX2"
+    native = "native bf16" if machine["cpu_native_bf16"] else "bf16 not native"
+    return f"{machine['cpu']} ({isa}; {native})"
 
 
 def render(data: dict) -> str:
@@ -49,7 +48,7 @@ def render_epoch(data: dict) -> str:
     lines = []
     for device, runs in epochs.items():
         any_run = next(iter(runs.values()))
-        name = any_run.get("device_name") if device == "cuda" else _cpu_name()
+        name = any_run.get("device_name") if device == "cuda" else _cpu_name(data)
         rates = ", ".join(
             f"{dt} {gemm_rate[(device, dt)] / 1e9:.0f} GFLOP/s"
             for dt in ("fp32", "bf16")
@@ -100,7 +99,7 @@ def render_ops(data: dict) -> str:
         flops[(info["precision"], *key)] = info["flops_per_step"]
 
     lines = [
-        f"Machine: {_cpu_name()}, {threads} threads, torch {data.get('torch_version', '?')}",
+        f"Machine: {_cpu_name(data)}, {threads} threads, torch {data.get('torch_version', '?')}",
         "",
         "| dtype | layer | batch | fused µs | eager µs | bare GEMMs µs | eager / fused "
         "| fused / GEMMs | eager fp32 / fused | fused GFLOP/s |",
