@@ -1,15 +1,21 @@
-"""Renders a pytest-benchmark JSON as a markdown table (all numbers from the one run):
-per-step times and ratios for benchmarks/test_bench_ops.py, seconds per epoch, ratios to
-each baseline and the fraction of the GEMM floor for benchmarks/test_bench_epoch.py.
+"""Renders pytest-benchmark JSON as markdown tables (all numbers from the one run):
+per-step times and ratios for benchmarks/test_bench_ops.py; seconds per epoch, ratios to
+each baseline and the fraction of the GEMM floor for benchmarks/test_bench_epoch.py;
+fused against eager, torch.compile and torch.mm for benchmarks/test_bench_gpu.py.
 
-    python benchmarks/report.py bench.json
+    python benchmarks/report.py bench.json [more.json ...] [--tests-log LOG] [--failed STAGES]
+
+Several files (e.g. the GPU suite and its max-autotune baseline, run separately) are
+rendered as one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
+from pathlib import Path
 
 from fastmlp import hardware
 
@@ -25,8 +31,11 @@ def _cpu_name(data: dict) -> str:
 
 def render(data: dict) -> str:
     """The table for whichever suite wrote ``data``."""
-    if any(b["extra_info"].get("suite") == "epoch" for b in data["benchmarks"]):
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    if any(i.get("suite") == "epoch" for i in infos):
         return render_epoch(data)
+    if any(i.get("kind") in ("fwd_bwd", "fwd_large") for i in infos):
+        return render_gpu(data)
     return render_ops(data)
 
 
@@ -121,12 +130,131 @@ def render_ops(data: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the GPU suite (benchmarks/test_bench_gpu.py) ------------------------------------
+
+FUSED = ["fused-custom", "fused-cublaslt", "fused-auto"]
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def _fwd_bwd_table(recs: list[dict], mode: str) -> list[str]:
+    rows: dict[tuple, dict[str, float]] = {}
+    for r in recs:
+        if r.get("kind") == "fwd_bwd" and r.get("mode") == mode:
+            rows.setdefault((r["shape"], r["prec"], r["batch"]), {})[r["impl"]] = r["us"]
+    if not rows:
+        return []
+    has_compile = mode == "wall" and any("compile" in v for v in rows.values())
+    head = ["shape", "prec", "batch", "eager µs"]
+    if has_compile:
+        head.append("compile µs")
+    head += [f"{i} µs" for i in FUSED]
+    head += ["best fused", "eager / best"]
+    if has_compile:
+        head.append("compile / best")
+    head.append("eager / auto")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(rows):
+        v = rows[key]
+        fused = {i: v.get(i) for i in FUSED}
+        # Best of the two forced engines; auto is whatever the validated-engine rule picks.
+        present = {i: t for i, t in fused.items() if t is not None and i != "fused-auto"}
+        best = min(present, key=present.get) if present else None
+        tbest = present.get(best) if best else None
+        cells = [key[0], key[1], str(key[2]), _fmt(v.get("eager"))]
+        if has_compile:
+            cells.append(_fmt(v.get("compile")))
+        cells += [_fmt(fused[i]) for i in FUSED]
+        cells += [best.replace("fused-", "") if best else "–", _ratio(v.get("eager"), tbest)]
+        if has_compile:
+            cells.append(_ratio(v.get("compile"), tbest))
+        cells.append(_ratio(v.get("eager"), fused.get("fused-auto")))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _fwd_large_table(recs: list[dict]) -> list[str]:
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in recs:
+        if r.get("kind") == "fwd_large":
+            rows.setdefault((r["shape"], r["prec"]), {})[r["impl"]] = r
+    if not rows:
+        return []
+    out = ["| shape | prec | impl | µs | TFLOP/s | % of torch.mm |", "|---|---|---|---|---|---|"]
+    for (shape, prec), v in sorted(rows.items()):
+        mm = v.get("torch.mm")
+        for impl in ["torch.mm", *FUSED]:
+            r = v.get(impl)
+            if r is None:
+                continue
+            pct = "–" if mm is None else f"{100 * r['tflops'] / mm['tflops']:.0f}%"
+            out.append(
+                f"| {shape} | {prec} | {impl} | {_fmt(r['us'])} | {_fmt(r['tflops'])} | {pct} |"
+            )
+    return out
+
+
+def render_gpu(data: dict) -> str:
+    recs = [b["extra_info"] for b in data["benchmarks"]]
+    machine = data.get("machine", {})
+    rounds = next((r["rounds"] for r in recs if "rounds" in r), "?")
+    md = [
+        f"GPU: **{machine.get('gpu', '?')}** (compute capability "
+        f"{machine.get('gpu_capability', '?')}), torch {data.get('torch_version', '?')}, "
+        f"host {_cpu_name(data)}; median of {rounds} rounds.",
+        "",
+    ]
+    for mode, title in [
+        ("wall", "Forward+backward, eager loop (host overhead included)"),
+        ("graph", "Forward+backward, CUDA-graph replay (device time)"),
+    ]:
+        if table := _fwd_bwd_table(recs, mode):
+            md += [f"## {title}", "", *table, ""]
+    if table := _fwd_large_table(recs):
+        md += ["## Forward 16384 x 4096 -> 4096 vs torch.mm", "", *table, ""]
+    return "\n".join(md).rstrip()
+
+
+def _tests_summary(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    lines = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    return lines[-1].strip("= ") if lines else "no pytest summary line (timed out or crashed?)"
+
+
+def load(paths: list[Path]) -> dict:
+    """One run from several --benchmark-json files: the first file's metadata, every
+    file's benchmarks. Missing or unreadable files are skipped (a stage that timed out)."""
+    data: dict | None = None
+    for path in paths:
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"] += part["benchmarks"]
+    return data or {"benchmarks": []}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="file written by pytest --benchmark-json")
+    parser.add_argument("json", nargs="+", type=Path, help="files written by --benchmark-json")
+    parser.add_argument("--tests-log", type=Path, help="pytest log whose summary to quote")
+    parser.add_argument("--failed", default="", help="failed stages to name")
     args = parser.parse_args()
-    with open(args.json) as f:
-        print(render(json.load(f)))
+    data = load(args.json)
+    if args.tests_log:
+        print(f"Tests: {_tests_summary(args.tests_log)}")
+    if args.failed.strip():
+        print(f"Failed stages: {args.failed.strip()}")
+    print(render(data) if data["benchmarks"] else "(no benchmark results)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from fastmlp import data
 from fastmlp.loader import DeviceLoader
 from fastmlp.loops import train_loop as fastmlp_train_loop
 from fastmlp.optim import FusedSGD
-from tests.reference import NeuralNetwork  # the tutorial's model, verbatim
+from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
 
 BATCH = 64
 LR = 1e-3

@@ -15,8 +15,8 @@ What is timed:
   * fwd_large: the forward alone at 16384 x 4096 -> 4096 against a plain
     ``torch.mm`` of the same shape and dtype (FLOP rate ratio).
 
-Every measurement is also appended as one JSON line to $FASTMLP_BENCH_JSONL
-(when set), which scripts/gpu_report.py renders; ratios come from one run.
+Each measurement's numbers are in its ``extra_info`` in the --benchmark-json
+file, which benchmarks/report.py renders; ratios come from one run.
 Inputs are random (never zeros). Set FASTMLP_BENCH_COMPILE=none|subset|all
 to choose which shapes get the (slow to compile) max-autotune baseline.
 """
@@ -24,12 +24,13 @@ to choose which shapes get the (slow to compile) max-autotune baseline.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from fastmlp.testing import allow_tf32, capture_cuda_graph, layer_inputs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -54,27 +55,8 @@ COMPILE_SUBSET = {
 }
 
 
-def _record(**rec) -> None:
-    path = os.environ.get("FASTMLP_BENCH_JSONL")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
 def _inner(batch: int) -> int:
     return 50 if batch <= 256 else 20
-
-
-class _Tf32:
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def _engine(impl: str):
@@ -85,13 +67,8 @@ def _engine(impl: str):
 
 
 def _problem(batch, fin, fout, dtype):
-    g = torch.Generator(device="cuda").manual_seed(batch + fin + fout)
-    x = torch.randn(batch, fin, device="cuda", dtype=dtype, generator=g).requires_grad_()
-    w = torch.randn(fout, fin, device="cuda", dtype=dtype, generator=g) / fin**0.5
-    w.requires_grad_()
-    b = torch.randn(fout, device="cuda", dtype=dtype, generator=g).mul_(0.1).requires_grad_()
-    gy = torch.randn(batch, fout, device="cuda", dtype=dtype, generator=g)
-    return x, w, b, gy
+    x, w, b, gy = layer_inputs(batch, fin, fout, dtype, "cuda")
+    return x.requires_grad_(), w.requires_grad_(), b.mul_(0.2).requires_grad_(), gy
 
 
 def _eager(x, w, b):
@@ -139,16 +116,11 @@ def _wall_runner(step, inner):
 
 
 def _graph_runner(step, inner):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def steps():
         for _ in range(inner):
             step()
+
+    graph, _ = capture_cuda_graph(steps, warmup=1)
 
     def run():
         graph.replay()
@@ -159,22 +131,6 @@ def _graph_runner(step, inner):
 
 def _flops_fwd_bwd(batch, fin, fout):
     return 3 * 2 * batch * fin * fout
-
-
-def _env_record():
-    _record(
-        kind="env",
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        rounds=ROUNDS,
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _env():
-    if torch.cuda.is_available():
-        _env_record()
 
 
 def _ids(val):
@@ -193,7 +149,7 @@ def test_fwd_bwd(benchmark, shape, batch, prec, impl, mode):
     dtype, tf32 = PRECS[prec]
     fn = _fused if impl.startswith("fused-") else _eager
     inner = _inner(batch)
-    with _Tf32(tf32), _engine(impl):
+    with allow_tf32(tf32), _engine(impl):
         x, w, b, gy = _problem(batch, fin, fout, dtype)
         step = _make_step(fn, x, w, b, gy)
         run = _wall_runner(step, inner) if mode == "wall" else _graph_runner(step, inner)
@@ -209,8 +165,7 @@ def test_fwd_bwd(benchmark, shape, batch, prec, impl, mode):
         us=t * 1e6,
         tflops=flops / t / 1e12,
     )
-    benchmark.extra_info.update(rec)
-    _record(**rec)
+    benchmark.extra_info.update(rec, rounds=ROUNDS)
 
 
 @pytest.mark.parametrize("impl", ["torch.mm", "fused-custom", "fused-cublaslt", "fused-auto"])
@@ -219,7 +174,7 @@ def test_fwd_large(benchmark, prec, impl):
     M, K, N = 16384, 4096, 4096
     dtype, tf32 = PRECS[prec]
     inner = 5
-    with _Tf32(tf32), torch.no_grad(), _engine(impl):
+    with allow_tf32(tf32), torch.no_grad(), _engine(impl):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
         w = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K**0.5
@@ -248,8 +203,7 @@ def test_fwd_large(benchmark, prec, impl):
         us=t * 1e6,
         tflops=2 * M * N * K / t / 1e12,
     )
-    benchmark.extra_info.update(rec)
-    _record(**rec)
+    benchmark.extra_info.update(rec, rounds=ROUNDS)
 
 
 # Last in the file: max-autotune compiles are the slowest part of the suite.
@@ -266,7 +220,7 @@ def test_fwd_bwd_compiled(benchmark, shape, batch, prec):
     inner = _inner(batch)
     torch._dynamo.reset()
     compiled = torch.compile(_eager, mode="max-autotune-no-cudagraphs")
-    with _Tf32(tf32):
+    with allow_tf32(tf32):
         x, w, b, gy = _problem(batch, fin, fout, dtype)
         step = _make_step(compiled, x, w, b, gy)
         for _ in range(2):  # compile (and autotune) outside the timing
@@ -283,5 +237,4 @@ def test_fwd_bwd_compiled(benchmark, shape, batch, prec):
         us=t * 1e6,
         tflops=_flops_fwd_bwd(batch, fin, fout) / t / 1e12,
     )
-    benchmark.extra_info.update(rec)
-    _record(**rec)
+    benchmark.extra_info.update(rec, rounds=ROUNDS)

@@ -66,11 +66,9 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   log "tests done (rc=$TESTS_RC)"
   $PY -m fastmlp.engines >"$OUT/engine_report.txt" 2>&1 || true
 
-  JSONL="$OUT/bench.jsonl"
-  : >"$JSONL"
   log "benchmarks"
   T_BENCH=$(($(left) - 10)); [ "$T_BENCH" -gt 180 ] && T_BENCH=180; [ "$T_BENCH" -lt 30 ] && T_BENCH=30
-  FASTMLP_BENCH_JSONL="$JSONL" timeout "$T_BENCH" $PY -m pytest -q -o addopts= -p no:cacheprovider \
+  timeout "$T_BENCH" $PY -m pytest -q -o addopts= -p no:cacheprovider \
     benchmarks/test_bench_gpu.py -k "not compiled" \
     --benchmark-json="$OUT/bench_main.json" --benchmark-columns=median,iqr,rounds \
     >"$OUT/bench_main.log" 2>&1
@@ -97,7 +95,7 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   T=$(left)
   if [ "$T" -gt 45 ]; then
     log "max-autotune baseline with ${T}s left"
-    FASTMLP_BENCH_JSONL="$JSONL" timeout "$T" $PY -m pytest -q -o addopts= -p no:cacheprovider \
+    timeout "$T" $PY -m pytest -q -o addopts= -p no:cacheprovider \
       benchmarks/test_bench_gpu.py -k "compiled" \
       --benchmark-json="$OUT/bench_compile.json" >"$OUT/bench_compile.log" 2>&1
     rc=$?
@@ -109,10 +107,10 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   fi
 fi
 
-$PY scripts/gpu_report.py "$OUT/bench.jsonl" --tests-log "$OUT/tests.log" \
-  --failed "${FAILED[*]:-}" >"$OUT/gpu_results.md" || FAILED+=(report)
+$PY benchmarks/report.py "$OUT/bench_main.json" "$OUT/bench_compile.json" \
+  --tests-log "$OUT/tests.log" --failed "${FAILED[*]:-}" >"$OUT/gpu_results.md" || FAILED+=(report)
 if [ -s "$OUT/test_results.jsonl" ]; then
-  $PY scripts/gpu_engine_table.py --tests "$OUT/test_results.jsonl" --bench "$OUT/bench.jsonl" \
+  $PY scripts/gpu_engine_table.py --tests "$OUT/test_results.jsonl" --bench "$OUT/bench_main.json" \
     --tests-rc "${TESTS_RC:-2}" >"$OUT/validated_engines.txt" 2>&1 || FAILED+=(engine-table)
 fi
 log "total $(elapsed)s"

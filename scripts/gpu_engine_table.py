@@ -2,7 +2,7 @@
 """Print the validated-engine entries a GPU run has earned, ready for csrc/cuda_engines.cpp.
 
     python scripts/gpu_engine_table.py --tests OUT/test_results.jsonl \\
-        [--bench OUT/bench.jsonl] [--tests-rc RC] [--capability 9.0]
+        [--bench OUT/bench_main.json ...] [--tests-rc RC] [--capability 9.0]
 
 An engine (custom, cublaslt) earns an entry for a precision (fp32, tf32, bf16,
 fp16) when the run's CUDA tests finished and every test of that engine in that
@@ -41,6 +41,17 @@ def _lines(path: Path | None) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def _bench_records(paths: list[Path]) -> list[dict]:
+    """The measurements (extra_info) of benchmarks/test_bench_gpu.py's JSON files."""
+    records = []
+    for path in paths:
+        try:
+            records += [b["extra_info"] for b in json.loads(path.read_text())["benchmarks"]]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+    return records
 
 
 def earned(tests: list[dict]) -> dict[str, list[str]]:
@@ -118,7 +129,9 @@ def entries_for(prec: str, engines: list[str], bench: list[dict], cc: int) -> li
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", type=Path, required=True, help="FASTMLP_TEST_RESULTS JSONL")
-    p.add_argument("--bench", type=Path, help="FASTMLP_BENCH_JSONL of the op benchmarks")
+    p.add_argument(
+        "--bench", type=Path, nargs="*", default=[], help="--benchmark-json files of the op suite"
+    )
     p.add_argument("--tests-rc", type=int, default=0, help="exit status of the test run")
     p.add_argument("--capability", help="e.g. 9.0 (default: this machine's GPU)")
     args = p.parse_args()
@@ -135,7 +148,7 @@ def main() -> int:
     if args.tests_rc not in (0, 1) or not tests:
         print(f"// none: the CUDA tests did not finish (exit status {args.tests_rc})")
         return 0
-    bench = _lines(args.bench)
+    bench = _bench_records(args.bench)
     by_prec = earned(tests)
     any_line = False
     for prec in PRECISIONS:

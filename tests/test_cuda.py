@@ -16,6 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmlp.testing import allow_tf32, assert_error_bounded, capture_cuda_graph
+from fastmlp.testing import layer_inputs as _layer_inputs
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -34,9 +37,6 @@ PRECISIONS = {
     "fp16": (torch.float16, False),
     "fp64": (torch.float64, False),
 }
-# Relative-error floor per precision: what rounding alone can add when
-# PyTorch happens to be very accurate on one draw.
-FLOOR = {"fp32": 2e-6, "tf32": 2e-4, "bf16": 4e-3, "fp16": 1e-3, "fp64": 1e-12}
 
 BATCHES = [0, 1, 3, 64, 129]
 FEATURES = [(1, 7), (7, 1), (7, 513), (513, 784), (784, 512), (512, 512)]
@@ -59,12 +59,8 @@ def engine(request):
 @contextlib.contextmanager
 def precision(name: str):
     """Sets torch's TF32 switch for the duration (our ops read the same one)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = PRECISIONS[name][1]
-    try:
+    with allow_tf32(PRECISIONS[name][1]):
         yield PRECISIONS[name][0]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _poison_allocator(numel: int) -> None:
@@ -76,33 +72,14 @@ def _poison_allocator(numel: int) -> None:
 
 
 def _inputs(batch, fin, fout, dtype, device="cuda", bias=True, gen_seed=0):
-    g = torch.Generator(device="cpu").manual_seed(gen_seed * 7919 + batch * 31 + fin * 7 + fout)
-    # Fresh random draws, never zeros; scaled like nn.Linear's init.
-    x = torch.randn(batch, fin, generator=g, dtype=torch.float64)
-    w = torch.randn(fout, fin, generator=g, dtype=torch.float64) / fin**0.5
-    b = torch.randn(fout, generator=g, dtype=torch.float64) * 0.5 if bias else None
-    gy = torch.randn(batch, fout, generator=g, dtype=torch.float64)
-
-    def cast(t):
-        return None if t is None else t.to(device=device, dtype=dtype)
-
-    return cast(x), cast(w), cast(b), cast(gy)
+    return _layer_inputs(batch, fin, fout, dtype, device, bias=bias, seed=gen_seed)
 
 
 def _check(name, ours, torch_same, ref, prec, magnitude=None):
-    """Errors relative to ||magnitude|| (the same product on absolute values,
-    which bounds dot-product rounding) so that a result made small by
-    cancellation does not look inexact; relative to ||ref|| when not given."""
-    assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
+    """Errors relative to ||magnitude|| (the same product on absolute values, which
+    bounds dot-product rounding); relative to ||ref|| when not given."""
     assert not torch.isnan(ours).any(), f"{name}: NaN in output for finite inputs"
-    if ours.numel() == 0:
-        return
-    scale = max((ref if magnitude is None else magnitude).double().norm().item(), 1e-300)
-    e_ours = (ours.double() - ref.double()).norm().item() / scale
-    e_torch = (torch_same.double() - ref.double()).norm().item() / scale
-    assert e_ours <= 2 * e_torch + FLOOR[prec], (
-        f"{name}: rel err {e_ours:.3e} vs torch {e_torch:.3e} (floor {FLOOR[prec]:.0e})"
-    )
+    assert_error_bounded(name, ours, torch_same, ref, magnitude, precision=prec)
 
 
 def _check_forward_backward(x, w, b, gy, prec):
@@ -422,15 +399,7 @@ def test_manual_cuda_graph(engine, prec):
             y = _fwd()(static[0], static[1], static[2])
             return (y, *_bwd()(static[3], y, static[0], static[1], [True, True, True]))
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = run()
+        graph, outs = capture_cuda_graph(run, warmup=2)
         for seed in range(3):
             new = _inputs(96, 80, 72, dtype, gen_seed=seed + 1)
             for dst, src in zip(static, new, strict=True):

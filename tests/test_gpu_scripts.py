@@ -27,6 +27,11 @@ def _write(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def _write_json(path: Path, document: dict) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
 def _tests(engine_fails: set[tuple[str, str]] = frozenset()) -> list[dict]:
     out = []
     for engine in ("custom", "cublaslt", "aten"):
@@ -39,19 +44,14 @@ def _tests(engine_fails: set[tuple[str, str]] = frozenset()) -> list[dict]:
     return out
 
 
-def _bench(times: dict[tuple[int, str], float], prec: str = "bf16") -> list[dict]:
-    return [
-        {
-            "kind": "fwd_bwd",
-            "mode": "wall",
-            "prec": prec,
-            "shape": "512->512",
-            "batch": batch,
-            "impl": impl,
-            "us": us,
-        }
+def _bench(times: dict[tuple[int, str], float], prec: str = "bf16") -> dict:
+    """A --benchmark-json document of benchmarks/test_bench_gpu.py's fwd_bwd cases."""
+    cases = [
+        {"kind": "fwd_bwd", "mode": "wall", "prec": prec, "shape": "512->512", "batch": batch}
+        | {"impl": impl, "us": us}
         for (batch, impl), us in times.items()
     ]
+    return {"benchmarks": [{"extra_info": case} for case in cases]}
 
 
 def _run(table, monkeypatch, capsys, *argv):
@@ -83,7 +83,7 @@ def test_entries_follow_the_measured_winner(table, tmp_path, monkeypatch, capsys
         "--tests",
         str(_write(tmp_path / "t", _tests())),
         "--bench",
-        str(_write(tmp_path / "b", _bench(times))),
+        str(_write_json(tmp_path / "b.json", _bench(times))),
         "--capability",
         "9.0",
     )
@@ -140,3 +140,23 @@ def test_ptxas_output_is_parsed(resources):
         8,
         8,
     )
+
+
+def test_report_renders_the_gpu_suite_from_several_files(tmp_path):
+    report = runpy.run_path(str(SCRIPTS.parent / "benchmarks" / "report.py"))
+    main = _bench({(64, "fused-custom"): 10.0, (64, "fused-auto"): 30.0, (64, "eager"): 40.0})
+    main["machine"] = {"cpu": "X", "cpu_isa": ["avx2"], "cpu_native_bf16": False, "gpu": "H200"}
+    compiled = _bench({(64, "compile"): 20.0})
+    data = report["load"](
+        [
+            _write_json(tmp_path / "main.json", main),
+            _write_json(tmp_path / "compile.json", compiled),
+            tmp_path / "missing.json",  # a stage that timed out
+        ]
+    )
+    text = report["render"](data)
+    assert "**H200**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 512->512 | bf16 | 64 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # eager, compile, custom, cublaslt, auto, best, eager/best, compile/best, eager/auto
+    assert cells[3:] == ["40.0", "20.0", "10.0", "–", "30.0", "custom", "4.00x", "2.00x", "1.33x"]

@@ -7,11 +7,11 @@ import io
 
 import pytest
 import torch
-from reference import NeuralNetwork
 from torch import nn
 
 import fastmlp
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
+from fastmlp.testing import NeuralNetwork
 
 
 def _images(n=5):

@@ -8,44 +8,41 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import forward_backward, linear_relu_ref, magnitude_refs, scaled_err
 
 import fastmlp
 from fastmlp.ops import linear_relu
+from fastmlp.testing import (
+    assert_error_bounded,
+    forward_backward,
+    layer_inputs,
+    linear_relu_ref,
+    magnitude_refs,
+)
 
 BATCHES = (0, 1, 3, 64, 129)
 FEATURES = (1, 7, 512, 513, 784)
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-# Errors are ||result - float64 reference|| relative to the size of the same
-# products on absolute values (the bound of dot-product rounding). Ours may be
-# at most twice plain PyTorch's in the same dtype, plus this floor, so that a
-# result PyTorch happens to get exactly right still leaves room for rounding.
-ERROR_FLOOR = {
-    torch.float64: 1e-13,
-    torch.float32: 1e-6,
-    torch.bfloat16: 1e-3,
-    torch.float16: 2e-4,
+# Errors are bounded by PyTorch's own in the same dtype (fastmlp.testing.assert_error_bounded).
+PRECISION = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
 }
 
 
-def _inputs(batch, fan_in, fan_out, dtype, device="cpu", bias=True, generator=None):
-    x = torch.randn(batch, fan_in, dtype=dtype, device=device, generator=generator)
-    # nn.Linear's init scale keeps about half the pre-activations positive.
-    scale = max(fan_in, 1) ** -0.5
-    w = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1).mul_(scale)
-    b = (torch.rand(fan_out, generator=generator) * 2 - 1).mul_(scale)
-    w, b = w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-    return x, w, (b if bias else None)
+def _inputs(batch, fan_in, fan_out, dtype, bias=True, seed=0):
+    """(x, weight, bias) of one layer on the CPU (fastmlp.testing.layer_inputs)."""
+    return layer_inputs(batch, fan_in, fan_out, dtype, bias=bias, seed=seed)[:3]
 
 
-def assert_matches_torch(x, w, b, atol_scale=2.0):
+def assert_matches_torch(x, w, b):
     """fastmlp vs PyTorch in the same dtype, both measured against float64."""
     y, grads, gy = forward_backward(linear_relu, x, w, b)
     y_t, grads_t, _ = forward_backward(linear_relu_ref, x, w, b, gy)
     as64 = [t.double() if t is not None else None for t in (x, w, b)]
     y_64, grads_64, _ = forward_backward(linear_relu_ref, *as64, gy.double())
     magnitudes = magnitude_refs(x, w, b, gy)
-    floor = ERROR_FLOOR[x.dtype]
     names = ("y", "grad_x", "grad_weight", "grad_bias")
     for name, ours, theirs, ref, mag in zip(
         names, [y, *grads], [y_t, *grads_t], [y_64, *grads_64], magnitudes, strict=True
@@ -53,20 +50,16 @@ def assert_matches_torch(x, w, b, atol_scale=2.0):
         if ref is None:
             assert ours is None, name
             continue
-        assert ours.shape == ref.shape and ours.dtype == x.dtype, name
+        assert ours.dtype == x.dtype, name
         assert torch.isfinite(ours).all(), f"{name} has non-finite values"
-        err, err_torch = scaled_err(ours, ref, mag), scaled_err(theirs, ref, mag)
-        assert err <= atol_scale * err_torch + floor, (
-            f"{name}: error {err:.3g} vs PyTorch's {err_torch:.3g} ({x.dtype}, x {tuple(x.shape)})"
-        )
+        assert_error_bounded(name, ours, theirs, ref, mag, precision=PRECISION[x.dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("fan_in,fan_out", list(itertools.product(FEATURES, FEATURES)))
 def test_forward_backward_matches_torch(batch, fan_in, fan_out, dtype):
-    gen = torch.Generator().manual_seed(hash((batch, fan_in, fan_out)) % 2**31)
-    assert_matches_torch(*_inputs(batch, fan_in, fan_out, dtype, generator=gen))
+    assert_matches_torch(*_inputs(batch, fan_in, fan_out, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -285,3 +278,14 @@ def test_backward_op_rejects_bad_shapes():
         torch.ops.fastmlp.linear_relu_backward(
             torch.rand(3, 4), y, None, None, [True, False, False]
         )
+
+
+def test_error_bound_of_the_test_kit_can_fail():
+    """The kit's bound rejects a result far worse than PyTorch's (it is not vacuous)."""
+    x, w, b, _ = layer_inputs(64, 32, 16, torch.float32)
+    ref = linear_relu_ref(x.double(), w.double(), b.double())
+    theirs = linear_relu_ref(x, w, b)
+    assert_error_bounded("y", theirs, theirs, ref, precision="fp32")
+    worse = theirs + 1e-3 * torch.randn_like(theirs)
+    with pytest.raises(AssertionError, match="error .* vs PyTorch's"):
+        assert_error_bounded("y", worse, theirs, ref, precision="fp32")

@@ -16,7 +16,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp.optim import FusedSGD, mlp_linears
-from tests.reference import NeuralNetwork
+from fastmlp.testing import NeuralNetwork
 
 SIZES = [(784, 512, 512, 10), (7, 13, 5, 3), (5, 1, 4), (33, 129, 17, 9, 5), (20, 10)]
 OPTIONS = [

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from reference import NeuralNetwork  # noqa: F401  (re-exported for the workflow tests)
 
 from fastmlp import data
+from fastmlp.testing import NeuralNetwork  # noqa: F401  (re-exported for the workflow tests)
 
 REAL_DATA = data.DEBIAN_DIR
 needs_real_data = pytest.mark.skipif(

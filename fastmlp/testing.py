@@ -1,0 +1,210 @@
+"""The specification fastmlp's kernels are tested and benchmarked against, and the kit
+the test and benchmark suites share (one import path for both): plain-PyTorch
+references in float64, fresh random inputs, error bounds relative to PyTorch's own,
+the TF32 switch and CUDA-graph capture.
+
+Error bounds (DESIGN.md): errors are ``||result - float64 reference||`` relative to the
+same products on absolute values (which bound dot-product rounding), and ours may be at
+most twice plain PyTorch's in the same dtype plus a floor, so the tolerance follows the
+hardware rather than a magic constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ERROR_FLOOR",
+    "NeuralNetwork",
+    "allow_tf32",
+    "assert_error_bounded",
+    "capture_cuda_graph",
+    "forward_backward",
+    "layer_inputs",
+    "linear_relu_ref",
+    "magnitude_refs",
+    "rel_err",
+    "scaled_err",
+]
+
+# The floor of the error bound per device and precision ("tf32": float32 with TF32
+# matmuls): what rounding alone can add when PyTorch happens to be very accurate on one
+# draw. GPU kernels accumulate in another order (tensor-core tiles, split-K), hence
+# their looser floors.
+ERROR_FLOOR = {
+    "cpu": {"fp64": 1e-13, "fp32": 1e-6, "bf16": 1e-3, "fp16": 2e-4},
+    "cuda": {"fp64": 1e-12, "fp32": 2e-6, "tf32": 2e-4, "bf16": 4e-3, "fp16": 1e-3},
+}
+_DTYPE_NAME = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+
+
+class NeuralNetwork(nn.Module):
+    """The model of the "Learn the Basics" tutorial (section 4), verbatim."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(28 * 28, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, 10),
+        )
+
+    def forward(self, x):
+        x = self.flatten(x)
+        logits = self.linear_relu_stack(x)
+        return logits
+
+
+def linear_relu_ref(x, weight, bias=None):
+    """relu(x @ weight.T + bias): what fastmlp.linear_relu must compute."""
+    return torch.relu(F.linear(x, weight, bias))
+
+
+def layer_inputs(
+    batch: int,
+    fan_in: int,
+    fan_out: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    bias: bool = True,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fresh random ``(x, weight, bias, grad_y)`` for one layer, never zeros, drawn in
+    float64 on the CPU from a seed mixed with the shape (the same call gives the same
+    tensors on every device and dtype), scaled like nn.Linear's init so that about half
+    the pre-activations are positive."""
+    g = torch.Generator().manual_seed(seed * 7919 + batch * 31 + fan_in * 7 + fan_out)
+    x = torch.randn(batch, fan_in, generator=g, dtype=torch.float64)
+    w = torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) / max(fan_in, 1) ** 0.5
+    b = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.5
+    gy = torch.randn(batch, fan_out, generator=g, dtype=torch.float64)
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    return cast(x), cast(w), cast(b) if bias else None, cast(gy)
+
+
+def forward_backward(fn, x, weight, bias, grad_y=None):
+    """Runs fn forward and backward on fresh leaf copies; returns (y, grads, grad_y)."""
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)
+    ]
+    y = fn(*leaves)
+    if grad_y is None:
+        grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    return y.detach(), [t.grad if t is not None else None for t in leaves], grad_y
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| computed in float64 (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def magnitude_refs(x, weight, bias, grad_y):
+    """The same products on absolute values, in float64: the scale that bounds
+    rounding error in a dot product. Errors are measured relative to these, so
+    that a result that is small through cancellation does not look inexact.
+    Returns those of (y, grad_x, grad_weight, grad_bias)."""
+    x, w, gy = x.double().abs(), weight.double().abs(), grad_y.double().abs()
+    b = None if bias is None else bias.double().abs()
+    rows = math.prod(gy.shape[:-1])
+    gy2 = gy.reshape(rows, gy.shape[-1])
+    x2 = x.reshape(rows, x.shape[-1])
+    grad_x = (gy2 @ w).reshape(*gy.shape[:-1], w.shape[1])
+    return [
+        F.linear(x, w, b),
+        grad_x,
+        gy2.t() @ x2,
+        None if b is None else gy2.sum(0),
+    ]
+
+
+def scaled_err(a: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> float:
+    """||a - ref|| / ||magnitude|| in float64 (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    diff = (a.double() - ref.double()).norm()
+    return (diff / magnitude.double().norm().clamp_min(1e-300)).item()
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """fp64/fp32/tf32/bf16/fp16: float32 counts as tf32 when CUDA matmuls may use TF32
+    (only meaningful for CUDA results)."""
+    name = _DTYPE_NAME[dtype]
+    if name == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return name
+
+
+def assert_error_bounded(
+    name: str,
+    ours: torch.Tensor,
+    theirs: torch.Tensor,
+    ref: torch.Tensor,
+    magnitude: torch.Tensor | None = None,
+    *,
+    precision: str,
+    factor: float = 2.0,
+) -> None:
+    """``ours`` is at most ``factor`` times as far from the float64 ``ref`` as plain
+    PyTorch's ``theirs`` in the same precision, plus :data:`ERROR_FLOOR`, errors relative
+    to ``magnitude`` (default: ``ref``). Also: same shape, finite where ``ref`` is."""
+    assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
+    if ours.numel() == 0:
+        return
+    assert torch.isfinite(ours).all() or not torch.isfinite(ref).all(), (
+        f"{name}: non-finite values where the reference is finite"
+    )
+    scale = ref if magnitude is None else magnitude
+    err, err_torch = scaled_err(ours, ref, scale), scaled_err(theirs, ref, scale)
+    floor = ERROR_FLOOR[ours.device.type][precision]
+    assert err <= factor * err_torch + floor, (
+        f"{name}: error {err:.3e} vs PyTorch's {err_torch:.3e} ({precision}, floor {floor:.0e}, "
+        f"shape {tuple(ours.shape)})"
+    )
+
+
+@contextlib.contextmanager
+def allow_tf32(on: bool) -> Iterator[None]:
+    """Sets torch's CUDA TF32 matmul switch for the duration (fastmlp's ops read the same)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def capture_cuda_graph(step: Callable[[], object], warmup: int = 3):
+    """Warms ``step`` up on a side stream (as torch.cuda.graphs requires), captures one
+    call in a CUDA graph and returns ``(graph, outputs of the captured call)``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
