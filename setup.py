@@ -43,6 +43,12 @@ def _sources(*patterns: str) -> list[str]:
     ]
 
 
+def x86_64_flags() -> list[str]:
+    """The CPU kernels' x86-64 flags, shared with CMakeLists.txt (csrc/x86_64_flags.txt)."""
+    with open(os.path.join(ROOT, "csrc", "x86_64_flags.txt"), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.startswith("-")]
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f"\nfastmlp build error: {message}\n\n")
     raise SystemExit(1)
@@ -151,9 +157,7 @@ def build_extensions():
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
-        # at::vec's 256-bit kernels for the epilogues; every x86-64 CPU since
-        # 2013 (Haswell, Zen) has AVX2 and FMA.
-        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        cxx_flags += x86_64_flags()
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs: list[str] = []

@@ -485,7 +485,7 @@ def test_one_rank_process_group_trains_and_shuts_down(
 
 @needs_real_data
 def test_a_failing_rank_makes_the_launcher_exit_nonzero(tmp_path: Path) -> None:
-    start = time.monotonic()
+    # A hang instead of an exit fails inside torchrun() at its timeout.
     code, out = torchrun(
         "train",
         *_flags(**RUN, batch_size=PER_RANK_BATCH, out=tmp_path / "run"),
@@ -494,7 +494,6 @@ def test_a_failing_rank_makes_the_launcher_exit_nonzero(tmp_path: Path) -> None:
     )
     assert code != 0, out[-4000:]
     assert "injected failure on rank 1 in epoch 2" in out
-    assert time.monotonic() - start < TIMEOUT
     assert ckpt.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # epoch 1 kept
 
 
