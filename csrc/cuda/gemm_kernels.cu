@@ -308,6 +308,215 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The three math paths of one BK-deep step of the block GEMM: each warp
+// multiplies its MI x NI fragments of the shared-memory tiles sA [BM][LA::P]
+// and sB [BN][LB::P] into acc, with (g, t) the lane's mma fragment
+// coordinates and (wm, wn) the warp's position in the block tile.
+
+// bf16/fp16 tensor cores; fragment registers hold element pairs (k, k+1).
+template <class Elt, class Cfg, class LA, class LB>
+__device__ __forceinline__ void mma_step_16bit(
+    float (&acc)[Cfg::MI][Cfg::NI][4], const void* sA, const void* sB, int wm,
+    int wn, int g, int t) {
+  constexpr int BK = Cfg::BK, MI = Cfg::MI, NI = Cfg::NI;
+  const uint16_t* a16 = static_cast<const uint16_t*>(sA);
+  const uint16_t* b16 = static_cast<const uint16_t*>(sB);
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int r = wm * Cfg::WTM + mi * 16 + g;
+      const uint16_t* p0 = a16 + r * LA::P + kk + 2 * t;
+      const uint16_t* p1 = p0 + 8 * LA::P;
+      af[mi][0] = *reinterpret_cast<const uint32_t*>(p0);
+      af[mi][1] = *reinterpret_cast<const uint32_t*>(p1);
+      af[mi][2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
+      af[mi][3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
+    }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int n = wn * Cfg::WTN + ni * 8 + g;
+      const uint16_t* q = b16 + n * LB::P + kk + 2 * t;
+      bf[ni][0] = *reinterpret_cast<const uint32_t*>(q);
+      bf[ni][1] = *reinterpret_cast<const uint32_t*>(q + 8);
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        if constexpr (std::is_same<Elt, BF16>::value) {
+          mma_bf16(acc[mi][ni], af[mi], bf[ni]);
+        } else {
+          mma_f16(acc[mi][ni], af[mi], bf[ni]);
+        }
+      }
+  }
+}
+
+// TF32 tensor cores on float32 tiles already rounded to TF32 by the loaders.
+template <class Cfg, class LA, class LB>
+__device__ __forceinline__ void mma_step_tf32(float (&acc)[Cfg::MI][Cfg::NI][4],
+                                              const void* sA, const void* sB,
+                                              int wm, int wn, int g, int t) {
+  constexpr int BK = Cfg::BK, MI = Cfg::MI, NI = Cfg::NI;
+  const uint32_t* a32 = static_cast<const uint32_t*>(sA);
+  const uint32_t* b32 = static_cast<const uint32_t*>(sB);
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 8) {
+    uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int r = wm * Cfg::WTM + mi * 16 + g;
+      const uint32_t* p0 = a32 + r * LA::P + kk + t;
+      const uint32_t* p1 = p0 + 8 * LA::P;
+      af[mi][0] = p0[0];
+      af[mi][1] = p1[0];
+      af[mi][2] = p0[4];
+      af[mi][3] = p1[4];
+    }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int n = wn * Cfg::WTN + ni * 8 + g;
+      const uint32_t* q = b32 + n * LB::P + kk + t;
+      bf[ni][0] = q[0];
+      bf[ni][1] = q[4];
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) mma_tf32(acc[mi][ni], af[mi], bf[ni]);
+  }
+}
+
+// Exact fp32 with FFMA: same accumulator ownership as the mma C fragment.
+template <class Cfg, class LA, class LB>
+__device__ __forceinline__ void ffma_step(float (&acc)[Cfg::MI][Cfg::NI][4],
+                                          const void* sA, const void* sB,
+                                          int wm, int wn, int g, int t) {
+  constexpr int BK = Cfg::BK, MI = Cfg::MI, NI = Cfg::NI;
+  const float* a32 = static_cast<const float*>(sA);
+  const float* b32 = static_cast<const float*>(sB);
+#pragma unroll 4
+  for (int k = 0; k < BK; ++k) {
+    float af[MI][2], bf[NI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int r = wm * Cfg::WTM + mi * 16 + g;
+      af[mi][0] = a32[r * LA::P + k];
+      af[mi][1] = a32[(r + 8) * LA::P + k];
+    }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int n = wn * Cfg::WTN + ni * 8 + 2 * t;
+      bf[ni][0] = b32[n * LB::P + k];
+      bf[ni][1] = b32[(n + 1) * LB::P + k];
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        acc[mi][ni][0] = fmaf(af[mi][0], bf[ni][0], acc[mi][ni][0]);
+        acc[mi][ni][1] = fmaf(af[mi][0], bf[ni][1], acc[mi][ni][1]);
+        acc[mi][ni][2] = fmaf(af[mi][1], bf[ni][0], acc[mi][ni][2]);
+        acc[mi][ni][3] = fmaf(af[mi][1], bf[ni][1], acc[mi][ni][3]);
+      }
+  }
+}
+
+// The epilogue: each thread writes its accumulators, as float32 partial sums
+// of split z (kEpiPartial), or in the element type after the optional bias
+// and ReLU (kEpiBiasRelu) or as they are (kEpiPlain).
+template <class Elt, class Cfg, int EPI>
+__device__ __forceinline__ void store_tile(
+    const float (&acc)[Cfg::MI][Cfg::NI][4], const GemmParams& p, int m0,
+    int n0, int wm, int wn, int g, int t) {
+  constexpr int MI = Cfg::MI, NI = Cfg::NI;
+  using SBits = typename Elt::Bits;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wm * Cfg::WTM + mi * 16 + g + 8 * h;
+      if (row >= p.M) continue;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + wn * Cfg::WTN + ni * 8 + 2 * t;
+        if (col >= p.N) continue;
+        const bool has1 = col + 1 < p.N;
+        float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+        if constexpr (EPI == kEpiPartial) {
+          float* out = static_cast<float*>(p.C) +
+                       static_cast<int64_t>(blockIdx.z) * p.M * p.N +
+                       static_cast<int64_t>(row) * p.N + col;
+          if (has1 && p.c_pair) {
+            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+          } else {
+            out[0] = v0;
+            if (has1) out[1] = v1;
+          }
+        } else {
+          if constexpr (EPI == kEpiBiasRelu) {
+            if (p.bias != nullptr) {
+              const SBits* bb = static_cast<const SBits*>(p.bias);
+              v0 += Elt::to_float(bb[col]);
+              if (has1) v1 += Elt::to_float(bb[col + 1]);
+            }
+            v0 = relu_keep_nan(v0);
+            v1 = relu_keep_nan(v1);
+          }
+          SBits* out =
+              static_cast<SBits*>(p.C) + static_cast<int64_t>(row) * p.N + col;
+          const uint32_t b0 = Elt::from_float(v0), b1 = Elt::from_float(v1);
+          if (has1 && p.c_pair) {
+            if constexpr (Elt::kBytes == 2) {
+              *reinterpret_cast<uint32_t*>(out) = b0 | (b1 << 16);
+            } else {
+              *reinterpret_cast<uint2*>(out) = make_uint2(b0, b1);
+            }
+          } else {
+            out[0] = static_cast<SBits>(b0);
+            if (has1) out[1] = static_cast<SBits>(b1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The bias gradient of the CTA's rows, from each thread's column sums bsum of
+// the masked grad_y tiles it loaded. Reuses the tile memory smem, so every
+// thread of the CTA must call it (uniform per CTA: barriers are safe).
+template <class Elt, class Cfg, class LA, int EPI>
+__device__ __forceinline__ void store_bias_sum(unsigned char* smem,
+                                               const float (&bsum)[LA::V],
+                                               const GemmParams& p, int m0) {
+  constexpr int BM = Cfg::BM, THREADS = Cfg::THREADS, V = LA::V;
+  using SBits = typename Elt::Bits;
+  // Thread tid owns rows (tid % CPL) * V + e of this CTA's M range; the
+  // THREADS / CPL owners of a row are summed in a fixed order.
+  constexpr int CPL = LA::CPL;
+  float* red = reinterpret_cast<float*>(smem);  // [THREADS / CPL][BM]
+  const int q = threadIdx.x / CPL, ci = threadIdx.x % CPL;
+#pragma unroll
+  for (int e = 0; e < V; ++e) red[q * BM + ci * V + e] = bsum[e];
+  __syncthreads();
+  for (int r = threadIdx.x; r < BM; r += THREADS) {
+    float s = 0.f;
+    for (int qq = 0; qq < THREADS / CPL; ++qq) s += red[qq * BM + r];
+    const int row = m0 + r;
+    if (row < p.M) {
+      if constexpr (EPI == kEpiPartial) {
+        static_cast<float*>(
+            p.bsum)[static_cast<int64_t>(blockIdx.z) * p.M + row] = s;
+      } else {
+        static_cast<SBits*>(p.bsum)[row] =
+            static_cast<SBits>(Elt::from_float(s));
+      }
+    }
+  }
+}
+
 template <class Elt, MathKind MK, class Cfg, bool A_KMAJOR, bool B_KMAJOR,
           bool MASK_A, int EPI, bool BSUM>
 __global__ void __launch_bounds__(Cfg::THREADS)
@@ -369,177 +578,18 @@ __global__ void __launch_bounds__(Cfg::THREADS)
       lb.load(p.B, nullptr, p.ldb, n0, p.N, k0, kend, p.b_vec);
     }
     if constexpr (MK == MathKind::kMMA16) {
-      // 16-bit elements; fragment registers hold element pairs (k, k+1).
-      const uint16_t* a16 = reinterpret_cast<const uint16_t*>(sA);
-      const uint16_t* b16 = reinterpret_cast<const uint16_t*>(sB);
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        uint32_t af[MI][4], bf[NI][2];
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          const int r = wm * Cfg::WTM + mi * 16 + g;
-          const uint16_t* p0 = a16 + r * LA::P + kk + 2 * t;
-          const uint16_t* p1 = p0 + 8 * LA::P;
-          af[mi][0] = *reinterpret_cast<const uint32_t*>(p0);
-          af[mi][1] = *reinterpret_cast<const uint32_t*>(p1);
-          af[mi][2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
-          af[mi][3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
-        }
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int n = wn * Cfg::WTN + ni * 8 + g;
-          const uint16_t* q = b16 + n * LB::P + kk + 2 * t;
-          bf[ni][0] = *reinterpret_cast<const uint32_t*>(q);
-          bf[ni][1] = *reinterpret_cast<const uint32_t*>(q + 8);
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni) {
-            if constexpr (std::is_same<Elt, BF16>::value) {
-              mma_bf16(acc[mi][ni], af[mi], bf[ni]);
-            } else {
-              mma_f16(acc[mi][ni], af[mi], bf[ni]);
-            }
-          }
-      }
+      mma_step_16bit<Elt, Cfg, LA, LB>(acc, sA, sB, wm, wn, g, t);
     } else if constexpr (MK == MathKind::kTF32) {
-      const uint32_t* a32 = reinterpret_cast<const uint32_t*>(sA);
-      const uint32_t* b32 = reinterpret_cast<const uint32_t*>(sB);
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 8) {
-        uint32_t af[MI][4], bf[NI][2];
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          const int r = wm * Cfg::WTM + mi * 16 + g;
-          const uint32_t* p0 = a32 + r * LA::P + kk + t;
-          const uint32_t* p1 = p0 + 8 * LA::P;
-          af[mi][0] = p0[0];
-          af[mi][1] = p1[0];
-          af[mi][2] = p0[4];
-          af[mi][3] = p1[4];
-        }
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int n = wn * Cfg::WTN + ni * 8 + g;
-          const uint32_t* q = b32 + n * LB::P + kk + t;
-          bf[ni][0] = q[0];
-          bf[ni][1] = q[4];
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni) mma_tf32(acc[mi][ni], af[mi], bf[ni]);
-      }
+      mma_step_tf32<Cfg, LA, LB>(acc, sA, sB, wm, wn, g, t);
     } else {
-      // Exact fp32: same accumulator ownership as the mma C fragment.
-      const float* a32 = reinterpret_cast<const float*>(sA);
-      const float* b32 = reinterpret_cast<const float*>(sB);
-#pragma unroll 4
-      for (int k = 0; k < BK; ++k) {
-        float af[MI][2], bf[NI][2];
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          const int r = wm * Cfg::WTM + mi * 16 + g;
-          af[mi][0] = a32[r * LA::P + k];
-          af[mi][1] = a32[(r + 8) * LA::P + k];
-        }
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int n = wn * Cfg::WTN + ni * 8 + 2 * t;
-          bf[ni][0] = b32[n * LB::P + k];
-          bf[ni][1] = b32[(n + 1) * LB::P + k];
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni) {
-            acc[mi][ni][0] = fmaf(af[mi][0], bf[ni][0], acc[mi][ni][0]);
-            acc[mi][ni][1] = fmaf(af[mi][0], bf[ni][1], acc[mi][ni][1]);
-            acc[mi][ni][2] = fmaf(af[mi][1], bf[ni][0], acc[mi][ni][2]);
-            acc[mi][ni][3] = fmaf(af[mi][1], bf[ni][1], acc[mi][ni][3]);
-          }
-      }
+      ffma_step<Cfg, LA, LB>(acc, sA, sB, wm, wn, g, t);
     }
     __syncthreads();  // the next store overwrites the tiles just read
   }
 
-  // Epilogue.
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + wm * Cfg::WTM + mi * 16 + g + 8 * h;
-      if (row >= p.M) continue;
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + wn * Cfg::WTN + ni * 8 + 2 * t;
-        if (col >= p.N) continue;
-        const bool has1 = col + 1 < p.N;
-        float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-        if constexpr (EPI == kEpiPartial) {
-          float* out = static_cast<float*>(p.C) +
-                       static_cast<int64_t>(blockIdx.z) * p.M * p.N +
-                       static_cast<int64_t>(row) * p.N + col;
-          if (has1 && p.c_pair) {
-            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
-          } else {
-            out[0] = v0;
-            if (has1) out[1] = v1;
-          }
-        } else {
-          if constexpr (EPI == kEpiBiasRelu) {
-            if (p.bias != nullptr) {
-              const SBits* bb = static_cast<const SBits*>(p.bias);
-              v0 += Elt::to_float(bb[col]);
-              if (has1) v1 += Elt::to_float(bb[col + 1]);
-            }
-            v0 = relu_keep_nan(v0);
-            v1 = relu_keep_nan(v1);
-          }
-          SBits* out =
-              static_cast<SBits*>(p.C) + static_cast<int64_t>(row) * p.N + col;
-          const uint32_t b0 = Elt::from_float(v0), b1 = Elt::from_float(v1);
-          if (has1 && p.c_pair) {
-            if constexpr (Elt::kBytes == 2) {
-              *reinterpret_cast<uint32_t*>(out) = b0 | (b1 << 16);
-            } else {
-              *reinterpret_cast<uint2*>(out) = make_uint2(b0, b1);
-            }
-          } else {
-            out[0] = static_cast<SBits>(b0);
-            if (has1) out[1] = static_cast<SBits>(b1);
-          }
-        }
-      }
-    }
-  }
-
+  store_tile<Elt, Cfg, EPI>(acc, p, m0, n0, wm, wn, g, t);
   if constexpr (BSUM) {
-    if (do_bsum) {  // uniform per CTA, so the barriers below are safe
-      // Thread tid owns rows (tid % CPL) * V + e of this CTA's M range; the
-      // THREADS / CPL owners of a row are summed in a fixed order.
-      constexpr int CPL = LA::CPL;
-      float* red = reinterpret_cast<float*>(smem);  // [THREADS / CPL][BM]
-      const int q = threadIdx.x / CPL, ci = threadIdx.x % CPL;
-#pragma unroll
-      for (int e = 0; e < V; ++e) red[q * BM + ci * V + e] = bsum[e];
-      __syncthreads();
-      for (int r = threadIdx.x; r < BM; r += THREADS) {
-        float s = 0.f;
-        for (int qq = 0; qq < THREADS / CPL; ++qq) s += red[qq * BM + r];
-        const int row = m0 + r;
-        if (row < p.M) {
-          if constexpr (EPI == kEpiPartial) {
-            static_cast<float*>(
-                p.bsum)[static_cast<int64_t>(blockIdx.z) * p.M + row] = s;
-          } else {
-            static_cast<SBits*>(p.bsum)[row] =
-                static_cast<SBits>(Elt::from_float(s));
-          }
-        }
-      }
-    }
+    if (do_bsum) store_bias_sum<Elt, Cfg, LA, EPI>(smem, bsum, p, m0);
   }
 }
 
