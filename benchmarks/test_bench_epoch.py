@@ -8,7 +8,7 @@ lr 1e-3, batch 64, all 60,000 training images, one epoch per round. Timed in one
   ``FashionMNIST`` with ``ToTensor()``, ``DataLoader(batch_size=64, shuffle=True)``, the
   tutorial's ``NeuralNetwork`` and its ``train_loop``;
 * ``eager``: the same model, the whole split in memory as one float tensor, a ``randperm``
-  per epoch and one index per batch (no DataLoader);
+  per epoch and one index per batch (no DataLoader; ``fastmlp.bench.eager_epoch``);
 * ``compile``: ``torch.compile`` of that model in that loop (compilation done before timing);
 * ``fastmlp``: ``fastmlp.MLP``, its ``DeviceLoader`` and ``fastmlp.train.train_loop`` with
   ``FusedSGD`` (on the CPU each step is one fused kernel), float32;
@@ -37,25 +37,13 @@ from torch import nn
 
 import fastmlp
 from fastmlp import data
+from fastmlp.bench import BATCH, LR, SIZES, eager_epoch, epoch_flops, fastmlp_epoch, gemm, sync
 from fastmlp.loader import DeviceLoader
-from fastmlp.loops import train_loop as fastmlp_train_loop
 from fastmlp.optim import FusedSGD
 from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
 
-BATCH = 64
-LR = 1e-3
-SIZES = (784, 512, 512, 10)
 ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "3"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def epoch_flops(samples: int, sizes=SIZES) -> int:
-    """Multiply-adds x 2 of one epoch: forward, weight gradients, and input gradients of
-    every layer but the first (the images need no gradient)."""
-    pairs = list(zip(sizes[:-1], sizes[1:], strict=False))
-    forward = sum(i * o for i, o in pairs)
-    grad_input = sum(i * o for i, o in pairs[1:])
-    return 2 * samples * (2 * forward + grad_input)
 
 
 def tutorial_train_loop(dataloader, model, loss_fn, optimizer, device):
@@ -73,11 +61,6 @@ def tutorial_train_loop(dataloader, model, loss_fn, optimizer, device):
         if batch % 100 == 0:
             loss, current = loss.item(), batch * len(X)
             print(f"loss: {loss:>7f}  [{current:>5d}/{size:>5d}]")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +103,7 @@ def _record(benchmark, variant: str, device: str, dtype: str, samples: int) -> N
 def _run(benchmark, epoch, device: str) -> None:
     def timed():
         epoch()
-        _sync(device)
+        sync(device)
 
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=0)
 
@@ -147,21 +130,6 @@ def test_tutorial(benchmark, torchvision_root, device):
     )
 
 
-def _in_memory_epoch(model, optimizer, images, labels, device):
-    loss_fn = nn.CrossEntropyLoss()
-
-    def epoch():
-        order = torch.randperm(len(labels), device=device)
-        for start in range(0, len(labels), BATCH):
-            idx = order[start : start + BATCH]
-            loss = loss_fn(model(images[idx]), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    return epoch
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["eager", "compile"])
 def test_in_memory(benchmark, train_split, variant, device):
@@ -179,11 +147,11 @@ def test_in_memory(benchmark, train_split, variant, device):
             loss = nn.functional.cross_entropy(model(images[:n]), labels[:n])
             loss.backward()
         optimizer.zero_grad()
-        _sync(device)
+        sync(device)
         compile_seconds = time.perf_counter() - start
     _record(benchmark, variant, device, "fp32", len(labels))
     benchmark.extra_info["compile_seconds"] = compile_seconds
-    _run(benchmark, _in_memory_epoch(model, optimizer, images, labels, device), device)
+    _run(benchmark, eager_epoch(model, optimizer, images, labels), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,14 +161,9 @@ def test_fastmlp(benchmark, train_split, precision, device):
     torch.manual_seed(0)
     model = fastmlp.MLP(SIZES).to(device)
     optimizer = FusedSGD(model, lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
     variant = "fastmlp" if precision == "fp32" else "fastmlp-bf16"
     _record(benchmark, variant, device, precision, len(loader.y))
-
-    def epoch():
-        fastmlp_train_loop(loader, model, loss_fn, optimizer, precision=precision, log=None)
-
-    _run(benchmark, epoch, device)
+    _run(benchmark, fastmlp_epoch(loader, model, optimizer, precision), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,17 +171,9 @@ def test_fastmlp(benchmark, train_split, precision, device):
 def test_gemm(benchmark, dtype, device):
     """The matrix-multiply rate that sets the floor: one large square torch.mm."""
     n = 2048
-    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=gen, device=device).to(torch_dtype)
-    b = torch.randn(n, n, generator=gen, device=device).to(torch_dtype)
-    out = torch.empty(n, n, device=device, dtype=torch_dtype)
+    mm = gemm(device, dtype, n)
     benchmark.extra_info.update(
         suite="epoch", variant="gemm", device=device, dtype=dtype, flops=2 * n**3
     )
-
-    def mm():
-        torch.mm(a, b, out=out)
-        _sync(device)
 
     benchmark.pedantic(mm, rounds=ROUNDS * 3, iterations=1, warmup_rounds=1)
