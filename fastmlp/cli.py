@@ -322,8 +322,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _check_batch_size(cfg)
         out = getattr(args, "out", None)
     made_default = out is None and _rank() == 0
-    if out is None:  # a new runs/<date-time>[-N], never one another run has
-        out = rundir.new_run_dir("runs") if _rank() == 0 else Path("runs") / "unused"
+    if out is None:
+        # Rank 0 makes a new runs/<date-time>[-N], never one another run has. Other ranks
+        # write nothing, but must also run with outputs on (the final evaluation for the
+        # plots is collective), so they get a placeholder path they never touch.
+        out = rundir.new_run_dir("runs") if _rank() == 0 else Path("runs") / "written-by-rank-0"
     log = None if args.quiet else print
     try:
         result = fit(
