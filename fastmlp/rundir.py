@@ -193,14 +193,15 @@ class RunDir:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if self._created and {p.name for p in self.path.iterdir()} == {LOCK_NAME}:
-            # Nothing was written (the run failed before its first epoch): leave no trace.
-            (self.path / LOCK_NAME).unlink(missing_ok=True)
-            try:
+        try:
+            if self._created and {p.name for p in self.path.iterdir()} == {LOCK_NAME}:
+                # Nothing was written (the run failed before its first epoch): no trace.
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
                 self.path.rmdir()
-            except OSError:
-                pass
-        os.close(fd)  # closing releases the flock
+        except OSError:
+            pass  # the folder changed under us; leaving it is harmless
+        finally:
+            os.close(fd)  # closing releases the flock
 
 
 def remove_if_unused(path: str | os.PathLike[str]) -> None:
