@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     data_help = (
-        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA, "
-        "~/.cache/fastmlp, /usr/share/datasets/fashion-mnist)"
+        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA if set, else "
+        "~/.cache/fastmlp or /usr/share/datasets/fashion-mnist)"
     )
     device_help = "auto (GPU if present), cpu, cuda or cuda:N (default: auto)"
     trust_help = "allow loading checkpoints that contain pickled objects (only if trusted)"
