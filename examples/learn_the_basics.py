@@ -146,7 +146,8 @@ def optimization(
         f"fit() with the recipe: {cfg.optimizer}, lr {cfg.lr}, {cfg.schedule}, "
         f"label smoothing {cfg.label_smoothing}, {cfg.epochs} epoch(s)"
     )
-    result = fit(cfg, out / "run", log=None, progress=False)
+    # The walkthrough rewrites all its outputs on every run, this folder's run included.
+    result = fit(cfg, out / "run", overwrite=True, log=None, progress=False)
     last = result.epochs[-1]
     print(
         f"test accuracy {100 * last['test_accuracy']:.1f}% after {last['epoch']} epoch(s), "

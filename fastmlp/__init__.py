@@ -3,7 +3,8 @@
 Fused Linear+ReLU kernels (C++ for the CPU, CUDA for the GPU) registered as
 PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
 (``fastmlp.nn``), ``FusedSGD`` that runs a whole training step as one kernel
-(``fastmlp.optim``), and a fast FashionMNIST workflow (``fastmlp.data``,
+(``fastmlp.optim``), export to ONNX and portable ``.pt2``
+(``fastmlp.export``), and a fast FashionMNIST workflow (``fastmlp.data``,
 ``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
 """
 
@@ -20,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "environment that has the torch you run with (see README.md)."
     ) from exc
 
-from fastmlp import engines, nn, ops, optim  # noqa: E402
+from fastmlp import engines, export, nn, ops, optim  # noqa: E402
 from fastmlp.engines import cuda_engine_report  # noqa: E402
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
 from fastmlp.ops import linear_relu  # noqa: E402
@@ -37,6 +38,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "linear_relu",
+    "export",
     "nn",
     "ops",
     "optim",

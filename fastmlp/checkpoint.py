@@ -9,10 +9,14 @@ weights_only=True)`` reads it without running any pickled code.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,14 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
+    "TRAINING_KEYS",
     "UnsafeCheckpointError",
+    "check_training_checkpoint",
     "extract_state_dict",
     "load_checkpoint",
     "save_checkpoint",
+    "save_json",
     "sizes_from_state_dict",
 ]
 
@@ -36,29 +44,76 @@ class UnsafeCheckpointError(CheckpointError):
     """The file holds pickled Python objects; loading it could run arbitrary code."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A file could not be written (full disk, I/O error); the previous version is intact."""
+
+
 def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Atomically write ``obj`` with :func:`torch.save` to ``path``.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, and the
     file is renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows); then the
     folder is fsynced so the rename itself survives a power cut. A crash or kill at any
-    point leaves either the old file or the new one, never a mix.
+    point leaves either the old file or the new one, never a mix. A failed write (a full
+    disk, an I/O error) raises :class:`CheckpointWriteError` naming the file and the cause,
+    after removing the temporary file; the old file is untouched.
     """
-    path = Path(path)
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Atomically write ``obj`` as standard JSON: non-finite floats (NaN, inf), which
+    ``json`` would write as the invalid literals ``NaN``/``Infinity``, become ``null``."""
+    text = json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def _atomic_write(path: Path, write: Callable[[Any], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # Also on KeyboardInterrupt: never leave half-written temporaries behind.
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):
+            raise _write_error(path, e) from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
+    # torch.save reports a full disk from its zip writer as a RuntimeError ("[enforce fail
+    # at inline_container.cc] . unexpected pos ..."); name the likely cause instead.
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = -1
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = f"no space left on device ({free} bytes free)" if 0 <= free < 2**20 else first
+    kept = "the previous version is unchanged" if path.exists() else "nothing was written"
+    return CheckpointWriteError(f"cannot write {path}: {reason}; {kept}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -122,6 +177,33 @@ def load_checkpoint(
             ) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         raise CheckpointError(f"{path} is corrupt or truncated: {first}") from e
+
+
+#: What ``fastmlp.train.fit`` needs to continue a run from a checkpoint.
+TRAINING_KEYS = ("model", "optimizer", "epoch", "config", "metrics", "best_accuracy", "rng")
+
+
+def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` (loaded from ``path``) has everything
+    a resume needs, so a resume fails before training with the missing part named."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (a {type(state).__name__}); resume from "
+            "the last.pt of a fastmlp train run"
+        )
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        evaluable = "model" in state or all(isinstance(v, torch.Tensor) for v in state.values())
+        hint = f"; it can still be evaluated: fastmlp evaluate {path}" if evaluable else ""
+        raise CheckpointError(
+            f"{path} cannot be resumed: it lacks {', '.join(repr(k) for k in missing)} "
+            f"(resume from the last.pt of a fastmlp train run){hint}"
+        )
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        raise CheckpointError(f"{path} cannot be resumed: its 'rng' entry is damaged")
+    if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
+        raise CheckpointError(f"{path} cannot be resumed: its 'config' or 'epoch' is damaged")
 
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers

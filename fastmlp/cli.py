@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,7 +19,7 @@ from typing import Any, NoReturn
 import torch
 
 from fastmlp import checkpoint as ckpt
-from fastmlp import data
+from fastmlp import data, rundir
 
 __all__ = ["build_parser", "main"]
 
@@ -56,6 +55,28 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _int_in(low: int, high: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _max_loss(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
+
+
 def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = True) -> Any:
     def parse(text: str) -> float:
         try:
@@ -86,14 +107,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands (exposed for documentation and tests)."""
-    from fastmlp.train import TrainConfig
+    from fastmlp.train import IMAGE_SIZE, SEED_RANGE, TrainConfig
 
     d = TrainConfig()
     p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     data_help = (
-        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA, "
-        "~/.cache/fastmlp, /usr/share/datasets/fashion-mnist)"
+        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA if set, else "
+        "~/.cache/fastmlp or /usr/share/datasets/fashion-mnist)"
     )
     device_help = "auto (GPU if present), cpu, cuda or cuda:N (default: auto)"
     trust_help = "allow loading checkpoints that contain pickled objects (only if trusted)"
@@ -115,9 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="DIR",
         default=S,
-        help="output folder (default: runs/<date-time>; with --resume, its folder)",
+        help="output folder, used by one run at a time (default: a new runs/<date-time>; "
+        "with --resume, the checkpoint's folder)",
     )
-    t.add_argument("--epochs", type=_positive_int, default=S, help=f"default {d.epochs}")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (default: refuse)",
+    )
+    t.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=S,
+        help=f"default {d.epochs}; with --resume: continue the run to this many epochs in "
+        "total (a cosine/onecycle schedule is laid out again over the new total)",
+    )
     t.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -167,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--max-shift",
-        type=_int,
+        type=_int_in(0, IMAGE_SIZE - 1, "pixels"),
         default=S,
         metavar="PX",
         help=f"random shift in pixels under --augment (default {d.max_shift})",
@@ -191,7 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU "
         "(default auto; unused in a single process)",
     )
-    t.add_argument("--seed", type=_int, default=S, help=f"default {d.seed}")
+    t.add_argument(
+        "--seed", type=_int_in(*SEED_RANGE, "a seed"), default=S, help=f"default {d.seed}"
+    )
+    t.add_argument(
+        "--max-loss",
+        type=_max_loss,
+        default=S,
+        metavar="X",
+        help="stop as diverged when an epoch's mean train loss exceeds X; NaN/inf always "
+        f"stop the run; 'none': no limit (default {d.max_loss:g})",
+    )
     t.add_argument(
         "--train-samples",
         type=_positive_int,
@@ -263,9 +306,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if args.resume:
-        # The saved config decides what is computed; only where may change.
+        # The saved config decides what is computed; only where may change, and how long.
         where = ("device", "data", "backend")
-        ignored = sorted(set(given) - set(where))
+        ignored = sorted(set(given) - {*where, "epochs"})
         if ignored and _rank() == 0:
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             print(
@@ -276,14 +319,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = getattr(args, "out", None) or Path(args.resume).parent
     else:
         cfg = TrainConfig(**given)
-        out = getattr(args, "out", None) or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        _check_batch_size(cfg)
+        out = getattr(args, "out", None)
+    made_default = out is None and _rank() == 0
+    if out is None:
+        # Rank 0 makes a new runs/<date-time>[-N], never one another run has. Other ranks
+        # write nothing, but must also run with outputs on (the final evaluation for the
+        # plots is collective), so they get a placeholder path they never touch.
+        out = rundir.new_run_dir("runs") if _rank() == 0 else Path("runs") / "written-by-rank-0"
     log = None if args.quiet else print
     try:
         result = fit(
             cfg,
             out,
             resume=args.resume,
+            epochs=given.get("epochs") if args.resume else None,
             stop_after=args.stop_after,
+            overwrite=args.overwrite,
             log=log,
             progress=None if log else False,
         )
@@ -293,6 +345,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
             print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if made_default:
+            rundir.remove_if_unused(out)
     if result.epochs and result.rank == 0:
         last = result.epochs[-1]
         print(
@@ -300,6 +355,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"(best {100 * result.best_accuracy:.2f}%); outputs in {out}"
         )
     return 0
+
+
+def _check_batch_size(cfg: Any) -> None:
+    """A batch larger than the training split is a usage error (found before any work)."""
+    n = min(cfg.train_samples or data.TRAIN_SIZE, data.TRAIN_SIZE)
+    if cfg.batch_size > n:
+        raise UsageError(
+            f"fastmlp train: error: --batch-size {cfg.batch_size} is larger than the {n} "
+            f"training samples; use --batch-size {n} or less"
+        )
 
 
 def _rank() -> int:
@@ -313,7 +378,14 @@ def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, t
 
     dev = resolve_device(device)
     state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
-    model = build_model(ckpt.sizes_from_state_dict(state), dev)
+    sizes = ckpt.sizes_from_state_dict(state)
+    if sizes[0] != 28 * 28 or sizes[-1] != len(data.CLASSES):
+        raise ckpt.CheckpointError(
+            f"{path} holds a {sizes[0]}-input, {sizes[-1]}-output model; Fashion-MNIST needs "
+            f"784 inputs (28x28) and {len(data.CLASSES)} outputs (its classes): use a "
+            "checkpoint of a Fashion-MNIST model"
+        )
+    model = build_model(sizes, dev)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -338,18 +410,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     model, dev = _load_model(args.checkpoint, args.device, args.trust)
-    batch = torch.stack([data.load_image(p, args.invert) for p in args.images]).to(dev)
-    with torch.no_grad():
-        probs = torch.softmax(model(batch).float(), dim=1).cpu()
-    k = min(args.top, probs.shape[1])
-    for path, p in zip(args.images, probs, strict=True):
-        values, indices = p.topk(k)
-        ranked = ", ".join(
-            f"{data.labels_map.get(int(i), str(int(i)))} {v:.1%}"
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-        )
-        print(f"{path}: {ranked}")
-    return 0
+    # Every readable image gets its answer; each unreadable one its own error line.
+    good: list[tuple[str, torch.Tensor]] = []
+    errors: list[str] = []
+    for path in args.images:
+        try:
+            good.append((path, data.load_image(path, args.invert)))
+        except (OSError, ValueError) as e:
+            errors.append(str(e))
+    if good:
+        batch = torch.stack([image for _, image in good]).to(dev)
+        with torch.no_grad():
+            probs = torch.softmax(model(batch).float(), dim=1).cpu()
+        k = min(args.top, probs.shape[1])
+        for (path, _), p in zip(good, probs, strict=True):
+            values, indices = p.topk(k)
+            ranked = ", ".join(
+                f"{data.labels_map.get(int(i), str(int(i)))} {v:.1%}"
+                for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+            )
+            print(f"{path}: {ranked}")
+    for message in errors:
+        print(f"fastmlp predict: error: {message}", file=sys.stderr)
+    return EXIT_FAILURE if errors else 0
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:
@@ -390,10 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # data/checkpoint errors are ValueError/OSError/RuntimeError subclasses and carry
         # complete messages; others get their type name for context.
+        from fastmlp.train import TrainingDiverged
+
         known = (
             data.DataNotFoundError,
             data.DataFormatError,
             ckpt.CheckpointError,
+            rundir.RunDirError,
+            TrainingDiverged,
             FileNotFoundError,
             ValueError,
             ImportError,

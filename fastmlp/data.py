@@ -39,6 +39,7 @@ __all__ = [
     "DataFormatError",
     "DataNotFoundError",
     "FashionMNIST",
+    "TRAIN_SIZE",
     "cache_dir",
     "candidate_dirs",
     "find_data_dir",
@@ -67,9 +68,11 @@ labels_map: dict[int, str] = dict(enumerate(CLASSES))
 #: Where ``apt-get install dataset-fashion-mnist`` puts the files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+#: Images in the training split.
+TRAIN_SIZE = 60000
 # (images file, labels file, number of samples) per split; names as published by Zalando.
 _SPLITS: dict[bool, tuple[str, str, int]] = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", TRAIN_SIZE),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes; the only one Fashion-MNIST uses
@@ -100,17 +103,17 @@ def cache_dir() -> Path:
 def candidate_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """Folders searched for the data, in order.
 
-    An explicit ``root`` is the only place searched (a typo must not silently pick up other
-    data); otherwise ``$FASTMLP_DATA``, the cache folder and the Debian package folder.
-    Each folder is also searched in torchvision's layout (``FashionMNIST/raw``).
+    An explicit ``root``, else ``$FASTMLP_DATA`` when set, is the only place searched (a
+    typo must not silently pick up other data); otherwise the cache folder and the Debian
+    package folder. Each folder is also searched in torchvision's layout
+    (``FashionMNIST/raw``).
     """
     if root is not None:
         bases = [Path(root).expanduser()]
+    elif os.environ.get("FASTMLP_DATA"):
+        bases = [Path(os.environ["FASTMLP_DATA"]).expanduser()]
     else:
-        bases = []
-        if os.environ.get("FASTMLP_DATA"):
-            bases.append(Path(os.environ["FASTMLP_DATA"]).expanduser())
-        bases += [cache_dir(), DEBIAN_DIR]
+        bases = [cache_dir(), DEBIAN_DIR]
     dirs: list[Path] = []
     for base in bases:
         for d in (base, base / "FashionMNIST" / "raw", base / "raw"):
@@ -137,8 +140,23 @@ def find_data_dir(root: str | os.PathLike[str] | None = None, download: bool = T
 
     When none is found, no ``root`` was given and ``download`` is true, try torchvision's
     downloader into the cache folder. Raises :class:`DataNotFoundError` listing every place
-    looked at.
+    looked at. A ``$FASTMLP_DATA`` without the files is an error of its own (one line).
     """
+    env = os.environ.get("FASTMLP_DATA")
+    if root is None and env:
+        for d in candidate_dirs():
+            if d.is_dir() and not _missing(d):
+                return d
+        base = Path(env).expanduser()
+        problem = (
+            f"the Fashion-MNIST files are not in it (missing {', '.join(_missing(base))})"
+            if base.is_dir()
+            else "no such folder"
+        )
+        raise DataNotFoundError(
+            f"FASTMLP_DATA={env}: {problem}; point it at the folder with the four IDX files "
+            "or unset it"
+        )
     looked: list[str] = []
     for d in candidate_dirs(root):
         if not d.is_dir():

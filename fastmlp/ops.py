@@ -39,7 +39,8 @@ def linear_relu(
     ``F.linear`` would be.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Meta tensors (and other devices without autocast) have no autocast state to ask.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
     return torch.ops.fastmlp.linear_relu(x, weight, bias)

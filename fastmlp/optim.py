@@ -160,6 +160,14 @@ class FusedSGD(torch.optim.SGD):
         ``target`` holds class indices (int64). The fused kernel runs when
         :meth:`fused_step_applies`; otherwise exactly the code above runs.
         """
+        if x.dim() == 0 or x.shape[0] == 0:
+            # Cross-entropy of no samples is NaN, and its NaN gradient would poison every
+            # weight: refuse instead.
+            # RuntimeError, as the kernel's own check of a (0, features) batch raises.
+            raise RuntimeError(
+                f"FusedSGD.train_step: needs a non-empty batch, got x of shape "
+                f"{tuple(x.shape)}; skip empty batches"
+            )
         if not self.fused_step_applies(x):
             loss = F.cross_entropy(self.model(x), target, label_smoothing=label_smoothing)
             self.zero_grad(set_to_none=True)

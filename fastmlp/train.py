@@ -15,11 +15,13 @@ written by rank 0 alone.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,11 +33,13 @@ from torch import nn
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed
 from fastmlp.loops import EvalResult, evaluate, progress_bar, test_loop, train_loop
+from fastmlp.rundir import RunDir
 
 __all__ = [
     "EvalResult",
     "FitResult",
     "TrainConfig",
+    "TrainingDiverged",
     "build_model",
     "evaluate",
     "fit",
@@ -47,6 +51,8 @@ __all__ = [
 ]
 
 LogFn = Callable[[str], None]
+SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed accepts as a non-negative seed
+IMAGE_SIZE = 28  # Fashion-MNIST images are 28x28; shifts must leave part of the image
 # train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
 # `from fastmlp.train import train_loop, test_loop` reads like the tutorial.
 
@@ -85,6 +91,9 @@ class TrainConfig:
     data: str | None = None  # data folder; None searches the usual places
     train_samples: int | None = None  # train on the first N samples only (quick checks)
     backend: str = "auto"  # process group under torchrun: auto (nccl on CUDA, gloo) | gloo | nccl
+    # Mean training loss of an epoch above which the run counts as diverged and stops
+    # (None: only NaN/inf stop it). Cross-entropy over 10 classes starts near 2.3.
+    max_loss: float | None = 100.0
 
     def __post_init__(self) -> None:
         self.sizes = tuple(int(s) for s in self.sizes)
@@ -101,9 +110,26 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}"),
             (self.backend in distributed.BACKENDS, f"unknown backend {self.backend!r}"),
-            (self.max_shift >= 0, "max shift must be >= 0"),
+            (
+                0 <= self.max_shift < IMAGE_SIZE,
+                f"max shift must be between 0 and {IMAGE_SIZE - 1} pixels (images are "
+                f"{IMAGE_SIZE} wide), got {self.max_shift}",
+            ),
+            (
+                SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"seed must be between 0 and 2**64-1, got {self.seed}",
+            ),
+            (
+                self.max_loss is None or self.max_loss > 0,
+                f"max loss must be > 0 (or None), got {self.max_loss}",
+            ),
             (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
             (len(self.sizes) >= 2 and min(self.sizes) >= 1, f"bad layer sizes {self.sizes}"),
+            (
+                self.sizes[:1] == (784,) and self.sizes[-1:] == (10,),
+                f"layer sizes must run from 784 inputs (28x28 pixels) to 10 outputs (the "
+                f"Fashion-MNIST classes), got {self.sizes}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -162,11 +188,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-step schedule over the whole run, or ``None`` for a constant rate."""
+    """Per-step schedule over the whole run, or ``None`` for a constant rate.
+
+    Short one-cycle runs: the warm-up gets at least 1.5 steps (``OneCycleLR`` needs its
+    rising phase to span more than one step; 4 steps at 25% would be exactly one), i.e.
+    ``warmup`` becomes ``max(warmup, 1.5 / total_steps)``. A run of a single step has no
+    room for a cycle and uses the constant peak rate ``lr``.
+    """
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        if total < 2:
+            return None
+        pct = max(cfg.warmup, 1.5 / total)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct
         )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -202,10 +237,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/inf or exceeded ``TrainConfig.max_loss``; the run
+    stopped before saving the diverged epoch."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -230,7 +264,9 @@ def fit(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     resume: str | os.PathLike[str] | None = None,
+    epochs: int | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
     progress: bool | None = None,
     log: LogFn | None = print,
 ) -> FitResult:
@@ -242,6 +278,21 @@ def fit(
     on CPU to an uninterrupted run. ``stop_after`` ends this call after that many total
     epochs, as if interrupted. ``progress`` defaults to tqdm bars on a terminal.
 
+    ``epochs`` with ``resume`` continues the run to that many epochs in total (at least
+    the epochs already trained). With the ``none`` schedule the run simply goes on; a
+    ``cosine`` or ``onecycle`` schedule is laid out again over the new total: from the next
+    step on, the learning rate (and one-cycle's momentum) is exactly what a run planned
+    for ``epochs`` from the start would use at that step. For a run that had finished its
+    schedule this raises the rate again from its final minimum (a warm restart).
+
+    ``out_dir`` belongs to this call while it runs (:class:`fastmlp.rundir.RunDir`): a
+    second run on it fails at once, and one that holds an earlier run's results is refused
+    unless ``resume`` lies in it or ``overwrite`` is true (the old results are deleted).
+
+    A loss that turns NaN/inf or exceeds ``config.max_loss`` raises
+    :class:`TrainingDiverged` before that epoch is saved: ``last.pt`` keeps the last good
+    epoch. ``metrics.json`` is always standard JSON (a non-finite value would be ``null``).
+
     Launched by ``torchrun`` (see :mod:`fastmlp.distributed`), every process calls ``fit``
     with the same arguments: the process group is created here and destroyed on the way
     out (or an existing one is used), the model is wrapped in DistributedDataParallel,
@@ -251,20 +302,38 @@ def fit(
     them. The returned ``model`` is the plain (unwrapped) module on every rank.
     """
     state: dict[str, Any] | None = None
+    extended = False
     if resume is not None:
         state = ckpt.load_checkpoint(resume)
-        if not isinstance(state, dict) or "config" not in state or "optimizer" not in state:
-            raise ckpt.CheckpointError(f"{resume} is not a training checkpoint (no config)")
-        saved = TrainConfig.from_dict(state["config"])
+        ckpt.check_training_checkpoint(state, resume)
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{resume} cannot be resumed: bad config: {e}") from None
         if config is not None:  # where to run may change; what to compute may not
             saved.device, saved.data = config.device, config.data or saved.data
             saved.backend = config.backend
+        if epochs is not None:
+            done = int(state["epoch"])
+            if epochs < done:
+                raise ValueError(
+                    f"{resume} has already trained {done} epochs, more than --epochs "
+                    f"{epochs}; pass --epochs {done + 1} or more to continue it"
+                )
+            extended = epochs != saved.epochs
+            saved.epochs = epochs
         config = saved
+    elif epochs is not None:
+        raise ValueError("epochs= is for resume=; set TrainConfig.epochs for a new run")
     cfg = config if config is not None else TrainConfig()
     env = distributed.detect_env()  # None: one process, no process group
     device = distributed.device_for_rank(resolve_device(cfg.device), env)
-    with distributed.process_group(cfg.backend, device) as ctx:
-        return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log)
+    main = env is None or env.rank == 0
+    claim: Any = contextlib.nullcontext()
+    if out_dir is not None and main:
+        claim = RunDir(out_dir, resume=resume, overwrite=overwrite)
+    with claim, distributed.process_group(cfg.backend, device) as ctx:
+        return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log, extended)
 
 
 def _fit(
@@ -277,6 +346,7 @@ def _fit(
     stop_after: int | None,
     progress: bool | None,
     log: LogFn | None,
+    extended: bool = False,
 ) -> FitResult:
     main = ctx.is_main
     progress = main and (_is_tty() if progress is None else progress)
@@ -289,15 +359,19 @@ def _fit(
                 f"{ctx.world_size}: the global batch, steps per epoch and schedule depend on "
                 f"it; resume with {trained_by} process(es)"
             )
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and main:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else None  # claimed by fit() on rank 0
     if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
         distributed.split_cpu_threads(ctx)
 
     train_x, train_y = data.load_split(True, cfg.data)
     if cfg.train_samples is not None:
         train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
+    global_batch = cfg.batch_size * ctx.world_size
+    if global_batch > len(train_y):
+        raise ValueError(
+            f"batch size {global_batch} is larger than the {len(train_y)} training samples; "
+            f"use --batch-size {len(train_y) // ctx.world_size} or less"
+        )
     test_x, test_y = data.load_split(False, cfg.data)
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device)
     train_loader = data.DeviceLoader(
@@ -322,13 +396,32 @@ def _fit(
     history: list[dict[str, float]] = []
     best, start = 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ckpt.CheckpointError(
+                f"{resume} cannot be resumed: its state does not fit its config ({first})"
+            ) from None
         history, best, start = list(state["metrics"]), float(state["best_accuracy"]), state["epoch"]
         say(f"Resuming from {resume} after epoch {start}")
+        if start >= cfg.epochs:
+            say(
+                f"{resume} has already trained all {cfg.epochs} epochs: nothing to do "
+                "(continue it with --epochs N)"
+            )
+        if extended:
+            if scheduler is not None:
+                _replay_schedule(optimizer, scheduler, start * len(train_loader))
+                say(
+                    f"Extending the {cfg.schedule} schedule to {cfg.epochs} epochs: from "
+                    f"epoch {start + 1} the learning rate follows the {cfg.epochs}-epoch "
+                    "schedule"
+                )
+        elif scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
     net: nn.Module = model
     if ctx.distributed:
         # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
@@ -380,6 +473,7 @@ def _fit(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         train_loss = _mean_over_ranks(train_loss, ctx)
+        _check_diverged(train_loss, epoch + 1, cfg, out if main else None)
         last_eval = _evaluate(model, test_loader, cfg.precision, ctx)
         say(
             f"Test Error: \n Accuracy: {(100 * last_eval.accuracy):>0.1f}%, "
@@ -415,13 +509,23 @@ def _fit(
                 "rng": _rng_state(),
                 "versions": meta["versions"],
             }
-            ckpt.save_checkpoint(state, out / "last.pt")
-            if is_best:
-                ckpt.save_checkpoint(state, out / "best.pt")
-            _write_json(
-                out / "metrics.json",
-                {"config": cfg_dict, "epochs": history, "best_test_accuracy": best, **meta},
-            )
+            try:
+                ckpt.save_checkpoint(state, out / "last.pt")
+                if is_best:
+                    ckpt.save_checkpoint(state, out / "best.pt")
+                ckpt.save_json(
+                    {"config": cfg_dict, "epochs": history, "best_test_accuracy": best, **meta},
+                    out / "metrics.json",
+                )
+            except ckpt.CheckpointWriteError as e:
+                again = (
+                    f"continue with: fastmlp train --resume {out / 'last.pt'}"
+                    if (out / "last.pt").is_file()
+                    else "then start again"
+                )
+                raise ckpt.CheckpointWriteError(
+                    f"{e}; epoch {epoch + 1} is not fully saved; free space, {again}"
+                ) from None
     if epoch_bar is not None:
         epoch_bar.close()
     if out is not None and history:
@@ -447,6 +551,38 @@ def _fit(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
+
+
+def _check_diverged(loss: float, epoch: int, cfg: TrainConfig, out: Path | None) -> None:
+    """Raise :class:`TrainingDiverged` for a NaN/inf loss or one above ``cfg.max_loss``."""
+    if math.isfinite(loss) and (cfg.max_loss is None or loss <= cfg.max_loss):
+        return
+    what = "is not finite" if not math.isfinite(loss) else f"exceeds --max-loss {cfg.max_loss:g}"
+    if out is not None and (out / "last.pt").is_file():
+        kept = f"{out / 'last.pt'} keeps epoch {epoch - 1}, the last good one"
+    else:
+        kept = "no checkpoint was saved"
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch}: mean train loss {loss:.4g} {what}; {kept}; "
+        f"try a lower --lr (this run: {cfg.lr:g})"
+    )
+
+
+def _replay_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int
+) -> None:
+    """Bring a freshly made ``scheduler`` (for the extended total) to step ``steps`` from the
+    schedule's start, so the learning rate is what a run planned for the new total has
+    there. The optimizer state loaded from the checkpoint holds the old schedule's rate;
+    chainable schedules (cosine) step from the current rate, so start them from the
+    initial one."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    with warnings.catch_warnings():
+        # "lr_scheduler.step() before optimizer.step()": no optimizer step is due here.
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:

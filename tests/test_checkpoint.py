@@ -40,7 +40,7 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointWriteError, match="disk full; the previous version"):
         ckpt.save_checkpoint(state(2.0), p)
     monkeypatch.undo()
     assert ckpt.load_checkpoint(p)["epoch"] == 1

@@ -424,6 +424,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 def test_rank_zero_alone_writes_and_records_the_world(two_process_run: tuple[Path, str]) -> None:
     run, out = two_process_run
     assert sorted(p.name for p in run.iterdir()) == [
+        ".fastmlp.lock",  # rank 0's claim on the folder (fastmlp.rundir)
         "best.pt",
         "confusion.png",
         "curves.png",

@@ -1,0 +1,154 @@
+"""Export of models that use fastmlp's ops: ONNX (both exporters) and portable ``.pt2``.
+
+fastmlp's ops (``torch.ops.fastmlp.*``) exist only where the compiled extension is loaded.
+An exported model that still names them cannot run where fastmlp is absent, and no ONNX
+runtime knows them. This module gives every op two things, registered when ``fastmlp`` is
+imported, so export works with the ordinary PyTorch calls:
+
+* a pure-ATen **decomposition** (the op in terms of ``torch.relu``, ``F.linear``, ...).
+  It goes into PyTorch's global decomposition table, which ``torch.onnx.export(...,
+  dynamo=True)`` (the default exporter) consults for ops it has no ONNX function for: the
+  fused layer comes out as ``Gemm``/``MatMul`` + ``Relu``. The same table turns a
+  ``torch.export`` program into a portable one: :func:`portable` (or
+  ``ep.run_decompositions(fastmlp.export.decompositions())``) replaces every fastmlp op by
+  ATen ops, so the saved ``.pt2`` loads with ``torch.export.load`` where fastmlp is not
+  installed. (A bare ``ep.run_decompositions()`` decomposes only ops whose kernel is
+  ``CompositeImplicitAutograd``; fastmlp's ops have real CPU/CUDA kernels, hence the table.)
+* an ONNX **symbolic** for the TorchScript exporter (``torch.onnx.export(...,
+  dynamo=False)``), built from standard ONNX ops (``Gemm`` for 2-D inputs, else ``MatMul``
+  + ``Add``, then ``Relu``).
+
+The exported graph computes what the fused kernels compute up to float rounding (the
+kernels and the GEMM of an ONNX runtime sum in different orders).
+
+Adding an op (for example the whole-MLP ``fastmlp::mlp``): write its decomposition as a
+function of the op's arguments that calls only ATen ops (``torch.*``, ``F.*``), optionally
+an ONNX symbolic for the TorchScript exporter, and add one :class:`OpExport` line to
+:data:`OPS`. The tests in ``tests/test_export.py`` run every entry of :data:`OPS` against
+the op itself. ``fastmlp::mlp_sgd_step`` (a whole training step that updates its arguments
+in place) is deliberately absent: it never appears in an inference graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastmlp import _C  # noqa: F401  (the ops must exist before they can be registered)
+
+__all__ = ["OPS", "OpExport", "decompositions", "portable", "register"]
+
+# The oldest opset our symbolics use: Gemm, MatMul, Add, Relu, Transpose are all in opset 9,
+# and the TorchScript exporter uses a symbolic registered for opset 9 for any newer opset.
+_SYMBOLIC_OPSET = 9
+
+
+@dataclass(frozen=True)
+class OpExport:
+    """How one fastmlp op leaves PyTorch: its ATen decomposition and, optionally, an ONNX
+    symbolic for the TorchScript exporter (``None``: only the dynamo exporter handles it)."""
+
+    name: str  # "fastmlp::op_name"; the overload exported is ``.default``
+    decomposition: Callable[..., Any]
+    onnx_symbolic: Callable[..., Any] | None = None
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        namespace, op = self.name.split("::")
+        return getattr(getattr(torch.ops, namespace), op).default
+
+
+# --- fastmlp::linear_relu -------------------------------------------------------------
+
+
+def _linear_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return torch.relu(F.linear(x, weight, bias))
+
+
+def _linear_relu_symbolic(g: Any, x: Any, weight: Any, bias: Any) -> Any:
+    from torch.onnx import symbolic_helper
+
+    has_bias = not symbolic_helper._is_none(bias)
+    if symbolic_helper._get_tensor_rank(x) == 2:
+        # Gemm computes x @ weight.T (+ bias) in one node, as F.linear's own export does.
+        inputs = (x, weight, bias) if has_bias else (x, weight)
+        y = g.op("Gemm", *inputs, alpha_f=1.0, beta_f=1.0, transA_i=0, transB_i=1)
+    else:
+        y = g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0]))
+        if has_bias:
+            y = g.op("Add", y, bias)
+    return g.op("Relu", y)
+
+
+# --- fastmlp::linear_relu_backward ----------------------------------------------------
+
+
+def _linear_relu_backward(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Same contract as the kernels: the ReLU mask is y > 0; gradients not asked for are
+    # empty (0,) tensors.
+    g = torch.where(y > 0, grad_y, torch.zeros_like(grad_y))
+    empty = y.new_empty((0,))
+    grad_x = g.matmul(weight) if output_mask[0] and weight is not None else empty
+    flat = g.reshape(-1, g.shape[-1])
+    grad_w = (
+        flat.t().matmul(x.reshape(-1, x.shape[-1])) if output_mask[1] and x is not None else empty
+    )
+    grad_b = flat.sum(0) if output_mask[2] else empty
+    return grad_x, grad_w, grad_b
+
+
+#: One entry per exportable fastmlp op.
+OPS: tuple[OpExport, ...] = (
+    OpExport("fastmlp::linear_relu", _linear_relu, _linear_relu_symbolic),
+    OpExport("fastmlp::linear_relu_backward", _linear_relu_backward),
+)
+
+
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """``torch.export.default_decompositions()`` plus fastmlp's: pass it to
+    ``ExportedProgram.run_decompositions`` to get a program of ATen ops only."""
+    table = torch.export.default_decompositions()
+    for entry in OPS:
+        table[entry.overload] = entry.decomposition
+    return table
+
+
+def portable(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with every fastmlp op replaced by ATen ops (and decomposed to core ATen,
+    as ``run_decompositions()`` does): save it with ``torch.export.save`` and it loads and
+    runs with ``torch.export.load`` where fastmlp is not installed."""
+    return program.run_decompositions(decompositions())
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register every entry of :data:`OPS` with PyTorch (done on ``import fastmlp``;
+    calling it again does nothing)."""
+    global _registered
+    if _registered:
+        return
+    from torch._decomp import decomposition_table, register_decomposition
+
+    for entry in OPS:
+        if entry.overload not in decomposition_table:
+            register_decomposition(entry.overload)(entry.decomposition)
+        if entry.onnx_symbolic is not None:
+            torch.onnx.register_custom_op_symbolic(entry.name, entry.onnx_symbolic, _SYMBOLIC_OPSET)
+    _registered = True
+
+
+register()

@@ -1,0 +1,208 @@
+"""Each unclear case a user hit becomes one line that says what is wrong and what to do:
+exit 1 (2 for a bad command line), no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from workflow_fixtures import REAL_DATA, needs_real_data
+
+import fastmlp
+from fastmlp import checkpoint as ckpt
+from fastmlp import data, rundir
+from fastmlp import train as train_mod
+from fastmlp.cli import main
+from fastmlp.nn import MLP
+
+QUICK = ["--data", str(REAL_DATA), "--device", "cpu", "--quiet", "--train-samples", "1000"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def no_data(*args: object, **kw: object) -> None:
+    raise AssertionError("the data was loaded: the error came after training started")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--seed", str(2**70)], "--seed: expected a seed from 0 to"),
+        (["--batch-size", str(10**9)], "larger than the 60000 training samples"),
+        (["--batch-size", "1001", "--train-samples", "1000"], "use --batch-size 1000 or less"),
+        (["--max-shift", "100"], "--max-shift: expected pixels from 0 to 27"),
+        (["--max-loss", "-1"], "--max-loss: expected a positive number or 'none'"),
+    ],
+)
+def test_bad_values_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    argv: list[str],
+    expected: str,
+) -> None:
+    monkeypatch.setattr(data, "load_split", no_data)
+    code, out, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)
+    assert code == 2 and expected in one_line(err) and out == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_is_an_existing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    code, _, err = run(capsys, "train", "--out", str(f), "--device", "cpu")
+    assert code == 1 and "is a file, not a folder" in one_line(err)
+    assert f.read_text() == "keep"
+
+
+def test_read_only_out_is_found_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path: object, *args: object, **kw: object) -> int:
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rundir.os, "open", read_only)
+    monkeypatch.setattr(data, "load_split", no_data)
+    code, _, err = run(capsys, "train", "--out", str(out), "--device", "cpu")
+    assert code == 1 and "is not writable (Read-only file system)" in one_line(err)
+
+
+def test_fastmlp_data_that_does_not_exist(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASTMLP_DATA", "/nonexistent")
+    code, _, err = run(capsys, "samples", "--out", "x.png")
+    line = one_line(err)
+    assert code == 1 and "FASTMLP_DATA=/nonexistent: no such folder" in line
+    assert "unset it" in line
+
+
+@pytest.mark.parametrize("outputs", [5, 20])
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_checkpoint_with_other_than_10_outputs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, outputs: int, command: str
+) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(MLP((784, 32, outputs)).state_dict(), path)
+    extra = ["image.png"] if command == "predict" else []
+    code, _, err = run(capsys, command, str(path), *extra)
+    assert code == 1 and f"{outputs}-output model" in one_line(err) and "10 outputs" in err
+
+
+def test_resume_of_a_checkpoint_without_rng(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = MLP()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+        "epoch": 1,
+        "config": {"epochs": 2},
+        "metrics": [],
+        "best_accuracy": 0.5,
+    }
+    ckpt.save_checkpoint(state, tmp_path / "last.pt")
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "last.pt"))
+    line = one_line(err)
+    assert code == 1 and "cannot be resumed: it lacks 'rng'" in line
+    assert f"fastmlp evaluate {tmp_path / 'last.pt'}" in line
+
+
+def test_meta_tensors_through_linear_relu() -> None:
+    x = torch.empty(3, 7, device="meta")
+    w = torch.empty(5, 7, device="meta")
+    y = fastmlp.linear_relu(x, w, torch.empty(5, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 5)
+    assert MLP().to("meta")(torch.empty(2, 1, 28, 28, device="meta")).shape == (2, 10)
+
+
+def test_fused_sgd_on_an_empty_batch() -> None:
+    model = MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = fastmlp.FusedSGD(model, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match=r"non-empty batch, got x of shape \(0, 1, 28, 28\)"):
+        opt.train_step(torch.rand(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing changed, no NaN written
+
+
+def test_predict_reports_the_bad_image_and_still_answers_for_the_good(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / "model.pt"
+    torch.save(MLP().state_dict(), path)
+    good = tmp_path / "good.png"
+    Image.new("L", (40, 40), 30).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code, out, err = run(capsys, "predict", str(path), str(bad), str(good))
+    assert code == 1
+    assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
+    assert "cannot read image" in one_line(err) and str(bad) in err
+
+
+@needs_real_data
+@pytest.mark.parametrize("failure", ["oserror", "zip-writer"])
+def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    out = tmp_path / "run"
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def filling_disk(obj: object, f: object) -> None:
+        saves["n"] += 1
+        if saves["n"] <= 2:  # epoch 1: last.pt and best.pt
+            return real_save(obj, f)
+        f.write(b"partial")  # type: ignore[attr-defined]
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        # What torch's zip writer raises on a full disk.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", filling_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    code, _, err = run(capsys, "train", "--epochs", "2", "--out", str(out), *QUICK)
+    line = one_line(err)
+    assert code == 1
+    assert "no space left on device" in line.lower() and "previous version is unchanged" in line
+    assert f"fastmlp train --resume {out / 'last.pt'}" in line
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_training_diverged_error_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def diverged(*args: object, **kw: object) -> None:
+        raise train_mod.TrainingDiverged("training diverged in epoch 3: ...")
+
+    monkeypatch.setattr(train_mod, "fit", diverged)
+    code, _, err = run(capsys, "train", "--device", "cpu", "--out", "x")
+    assert code == 1 and one_line(err) == "fastmlp train: error: training diverged in epoch 3: ..."

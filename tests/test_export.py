@@ -1,0 +1,137 @@
+"""Export: every op's ATen decomposition, ONNX with both exporters (checked with
+onnxruntime), and a portable torch.export program that loads where fastmlp is absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmlp
+from fastmlp import export
+from fastmlp.nn import MLP, FusedLinearReLU
+
+
+def _fused_ops(gm: torch.fx.GraphModule) -> list[str]:
+    return [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("fastmlp.")
+    ]
+
+
+def _models() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [
+        ("mlp", MLP().eval(), torch.rand(5, 1, 28, 28)),
+        ("3-d input, no bias", FusedLinearReLU(7, 3, bias=False).eval(), torch.randn(2, 4, 7)),
+    ]
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (5,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_relu_decomposition_matches_the_op(shape: tuple[int, ...], bias: bool) -> None:
+    x, w = torch.randn(*shape, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if bias else None
+    (entry,) = [e for e in export.OPS if e.name == "fastmlp::linear_relu"]
+    torch.testing.assert_close(entry.decomposition(x, w, b), fastmlp.linear_relu(x, w, b))
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_linear_relu_backward_decomposition_matches_the_op(mask: tuple[bool, ...]) -> None:
+    x, w = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    y = fastmlp.linear_relu(x, w, torch.randn(4, dtype=torch.float64))
+    grad_y = torch.randn_like(y)
+    (entry,) = [e for e in export.OPS if e.name == "fastmlp::linear_relu_backward"]
+    got = entry.decomposition(grad_y, y, x, w, list(mask))
+    want = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, w, list(mask))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_every_table_entry_is_registered() -> None:
+    from torch._decomp import decomposition_table
+
+    for entry in export.OPS:
+        assert decomposition_table[entry.overload] is entry.decomposition, entry.name
+        assert entry.overload in export.decompositions(), entry.name
+
+
+def test_portable_program_has_only_aten_ops() -> None:
+    model, x = MLP().eval(), torch.rand(3, 1, 28, 28)
+    ep = torch.export.export(model, (x,))
+    assert _fused_ops(ep.graph_module)  # the fused op is in the exported graph
+    p = export.portable(ep)
+    assert _fused_ops(p.graph_module) == []
+    torch.testing.assert_close(p.module()(x), model(x))
+
+
+def test_portable_pt2_loads_where_fastmlp_is_absent(tmp_path: Path) -> None:
+    model, x = MLP().eval(), torch.rand(3, 1, 28, 28)
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(export.portable(torch.export.export(model, (x,))), path)
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    child = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["fastmlp"] = None  # `import fastmlp` now fails: fastmlp is absent
+        import torch
+        try:
+            import fastmlp
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("fastmlp was importable")
+        ep = torch.export.load({str(path)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(ep.module()(io["x"]), io["y"])
+        print("OK")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
+
+
+def test_unportable_pt2_fails_where_fastmlp_is_absent(tmp_path: Path) -> None:
+    # The contrast that makes the test above meaningful: without portable() the program
+    # names fastmlp's op and cannot load without the extension.
+    model, x = MLP().eval(), torch.rand(3, 1, 28, 28)
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    child = (
+        "import sys; sys.modules['fastmlp'] = None; import torch; "
+        f"ep = torch.export.load({str(path)!r}); ep.module()(torch.rand(3, 1, 28, 28))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("case", range(2), ids=["mlp", "3d-no-bias"])
+def test_onnx_export_matches_pytorch(tmp_path: Path, dynamo: bool, case: int) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    _, model, x = _models()[case]
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Relu" in ops and ops & {"Gemm", "MatMul"}, ops
+    assert not any("fastmlp" in o or "linear_relu" in o for o in ops), ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
