@@ -56,3 +56,25 @@ def test_epoch_flops_of_the_tutorial_mlp():
     # input gradients of the two upper layers; x2 for FLOPs.
     per_sample = 2 * (2 * (784 * 512 + 512 * 512 + 512 * 10) + 512 * 512 + 512 * 10)
     assert bench.epoch_flops(60_000) == 60_000 * per_sample
+
+
+def test_cli_bench_short_json(capsys):
+    from fastmlp.cli import main
+
+    assert main(["bench", "--short", "--precision", "fp32", "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(r["variant"], r["precision"]) for r in data["runs"]] == [
+        ("eager", "fp32"),
+        ("fastmlp", "fp32"),
+    ]
+    assert data["machine"]["cpu"] == hardware.cpu_info().model
+
+
+def test_cli_bench_auto_times_the_precision_auto_picks(capsys):
+    from fastmlp.cli import main
+
+    assert main(["bench", "--short", "--precision", "auto", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    picked = hardware.resolve_precision("auto", "cpu")
+    assert f"precision auto picks {picked}" in out
+    assert f"| fastmlp | {picked} (auto) |" in out

@@ -27,6 +27,19 @@ def small(**kw: object) -> TrainConfig:
 
 
 @needs_real_data
+def test_metrics_record_the_precision_asked_and_used_and_the_machine(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from fastmlp import hardware
+
+    metrics = json.loads((trained_run(tmp_path_factory) / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == "auto"  # the default
+    assert metrics["config"]["precision_used"] == hardware.resolve_precision("auto", "cpu")
+    assert metrics["machine"] == hardware.describe("cpu")
+    assert metrics["machine"]["cpu"] == hardware.cpu_info().model
+
+
+@needs_real_data
 def test_short_run_beats_80_percent_and_writes_outputs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
