@@ -133,8 +133,12 @@ def build_extensions():
         )
 
     with_cuda = want_cuda(torch.version.cuda, cuda_home)
+    # csrc/cuda holds the CUDA backend: its .cu files for nvcc and its ATen-only
+    # .cpp files for the host compiler, all built only with CUDA.
     sources = [
-        os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))
+        os.path.relpath(p, ROOT)
+        for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))
+        if not p.startswith(f"{ROOT}/csrc/cuda/")
     ]
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
@@ -154,7 +158,10 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(f"{ROOT}/csrc/cuda/*.cu"))]
+        sources += [
+            os.path.relpath(p, ROOT)
+            for p in sorted(glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp"))
+        ]
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs
