@@ -34,6 +34,16 @@ def linear_relu_ref(x, weight, bias=None):
     return torch.relu(F.linear(x, weight, bias))
 
 
+def mlp_ref(x, weights, biases=None):
+    """What fastmlp.ops.mlp must compute: Linear+ReLU layers, the last without ReLU."""
+    h = x
+    for i, w in enumerate(weights):
+        h = F.linear(h, w, None if biases is None else biases[i])
+        if i + 1 < len(weights):
+            h = torch.relu(h)
+    return h
+
+
 def forward_backward(fn, x, weight, bias, grad_y=None):
     """Runs fn forward and backward on fresh leaf copies; returns (y, grads, grad_y)."""
     leaves = [

@@ -82,14 +82,20 @@ class Workspace {
 // the layer below sums them in its own blocks), or undefined when
 // need_grad_h is false. Sums run in a fixed order: results do not depend on
 // thread timing.
+// split_by_thread = false makes one block of all N features, run by the
+// calling thread with the GEMMs threaded by the library: for bfloat16 and
+// float16 that is faster (see split_gemms_by_thread), and d(loss)/d(h) is
+// then one GEMM rounded once to the 16-bit type, as PyTorch's, instead of
+// per-thread parts each rounded before they are summed.
 template <typename scalar_t, typename Epilogue>
 at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
                           const at::Tensor& weight_c, bool need_grad_h,
-                          bool need_bias_grad, Workspace& ws,
-                          Epilogue&& epilogue) {
+                          bool need_bias_grad, bool split_by_thread,
+                          Workspace& ws, Epilogue&& epilogue) {
   const int64_t P = g_parts.size(0), B = g_parts.size(1), N = g_parts.size(2);
   const int64_t K = weight_c.size(1);
-  const int64_t grain = block_per_thread(N, kColumnAlign);
+  const int64_t grain = split_by_thread ? block_per_thread(N, kColumnAlign)
+                                        : std::max<int64_t>(N, 1);
   const int64_t blocks = ceil_div(N, grain);
   const at::Tensor out_parts =
       need_grad_h ? ws.next({blocks, B, K}, g_parts.options()) : at::Tensor();
@@ -104,7 +110,7 @@ at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
   const at::Tensor g_mat = g_parts.select(0, 0);
   using acc_t = math_t<scalar_t>;
 
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const auto run_blocks = [&](int64_t b0, int64_t b1) {
     BelowAutograd below;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * grain, rows = std::min(N, n0 + grain) - n0;
@@ -123,7 +129,13 @@ at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
           n0, rows, g_cols,
           need_bias_grad ? bias_grad.data() : static_cast<acc_t*>(nullptr));
     }
-  });
+  };
+  if (split_by_thread) {
+    at::parallel_for(0, blocks, 1, run_blocks);
+  } else {
+    // Outside any parallel region, so that the library threads the GEMMs.
+    run_blocks(0, blocks);
+  }
   return out_parts;
 }
 

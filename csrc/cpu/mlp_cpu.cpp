@@ -117,7 +117,8 @@ void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
     scalar_t* gb = m.bias[l] ? grad_b[l].data_ptr<scalar_t>() : nullptr;
     at::Tensor& gw = grad_w[l];
     g_parts = layer_backward<scalar_t>(
-        g_parts, mask, w[l], l > m.lowest || m.grad_x, m.bias[l], ws,
+        g_parts, mask, w[l], l > m.lowest || m.grad_x, m.bias[l],
+        split_gemms_by_thread<scalar_t>(), ws,
         [&](int64_t n0, int64_t rows, const at::Tensor& g_cols,
             const math_t<scalar_t>* bias_grad) {
           if (need_w) {

@@ -221,7 +221,8 @@ at::Tensor layer_backward_update(const at::Tensor& g_parts, const at::Tensor& y,
       !layer.weight_buf.defined() && std::is_same_v<scalar_t, param_t>;
   const double decay = 1.0 - o.lr * o.weight_decay;
   return layer_backward<scalar_t>(
-      g_parts, y, layer.weight_c, need_grad_h, layer.bias.defined(), ws,
+      g_parts, y, layer.weight_c, need_grad_h, layer.bias.defined(),
+      /*split_by_thread=*/true, ws,
       [&](int64_t n0, int64_t rows, const at::Tensor& g_cols,
           const param_t* bias_grad) {
         at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
