@@ -158,10 +158,8 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        sources += [
-            os.path.relpath(p, ROOT)
-            for p in sorted(glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp"))
-        ]
+        cuda_sources = glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp")
+        sources += [os.path.relpath(p, ROOT) for p in sorted(cuda_sources)]
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs
