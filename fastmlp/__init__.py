@@ -1,9 +1,9 @@
 """fastmlp: fast multilayer perceptrons for PyTorch.
 
-Fused Linear+ReLU kernels (C++ for the CPU, CUDA for the GPU) registered as
-PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
-(``fastmlp.nn``), ``FusedSGD`` that runs a whole training step as one kernel
-(``fastmlp.optim``), and a fast FashionMNIST workflow (``fastmlp.data``,
+Fused Linear+ReLU kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
+registered as PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
+and ``fuse()`` for existing models (``fastmlp.nn``), ``FusedSGD`` that runs a whole
+training step as one kernel (``fastmlp.optim``), and a fast FashionMNIST workflow (``fastmlp.data``,
 ``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
 """
 
@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from fastmlp import nn, ops, optim  # noqa: E402
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
-from fastmlp.ops import linear_relu  # noqa: E402
+from fastmlp.ops import linear_relu, mlp  # noqa: E402
 from fastmlp.optim import FusedSGD  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "linear_relu",
+    "mlp",
     "nn",
     "ops",
     "optim",
