@@ -118,6 +118,19 @@ def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     return possible
 
 
+def kernel_sources(with_cuda: bool) -> list[str]:
+    """The extension's sources, relative to the repository root. csrc/cuda holds the CUDA
+    backend: .cu files for nvcc and ATen-only .cpp files for the host compiler, all
+    built only with CUDA (a CPU build must not register CUDA kernels)."""
+    cpu = [
+        p
+        for p in glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True)
+        if not p.startswith(f"{ROOT}/csrc/cuda/")
+    ]
+    cuda = glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp")
+    return [os.path.relpath(p, ROOT) for p in sorted(cpu + (cuda if with_cuda else []))]
+
+
 def build_extensions():
     cuda_home = find_cuda_home()
     if cuda_home is not None:
@@ -133,13 +146,7 @@ def build_extensions():
         )
 
     with_cuda = want_cuda(torch.version.cuda, cuda_home)
-    # csrc/cuda holds the CUDA backend: its .cu files for nvcc and its ATen-only
-    # .cpp files for the host compiler, all built only with CUDA.
-    sources = [
-        os.path.relpath(p, ROOT)
-        for p in sorted(glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True))
-        if not p.startswith(f"{ROOT}/csrc/cuda/")
-    ]
+    sources = kernel_sources(with_cuda)
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
         # at::vec's 256-bit kernels for the epilogues; every x86-64 CPU since
@@ -158,8 +165,6 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        cuda_sources = glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp")
-        sources += [os.path.relpath(p, ROOT) for p in sorted(cuda_sources)]
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs
