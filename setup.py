@@ -35,14 +35,6 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo")
 
 
-def _sources(*patterns: str) -> list[str]:
-    return [
-        os.path.relpath(p, ROOT)
-        for pattern in patterns
-        for p in sorted(glob.glob(os.path.join(ROOT, pattern)))
-    ]
-
-
 def x86_64_flags() -> list[str]:
     """The CPU kernels' x86-64 flags, shared with CMakeLists.txt (csrc/x86_64_flags.txt)."""
     with open(os.path.join(ROOT, "csrc", "x86_64_flags.txt"), encoding="utf-8") as f:
@@ -137,6 +129,19 @@ def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     return possible
 
 
+def kernel_sources(with_cuda: bool) -> list[str]:
+    """The extension's sources, relative to the repository root. csrc/cuda holds the CUDA
+    backend: .cu files for nvcc and ATen-only .cpp files for the host compiler, all
+    built only with CUDA (a CPU build must not register CUDA kernels)."""
+    cpu = [
+        p
+        for p in glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True)
+        if not p.startswith(f"{ROOT}/csrc/cuda/")
+    ]
+    cuda = glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp")
+    return [os.path.relpath(p, ROOT) for p in sorted(cpu + (cuda if with_cuda else []))]
+
+
 def build_extensions():
     cuda_home = find_cuda_home()
     if cuda_home is not None:
@@ -152,9 +157,7 @@ def build_extensions():
         )
 
     with_cuda = want_cuda(torch.version.cuda, cuda_home)
-    # csrc/ and csrc/cpu/ build everywhere; csrc/cuda/ (CUDA kernels and the
-    # host glue that launches them) only in CUDA builds.
-    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    sources = kernel_sources(with_cuda)
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     if platform.machine().lower() in ("x86_64", "amd64"):
         cxx_flags += x86_64_flags()
@@ -171,7 +174,6 @@ def build_extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        sources += _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
         nv_includes, nv_libs = nvidia_pip_dirs()
         include_dirs += nv_includes
         library_dirs += nv_libs

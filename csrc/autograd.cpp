@@ -1,5 +1,6 @@
-// Autograd for fastmlp::linear_relu, for every backend: the backward is the
-// fastmlp::linear_relu_backward op.
+// Autograd for fastmlp::linear_relu and fastmlp::mlp, for every backend:
+// their backwards are the fastmlp::linear_relu_backward and
+// fastmlp::mlp_backward ops.
 //
 // Why C++ and not torch.library.register_autograd in Python: the Python
 // path costs tens of microseconds per layer and step (an autograd.Function
@@ -16,6 +17,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastmlp {
 namespace {
@@ -95,6 +97,101 @@ class LinearReLUFunction
   }
 };
 
+using MlpResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+using MlpGrads =
+    std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+MlpResult call_mlp(const at::Tensor& x, at::TensorList weights,
+                   at::TensorList biases) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmlp::mlp", "")
+                       .typed<MlpResult(const at::Tensor&, at::TensorList,
+                                        at::TensorList)>();
+  return op.call(x, weights, biases);
+}
+
+MlpGrads call_mlp_backward(const at::Tensor& grad_y,
+                           const std::optional<at::Tensor>& x,
+                           at::TensorList weights, at::TensorList hidden,
+                           const c10::List<bool>& mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp_backward", "")
+          .typed<MlpGrads(const at::Tensor&, const std::optional<at::Tensor>&,
+                          at::TensorList, at::TensorList,
+                          const c10::List<bool>&)>();
+  return op.call(grad_y, x, weights, hidden, mask);
+}
+
+// The whole MLP as one autograd node. Inputs, as autograd counts them: x,
+// then each weight, then each bias. Outputs: y, then the hidden activations,
+// which are not differentiable (they are what backward reads).
+class MlpFunction : public torch::autograd::Function<MlpFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               at::TensorList weights, at::TensorList biases) {
+    MlpResult result;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      result = call_mlp(x, weights, biases);
+    }
+    auto& [y, hidden] = result;
+    // Save only what backward reads: every weight (the gradient flows down
+    // through them), the hidden activations, and x when weights[0] needs a
+    // gradient (see LinearReLUFunction for why not needs_input_grad).
+    variable_list saved(weights.begin(), weights.end());
+    saved.insert(saved.end(), hidden.begin(), hidden.end());
+    saved.push_back(weights[0].requires_grad() ? x : at::Tensor());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["has_bias"] = !biases.empty();
+    ctx->mark_non_differentiable(hidden);
+    // No zero tensors for the hidden outputs' (never used) gradients.
+    ctx->set_materialize_grads(false);
+    variable_list out{y};
+    out.insert(out.end(), hidden.begin(), hidden.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx,
+                                variable_list grad_outputs) {
+    const auto L = static_cast<size_t>(ctx->saved_data["layers"].toInt());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t inputs = 1 + L * (has_bias ? 2 : 1);
+    c10::List<bool> mask;
+    bool any = false;
+    for (size_t i = 0; i < inputs; ++i) {
+      mask.push_back(ctx->needs_input_grad(i));
+      any = any || mask.get(i);
+    }
+    const at::Tensor& grad_y = grad_outputs[0];
+    if (!any || !grad_y.defined()) return variable_list(inputs);
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<at::Tensor> weights(saved.begin(), saved.begin() + L);
+    const std::vector<at::Tensor> hidden(saved.begin() + L,
+                                         saved.begin() + 2 * L - 1);
+    // As in LinearReLUFunction: with create_graph=True go through the
+    // backward op's autograd, which raises a clear error if differentiated.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
+    auto [gx, gw, gb] = call_mlp_backward(
+        grad_y.contiguous(), maybe(saved[2 * L - 1]), weights, hidden, mask);
+    variable_list grads(inputs);
+    if (mask.get(0)) grads[0] = gx;
+    for (size_t l = 0; l < L; ++l) {
+      if (mask.get(1 + l)) grads[1 + l] = gw[l];
+      if (has_bias && mask.get(1 + L + l)) grads[1 + L + l] = gb[l];
+    }
+    return grads;
+  }
+};
+
+MlpResult mlp_autograd(const at::Tensor& x, at::TensorList weights,
+                       at::TensorList biases) {
+  variable_list out = MlpFunction::apply(x, weights, biases);
+  return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
+}
+
 at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
   return LinearReLUFunction::apply(x, weight, bias);
@@ -104,6 +201,7 @@ at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight,
 
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_relu", &linear_relu_autograd);
+  m.impl("mlp", &mlp_autograd);
 }
 
 }  // namespace fastmlp

@@ -8,6 +8,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
 
+#include <optional>
+#include <string>
+#include <vector>
+
 namespace fastmlp {
 
 // (..., features) -> (rows, features), contiguous. Unlike reshape({-1, f}) it
@@ -22,9 +26,9 @@ inline bool is_supported_float(at::ScalarType t) {
          t == at::kHalf;
 }
 
-inline void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()),
-              "fastmlp.linear_relu: ", name,
+inline void check_float_tensor(const at::Tensor& t, const char* name,
+                               const char* op = "fastmlp.linear_relu: ") {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, name,
               " must be a floating-point tensor (float32, bfloat16, float16 "
               "or float64), got ",
               t.scalar_type());
@@ -135,6 +139,123 @@ inline void check_linear_relu_backward_args(
                   "fastmlp.linear_relu_backward: x has ", xv.size(-1),
                   " features but weight expects ", weight->size(1));
     }
+  }
+}
+
+// Checks the whole-MLP forward's x (..., in_features), weights (L layers,
+// weights[l] of shape (out_l, in_l) with in_0 = in_features and
+// in_l = out_{l-1}) and biases (empty, or one (out_l,) per layer), all of x's
+// dtype and device. Widths must be positive: a layer of width 0 makes the MLP
+// a constant, which is a mistake far more often than an intent.
+inline void check_mlp_args(const at::Tensor& x, at::TensorList weights,
+                           at::TensorList biases) {
+  const char* op = "fastmlp.mlp: ";
+  check_float_tensor(x, "x", op);
+  TORCH_CHECK(x.dim() >= 1, op,
+              "x must have at least 1 dimension (..., in_features), got a 0-D "
+              "tensor");
+  TORCH_CHECK(!weights.empty(), op, "weights must list at least one layer");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), op,
+              "biases must be empty (no biases) or hold one tensor per layer (",
+              weights.size(), "), got ", biases.size());
+  int64_t features = x.size(-1);
+  TORCH_CHECK(features > 0, op, "x must have in_features > 0, got shape ",
+              x.sizes());
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& w = weights[l];
+    const std::string name = "weights[" + std::to_string(l) + "]";
+    check_float_tensor(w, name.c_str(), op);
+    TORCH_CHECK(w.dim() == 2 && w.size(0) > 0, op, name,
+                " must be 2-D (out_features, in_features) with out_features > "
+                "0, got shape ",
+                w.sizes());
+    TORCH_CHECK(w.size(1) == features, op, "in_features mismatch: ", name,
+                " has shape ", w.sizes(), " but its input has ", features,
+                l == 0 ? " features (the last dimension of x)"
+                       : " features (the rows of the layer before)");
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, name,
+                " must have x's dtype ", x.scalar_type(), ", got ",
+                w.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), op, name, " must be on x's device ",
+                x.device(), ", got ", w.device());
+    features = w.size(0);
+    if (biases.empty()) continue;
+    const at::Tensor& b = biases[l];
+    const std::string bname = "biases[" + std::to_string(l) + "]";
+    check_float_tensor(b, bname.c_str(), op);
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, bname,
+                " must have shape (", w.size(0), ",), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, bname,
+                " must have x's dtype ", x.scalar_type(), ", got ",
+                b.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), op, bname, " must be on x's device ",
+                x.device(), ", got ", b.device());
+  }
+}
+
+// Checks mlp_backward's arguments: grad_y of the forward output's shape,
+// the forward's weights and hidden activations (one (rows, out_l) per layer
+// but the last), x when weights[0]'s gradient is asked for, and output_mask
+// = (grad_x, grad of each weight[, grad of each bias]): 1 + L entries
+// without biases, 1 + 2L with.
+inline void check_mlp_backward_args(const at::Tensor& grad_y,
+                                    const std::optional<at::Tensor>& x,
+                                    at::TensorList weights,
+                                    at::TensorList hidden,
+                                    const std::vector<bool>& output_mask) {
+  const char* op = "fastmlp.mlp_backward: ";
+  TORCH_CHECK(!weights.empty(), op, "weights must list at least one layer");
+  const size_t L = weights.size();
+  TORCH_CHECK(output_mask.size() == 1 + L || output_mask.size() == 1 + 2 * L,
+              op,
+              "output_mask must have 1 + L (no biases) or 1 + 2L entries "
+              "for L = ",
+              L, " layers, got ", output_mask.size());
+  TORCH_CHECK(hidden.size() + 1 == L, op,
+              "hidden must hold one activation per layer but the last (", L - 1,
+              "), got ", hidden.size());
+  check_float_tensor(grad_y, "grad_y", op);
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weights[L - 1].size(0),
+              op, "grad_y must have shape (..., ", weights[L - 1].size(0),
+              "), got ", grad_y.sizes());
+  const int64_t rows =
+      c10::multiply_integers(grad_y.sizes().slice(0, grad_y.dim() - 1));
+  const auto same_kind = [&](const at::Tensor& t, const std::string& name) {
+    check_float_tensor(t, name.c_str(), op);
+    TORCH_CHECK(t.scalar_type() == grad_y.scalar_type() &&
+                    t.device() == grad_y.device(),
+                op, name, " must match grad_y's dtype ", grad_y.scalar_type(),
+                " and device ", grad_y.device(), ", got ", t.scalar_type(),
+                " on ", t.device());
+  };
+  for (size_t l = 0; l < L; ++l) {
+    const std::string name = "weights[" + std::to_string(l) + "]";
+    same_kind(weights[l], name);
+    TORCH_CHECK(weights[l].dim() == 2 &&
+                    (l == 0 || weights[l].size(1) == weights[l - 1].size(0)),
+                op, name, " must be 2-D and take the layer before's ",
+                l == 0 ? 0 : weights[l - 1].size(0), " outputs, got shape ",
+                weights[l].sizes());
+    if (l + 1 < L) {
+      const std::string hname = "hidden[" + std::to_string(l) + "]";
+      same_kind(hidden[l], hname);
+      TORCH_CHECK(hidden[l].dim() == 2 && hidden[l].size(0) == rows &&
+                      hidden[l].size(1) == weights[l].size(0),
+                  op, hname, " must have shape (", rows, ", ",
+                  weights[l].size(0), "), got ", hidden[l].sizes());
+    }
+  }
+  if (output_mask[1]) {
+    TORCH_CHECK(x.has_value(), op,
+                "x is required to compute weights[0]'s gradient "
+                "(output_mask[1] is true)");
+  }
+  if (x.has_value()) {
+    same_kind(*x, "x");
+    TORCH_CHECK(x->dim() >= 1 && x->size(-1) == weights[0].size(1) &&
+                    x->numel() == rows * weights[0].size(1),
+                op, "x must have shape (..., ", weights[0].size(1), ") with ",
+                rows, " rows, got ", x->sizes());
   }
 }
 

@@ -1,6 +1,6 @@
 // Op schemas of the fastmlp library. Each backend registers its kernels in
-// its own file (cpu/linear_relu_cpu.cpp, cuda/linear_relu_cuda.cpp); the
-// Python side (fastmlp/ops.py) adds fake implementations and autograd.
+// its own file (cpu/*.cpp, cuda/*); the Python side (fastmlp/ops.py) adds fake
+// implementations and autograd.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastmlp, m) {
@@ -14,6 +14,24 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "linear_relu_backward(Tensor grad_y, Tensor y, Tensor? x, "
       "Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // A whole MLP: h = relu(h @ weights[l].T + biases[l]) for every layer but
+  // the last, which has no activation; x of shape (..., in_features), the
+  // output (..., out_features of the last layer). biases is empty (no
+  // biases) or holds one per layer. Also returns the hidden activations (one
+  // (rows, out_l) tensor per layer but the last), which mlp_backward reads:
+  // they are the inputs of the layers above and their sign is the ReLU mask.
+  m.def(
+      "mlp(Tensor x, Tensor[] weights, Tensor[] biases) "
+      "-> (Tensor, Tensor[])");
+  // Gradients of mlp from grad_y and what forward saved, in one call.
+  // output_mask = (grad_x, grad of each weight, then of each bias when the
+  // MLP has biases): 1 + L or 1 + 2L entries. Returns (grad_x, grad_weights,
+  // grad_biases), the latter empty without biases; a gradient not asked for
+  // is an empty tensor of shape (0,). x is needed only for weights[0]'s
+  // gradient.
+  m.def(
+      "mlp_backward(Tensor grad_y, Tensor? x, Tensor[] weights, "
+      "Tensor[] hidden, bool[] output_mask) -> (Tensor, Tensor[], Tensor[])");
   // One SGD training step of an MLP in place: forward (ReLU after every
   // layer but the last), mean softmax cross-entropy with label smoothing,
   // backward, and torch.optim.SGD's update (dampening 0) of the weights,

@@ -1,9 +1,9 @@
 """fastmlp: fast multilayer perceptrons for PyTorch.
 
-Fused Linear+ReLU kernels (C++ for the CPU, CUDA for the GPU) registered as
-PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
-(``fastmlp.nn``), ``FusedSGD`` that runs a whole training step as one kernel
-(``fastmlp.optim``), export to ONNX and portable ``.pt2``
+Fused Linear+ReLU kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
+registered as PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
+and ``fuse()`` for existing models (``fastmlp.nn``), ``FusedSGD`` that runs a whole
+training step as one kernel (``fastmlp.optim``), export to ONNX and portable ``.pt2``
 (``fastmlp.export``), and a fast FashionMNIST workflow (``fastmlp.data``,
 ``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
 """
@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from fastmlp import engines, export, nn, ops, optim  # noqa: E402
 from fastmlp.engines import cuda_engine_report  # noqa: E402
 from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
-from fastmlp.ops import linear_relu  # noqa: E402
+from fastmlp.ops import linear_relu, mlp  # noqa: E402
 from fastmlp.optim import FusedSGD  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "unfuse",
     "linear_relu",
     "export",
+    "mlp",
     "nn",
     "ops",
     "optim",

@@ -1,4 +1,5 @@
-"""Modules built on the fused op: FusedLinearReLU, MLP, and fuse()/unfuse().
+"""Modules built on the fused ops: FusedLinearReLU, FusedSequential, MLP, and
+fuse()/unfuse().
 
 Everything here keeps plain PyTorch's parameter names and state_dict keys, so
 checkpoints move freely between fastmlp models and ordinary ``nn.Linear`` /
@@ -7,15 +8,21 @@ checkpoints move freely between fastmlp models and ordinary ``nn.Linear`` /
 
 from __future__ import annotations
 
+import importlib
+import logging
+import operator
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastmlp.ops import linear_relu
+from fastmlp.ops import linear_relu, mlp
 
-__all__ = ["FusedLinearReLU", "MLP", "fuse", "unfuse"]
+__all__ = ["FusedLinearReLU", "FusedSequential", "MLP", "describe_fusion", "fuse", "unfuse"]
+
+logger = logging.getLogger(__name__)
 
 
 class FusedLinearReLU(nn.Linear):
@@ -55,15 +62,154 @@ class FusedLinearReLU(nn.Linear):
         return linear
 
 
-class MLP(nn.Module):
-    """The tutorial's ``NeuralNetwork``, with fused hidden layers.
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive children of a Sequential computed as one whole-MLP op: Linear layers
+    with a ReLU between each pair (and after the last one when ``relu_last``)."""
 
-    ``sizes`` lists the layer widths from input to logits; every layer but the
-    last is Linear+ReLU (fused), the last is a plain Linear. The default is the
-    tutorial's 784-512-512-10. Submodule names match the tutorial
-    (``flatten``, ``linear_relu_stack.0/.2/.4``), so
-    ``NeuralNetwork().load_state_dict(MLP().state_dict())`` works with
-    ``strict=True`` and the other way round.
+    names: tuple[str, ...]  # every child the run covers, ReLUs and no-ops included
+    linears: tuple[nn.Linear, ...]
+    relu_last: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linears = self.linears
+        if len(linears) == 1:  # Linear + ReLU: the per-layer fused op
+            return linear_relu(x, linears[0].weight, linears[0].bias)
+        weights = [lin.weight for lin in linears]
+        biases = None if linears[0].bias is None else [lin.bias for lin in linears]
+        y = mlp(x, weights, biases)
+        return torch.relu(y) if self.relu_last else y
+
+
+def _is_no_op(module: nn.Module) -> bool:
+    # What may sit inside a run without changing it: torchvision.ops.MLP puts a
+    # Dropout(p=0.0) after every layer.
+    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
+
+
+def _plan(seq: nn.Sequential) -> list[nn.Module | _Run]:
+    """The Sequential's children, with each fusable run replaced by a _Run.
+
+    Only exact ``nn.Linear`` and ``nn.ReLU`` are fused: a subclass may have its own
+    forward. A run needs at least two Linears, or one followed by a ReLU, and the same
+    bias presence throughout (the op takes biases for all layers or none).
+    """
+    items = list(seq._modules.items())
+    plan: list[nn.Module | _Run] = []
+    i = 0
+    while i < len(items):
+        run = _run_at(items, i)
+        if run is None:
+            plan.append(items[i][1])
+            i += 1
+        else:
+            plan.append(run)
+            i += len(run.names)
+    return plan
+
+
+def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _Run | None:
+    if type(items[start][1]) is not nn.Linear:
+        return None
+    has_bias = items[start][1].bias is not None
+    linears: list[nn.Linear] = []
+    end = start  # one past the last child the run covers
+    relu_last = False
+    i = start
+    while i < len(items) and type(items[i][1]) is nn.Linear:
+        if (items[i][1].bias is not None) != has_bias:
+            break
+        linears.append(items[i][1])
+        i += 1
+        while i < len(items) and _is_no_op(items[i][1]):
+            i += 1
+        end, relu_last = i, False
+        if i < len(items) and type(items[i][1]) is nn.ReLU:
+            i += 1
+            while i < len(items) and _is_no_op(items[i][1]):
+                i += 1
+            end, relu_last = i, True
+        else:
+            break
+    if len(linears) < 2 and not relu_last:
+        return None
+    names = tuple(name for name, _ in items[start:end])
+    return _Run(names, tuple(linears), relu_last)
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` that computes each run of ``Linear`` (+ ``ReLU``) children as
+    one whole-MLP op (:func:`fastmlp.ops.mlp`, one autograd node) and every other child
+    as usual.
+
+    Its children, their names and so the state_dict keys are those of the Sequential it
+    was made from: :func:`fuse` turns an ``nn.Sequential`` into one in place and
+    :func:`unfuse` turns it back. Forward hooks of the fused children do not run.
+    """
+
+    _plan_key: tuple[nn.Module, ...] | None = None
+    _plan_cache: list[nn.Module | _Run] | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            plan = _plan(self)
+        else:
+            # Children may be replaced (seq[1] = nn.Tanh()): plan again when they change.
+            key = tuple(self._modules.values())
+            if key != self._plan_key:
+                self._plan_cache, self._plan_key = _plan(self), key
+            plan = self._plan_cache
+        for step in plan:
+            input = step(input)
+        return input
+
+    def runs(self) -> list[_Run]:
+        """The runs of children computed as one op each."""
+        return [step for step in _plan(self) if isinstance(step, _Run)]
+
+
+# Subclasses of nn.Sequential that keep its forward (torchvision.ops.MLP) are fused as a
+# class deriving from both; it is named after the original so that pickle finds it
+# again through this module's __getattr__ (below), also in a fresh process.
+_FUSED_PREFIX = "_Fused__"
+
+
+def _fused_class(cls: type) -> type:
+    if cls is nn.Sequential or issubclass(cls, FusedSequential):
+        return FusedSequential
+    name = _FUSED_PREFIX + (cls.__module__ + ":" + cls.__qualname__).replace(".", "_o_")
+    fused = globals().get(name)
+    if fused is None:
+        fused = type(name, (FusedSequential, cls), {"__module__": __name__, "_unfused": cls})
+        fused.__name__ = "Fused" + cls.__name__  # what repr() shows; pickle uses __qualname__
+        globals()[name] = fused
+    return fused
+
+
+def __getattr__(name: str) -> type:
+    if name.startswith(_FUSED_PREFIX):
+        module, _, qualname = name[len(_FUSED_PREFIX) :].replace("_o_", ".").partition(":")
+        cls = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        return _fused_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _unfused_class(module: FusedSequential) -> type:
+    return getattr(type(module), "_unfused", nn.Sequential)
+
+
+class MLP(nn.Module):
+    """The tutorial's ``NeuralNetwork``, computed by one whole-MLP op.
+
+    ``sizes`` lists the layer widths from input to logits; every layer but the last is
+    followed by ReLU. The default is the tutorial's 784-512-512-10. Submodules are the
+    tutorial's (``flatten``, ``linear_relu_stack`` = Linear, ReLU, Linear, ReLU, Linear),
+    so ``NeuralNetwork().load_state_dict(MLP().state_dict())`` works with ``strict=True``
+    and the other way round; the stack is a :class:`FusedSequential`, so forward and
+    backward run as one op each (:func:`fastmlp.ops.mlp`). :meth:`linears` lists the
+    Linear layers.
     """
 
     def __init__(
@@ -74,71 +220,137 @@ class MLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        sizes = tuple(int(s) for s in sizes)
-        if len(sizes) < 2 or any(s <= 0 for s in sizes):
-            raise ValueError(f"MLP sizes must list at least 2 positive layer widths, got {sizes}")
+        sizes = _layer_widths(sizes)
         self.sizes = sizes
-        layers: list[tuple[str, nn.Module]] = []
+        layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-            last = i == len(sizes) - 2
-            cls = nn.Linear if last else FusedLinearReLU
-            # Index 2*i: the tutorial's Sequential has a ReLU between Linears.
-            layers.append((str(2 * i), cls(fan_in, fan_out, bias, device=device, dtype=dtype)))
+            layers.append(nn.Linear(fan_in, fan_out, bias, device=device, dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
         self.flatten = nn.Flatten()
-        self.linear_relu_stack = nn.Sequential(OrderedDict(layers))
+        self.linear_relu_stack = FusedSequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_relu_stack(self.flatten(x))
 
+    def linears(self) -> list[nn.Linear]:
+        """The Linear layers in order (their weights and biases are the MLP's parameters)."""
+        return [m for m in self.linear_relu_stack if isinstance(m, nn.Linear)]
 
-def _is_exactly(module: nn.Module, cls: type) -> bool:
-    return type(module) is cls
+
+def _layer_widths(sizes: Sequence[int]) -> tuple[int, ...]:
+    def width(s: object) -> int:
+        if isinstance(s, bool):
+            raise TypeError(f"MLP sizes must be integers, got {s!r} in {sizes!r}")
+        try:
+            return operator.index(s)  # ints and integer numpy scalars; 7.9 is refused
+        except TypeError:
+            raise TypeError(f"MLP sizes must be integers, got {s!r} in {sizes!r}") from None
+
+    widths = tuple(width(s) for s in sizes)
+    if len(widths) < 2 or any(s <= 0 for s in widths):
+        raise ValueError(f"MLP sizes must list at least 2 positive layer widths, got {widths}")
+    return widths
 
 
 def fuse(module: nn.Module) -> nn.Module:
-    """Replace, in place, each ``nn.Linear`` directly followed by ``nn.ReLU``
-    inside any ``nn.Sequential`` of ``module`` with one FusedLinearReLU that
-    shares the Linear's parameters. Outputs are unchanged. Returns ``module``.
+    """Make every ``nn.Sequential`` in ``module`` (itself included) compute its runs of
+    ``nn.Linear`` + ``nn.ReLU`` layers as one whole-MLP op each; returns ``module``,
+    changed in place.
 
-    The ReLU's slot becomes an ``nn.Identity`` so the Sequential's indices, and
-    so the state_dict keys, stay the same.
+    A run is two or more exact ``nn.Linear`` layers with an exact ``nn.ReLU`` between
+    each pair (a ReLU after the last is included), or one Linear followed by a ReLU; an
+    ``nn.Identity`` or ``nn.Dropout(p=0)`` inside it is skipped (torchvision.ops.MLP has
+    those). Subclasses of Linear or ReLU are left alone, as is anything else (a
+    BatchNorm between a Linear and its ReLU ends the run). The Sequentials keep their
+    children, names and parameters, so state_dict keys are unchanged: each becomes a
+    :class:`FusedSequential` (a subclass of nn.Sequential, and of its own class when
+    that subclasses Sequential without its own forward). Outputs are equal to the
+    unfused model's up to floating-point rounding. What was fused and what was left is
+    logged (logger ``fastmlp.nn``, level INFO) and returned by :func:`describe_fusion`.
     """
-    for child in module.modules():
-        if not isinstance(child, nn.Sequential):
+    for seq in list(module.modules()):
+        if not isinstance(seq, nn.Sequential) or isinstance(seq, FusedSequential):
             continue
-        names = list(child._modules)
-        for name, next_name in zip(names, names[1:], strict=False):
-            first, second = child._modules[name], child._modules[next_name]
-            if _is_exactly(first, nn.Linear) and isinstance(second, nn.ReLU):
-                child._modules[name] = FusedLinearReLU.from_linear(first)
-                child._modules[next_name] = nn.Identity()
+        if type(seq).forward is not nn.Sequential.forward:
+            continue  # a Sequential with its own forward: we cannot know what it computes
+        if any(isinstance(step, _Run) for step in _plan(seq)):
+            seq.__class__ = _fused_class(type(seq))
+    for line in describe_fusion(module):
+        logger.info("fastmlp.fuse: %s", line)
     return module
 
 
-def unfuse(module: nn.Module) -> nn.Module:
-    """Turn a fastmlp model back into plain ``nn.Linear`` + ``nn.ReLU`` (sharing
-    parameters), for export where the extension is not installed. Returns a new
-    top-level module if ``module`` itself is a FusedLinearReLU, else ``module``
-    changed in place.
+def describe_fusion(module: nn.Module) -> list[str]:
+    """One line per fused run of ``module`` and per Linear layer left unfused (and why)."""
+    lines: list[str] = []
+    fused: set[int] = set()
+    for prefix, seq in module.named_modules():
+        if isinstance(seq, FusedSequential):
+            for run in seq.runs():
+                fused.update(id(lin) for lin in run.linears)
+                where = ".".join(filter(None, [prefix, run.names[0]]))
+                last = ".".join(filter(None, [prefix, run.names[-1]]))
+                op = "fastmlp.mlp" if len(run.linears) > 1 else "fastmlp.linear_relu"
+                lines.append(
+                    f"fused {where}..{last} ({len(run.linears)} Linear layers"
+                    f"{', ReLU after the last' if run.relu_last and len(run.linears) > 1 else ''})"
+                    f" into one {op} op"
+                )
+    for prefix, seq in module.named_modules():
+        children = list(seq._modules.items())
+        for i, (name, child) in enumerate(children):
+            if not isinstance(child, nn.Linear) or id(child) in fused:
+                continue
+            where = ".".join(filter(None, [prefix, name]))
+            if type(child) is not nn.Linear:
+                why = f"a {type(child).__name__}, not an exact nn.Linear"
+            elif not isinstance(seq, nn.Sequential):
+                why = f"inside a {type(seq).__name__}, not an nn.Sequential"
+            elif (
+                not isinstance(seq, FusedSequential)
+                and type(seq).forward is not nn.Sequential.forward
+            ):
+                why = f"inside {type(seq).__name__}, which has its own forward"
+            elif i + 1 < len(children):
+                why = f"followed by {type(children[i + 1][1]).__name__}, not ReLU"
+            else:
+                why = "last in its Sequential, no ReLU after it"
+            lines.append(f"left {where} ({why})")
+    return lines
 
-    In a Sequential, a FusedLinearReLU followed by the ``nn.Identity`` that
-    :func:`fuse` left becomes Linear, ReLU again; an MLP's stack is rebuilt with
-    the tutorial's indices 0..4 (Linear, ReLU, Linear, ReLU, Linear).
+
+def unfuse(module: nn.Module) -> nn.Module:
+    """Undo :func:`fuse` exactly, and turn FusedLinearReLU layers back into plain
+    ``nn.Linear`` + ``nn.ReLU`` (sharing parameters), for export where the extension is
+    not installed. Returns a new top-level module if ``module`` itself is a
+    FusedLinearReLU, else ``module`` changed in place.
+
+    A FusedSequential (from :func:`fuse`, or an :class:`MLP`'s stack) becomes the plain
+    Sequential class it was, with the same children. In a Sequential, a FusedLinearReLU
+    becomes Linear, ReLU (taking the slot of an ``nn.Identity`` right after it, if any);
+    an MLP's stack keeps the tutorial's indices 0..4.
     """
     if isinstance(module, FusedLinearReLU):
         return nn.Sequential(module.to_linear(), nn.ReLU())
     for child in list(module.modules()):
-        for name, sub in list(child._modules.items()):
-            if isinstance(sub, nn.Sequential):
-                child._modules[name] = _unfuse_sequential(sub)
-            elif isinstance(sub, FusedLinearReLU):
-                child._modules[name] = nn.Sequential(sub.to_linear(), nn.ReLU())
+        if isinstance(child, FusedSequential):
+            child.__class__ = _unfused_class(child)
+            child.__dict__.pop("_plan_key", None)
+            child.__dict__.pop("_plan_cache", None)
+        if isinstance(child, nn.Sequential):
+            _unfuse_sequential(child)
+        else:
+            for name, sub in list(child._modules.items()):
+                if isinstance(sub, FusedLinearReLU):
+                    child._modules[name] = nn.Sequential(sub.to_linear(), nn.ReLU())
     return module
 
 
-def _unfuse_sequential(seq: nn.Sequential) -> nn.Sequential:
+def _unfuse_sequential(seq: nn.Sequential) -> None:
+    """Replaces, in place, each FusedLinearReLU child of ``seq`` by Linear, ReLU."""
     if not any(isinstance(m, FusedLinearReLU) for m in seq._modules.values()):
-        return seq
+        return
     items = list(seq._modules.items())
     out: list[tuple[str, nn.Module]] = []
     skip_next = False
@@ -152,15 +364,16 @@ def _unfuse_sequential(seq: nn.Sequential) -> nn.Sequential:
         out.append((name, sub.to_linear()))
         following = items[i + 1] if i + 1 < len(items) else None
         if following is not None and type(following[1]) is nn.Identity:
-            out.append((following[0], nn.ReLU()))  # the slot fuse() emptied
+            out.append((following[0], nn.ReLU()))  # the slot an older fuse() emptied
             skip_next = True
         else:
             out.append((_relu_name(name, seq), nn.ReLU()))
-    return nn.Sequential(OrderedDict(out))
+    seq._modules.clear()
+    seq._modules.update(OrderedDict(out))
 
 
 def _relu_name(linear_name: str, seq: nn.Sequential) -> str:
-    # MLP's stack is named 0, 2, 4: the ReLUs go back to 1, 3 as in the tutorial.
+    # A stack named 0, 2, 4: the ReLUs go back to 1, 3 as in the tutorial.
     if linear_name.isdigit() and str(int(linear_name) + 1) not in seq._modules:
         return str(int(linear_name) + 1)
     return f"{linear_name}_relu"

@@ -6,16 +6,20 @@ per backend (csrc/cpu, csrc/cuda). This module adds what PyTorch needs around
 them: a ``register_fake`` for each op, so that ``torch.compile`` traces them
 without graph breaks, and autocast handling. Autograd of the forward op is
 registered in C++ (csrc/autograd.cpp); its backward is the
-``linear_relu_backward`` op.
+``linear_relu_backward`` op. The same holds for the whole-MLP op ``mlp`` and its
+backward ``mlp_backward``.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
 from fastmlp import _C  # noqa: F401  (loading the library registers the ops and autograd)
 
-__all__ = ["linear_relu", "linear_relu_backward"]
+__all__ = ["linear_relu", "linear_relu_backward", "mlp", "mlp_backward"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -68,6 +72,64 @@ def linear_relu_backward(
     """
     grads = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, weight, list(output_mask))
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask, strict=True))
+
+
+def mlp(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A whole MLP in one op, differentiable as one autograd node.
+
+    Computes ``h = relu(F.linear(h, weights[l], biases[l]))`` for every layer but the
+    last, and ``F.linear`` alone for the last, from ``h = x``.
+
+    Args:
+        x: input of shape ``(..., in_features)``.
+        weights: one ``(out_l, in_l)`` tensor per layer, ``in_0 = in_features`` and
+            ``in_l = out_{l-1}``.
+        biases: ``None`` (no biases) or one ``(out_l,)`` tensor per layer.
+
+    Returns:
+        Tensor of shape ``(..., out_features of the last layer)``, equal to the layer by
+        layer PyTorch computation up to floating-point rounding, NaN included.
+
+    Backward (the ``mlp_backward`` op) computes, in one call, only the gradients asked
+    for. Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
+    ``F.linear`` would be.
+    """
+    biases = [] if biases is None else list(biases)
+    weights = list(weights)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = _autocast(x, dtype)
+        weights = [_autocast(w, dtype) for w in weights]
+        biases = [_autocast(b, dtype) for b in biases]
+    return torch.ops.fastmlp.mlp(x, weights, biases)[0]
+
+
+def mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Gradients ``(grad_x, grad_weights, grad_biases)`` of :func:`mlp` in one call.
+
+    ``hidden`` are the activations ``torch.ops.fastmlp.mlp`` returned beside its output;
+    ``output_mask`` lists grad_x, then each weight, then each bias (when the MLP has
+    biases). Gradients not asked for are ``None``.
+    """
+    mask = list(output_mask)
+    n = len(weights)
+    gx, gws, gbs = torch.ops.fastmlp.mlp_backward(grad_y, x, list(weights), list(hidden), mask)
+    return (
+        gx if mask[0] else None,
+        [g if m else None for g, m in zip(gws, mask[1 : 1 + n], strict=True)],
+        [g if m else None for g, m in zip(gbs, mask[1 + n :], strict=True)],
+    )
 
 
 # --- fake implementations: shapes, dtypes and the argument checks -------------
@@ -147,6 +209,76 @@ def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
     return grad_x, grad_w, grad_b
 
 
+def _check_mlp_layer(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    torch._check(
+        t.dtype in _SUPPORTED_DTYPES,
+        lambda: f"fastmlp.mlp: {name} must be a floating-point tensor, got {t.dtype}",
+    )
+    torch._check(t.dtype == x.dtype, lambda: f"fastmlp.mlp: {name} must have x's dtype {x.dtype}")
+    torch._check(
+        t.device == x.device, lambda: f"fastmlp.mlp: {name} must be on x's device {x.device}"
+    )
+
+
+@torch.library.register_fake("fastmlp::mlp")
+def _mlp_fake(x, weights, biases):
+    torch._check(
+        x.dtype in _SUPPORTED_DTYPES,
+        lambda: f"fastmlp.mlp: x must be a floating-point tensor, got {x.dtype}",
+    )
+    torch._check(x.dim() >= 1, lambda: "fastmlp.mlp: x must have at least 1 dimension")
+    torch._check(len(weights) > 0, lambda: "fastmlp.mlp: weights must list at least one layer")
+    torch._check(
+        len(biases) in (0, len(weights)),
+        lambda: "fastmlp.mlp: biases must be empty (no biases) or hold one tensor per layer",
+    )
+    rows = math.prod(x.shape[:-1])
+    features = x.shape[-1]
+    hidden = []
+    for i, w in enumerate(weights):
+        _check_mlp_layer(w, f"weights[{i}]", x)
+        torch._check(w.dim() == 2, lambda i=i: f"fastmlp.mlp: weights[{i}] must be 2-D")
+        torch._check(
+            w.shape[1] == features,
+            lambda i=i, w=w, f=features: (
+                f"fastmlp.mlp: in_features mismatch: weights[{i}] "
+                f"has shape {tuple(w.shape)} but its input has {f} features"
+            ),
+        )
+        if biases:
+            _check_mlp_layer(biases[i], f"biases[{i}]", x)
+            torch._check(
+                biases[i].shape == (w.shape[0],),
+                lambda i=i, n=w.shape[0]: f"fastmlp.mlp: biases[{i}] must have shape ({n},)",
+            )
+        features = w.shape[0]
+        if i + 1 < len(weights):
+            hidden.append(x.new_empty((rows, features)))
+    return x.new_empty((*x.shape[:-1], features)), hidden
+
+
+@torch.library.register_fake("fastmlp::mlp_backward")
+def _mlp_backward_fake(grad_y, x, weights, hidden, output_mask):
+    n = len(weights)
+    torch._check(
+        len(output_mask) in (1 + n, 1 + 2 * n),
+        lambda: "fastmlp.mlp_backward: output_mask must have 1 + L or 1 + 2L entries",
+    )
+    grad_x = grad_y.new_empty((0,))
+    if output_mask[0]:
+        grad_x = grad_y.new_empty((*grad_y.shape[:-1], weights[0].shape[1]))
+    # One tensor per output, also for those not asked for: outputs must not alias.
+    grad_w = [
+        grad_y.new_empty(w.shape) if m else grad_y.new_empty((0,))
+        for w, m in zip(weights, output_mask[1 : 1 + n], strict=True)
+    ]
+    grad_b = [
+        grad_y.new_empty((w.shape[0],)) if m else grad_y.new_empty((0,))
+        for w, m in zip(weights, output_mask[1 + n :], strict=False)
+    ]
+    return grad_x, grad_w, grad_b
+
+
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
 def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
     # The parameters and buffers are updated in place; the output is the loss.
@@ -165,8 +297,8 @@ def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
 
 def _double_backward_unsupported(ctx, *grads):
     raise RuntimeError(
-        "fastmlp.linear_relu does not support double backward (gradients of "
-        "gradients); use torch.relu(F.linear(...)) for that"
+        "fastmlp's fused ops (linear_relu, mlp) do not support double backward "
+        "(gradients of gradients); use torch.relu(F.linear(...)) for that"
     )
 
 
@@ -176,6 +308,11 @@ def _backward_setup_context(ctx, inputs, output):
 
 torch.library.register_autograd(
     "fastmlp::linear_relu_backward",
+    _double_backward_unsupported,
+    setup_context=_backward_setup_context,
+)
+torch.library.register_autograd(
+    "fastmlp::mlp_backward",
     _double_backward_unsupported,
     setup_context=_backward_setup_context,
 )

@@ -31,15 +31,17 @@ _UNSUPPORTED = object()  # an autocast state the fused kernel does not implement
 def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of ``model`` in order if it is an MLP the fused step can run
     (Flatten, then Linear/ReLU layers with a ReLU after every Linear but the last, as
-    :class:`fastmlp.MLP` and the tutorial's ``NeuralNetwork`` are); else ``None``.
+    :class:`fastmlp.MLP` and the tutorial's ``NeuralNetwork``, fused or not, are); else
+    ``None``. For a :class:`fastmlp.MLP` they are its :meth:`~fastmlp.MLP.linears`.
     """
-    from fastmlp.nn import FusedLinearReLU
+    from fastmlp.nn import MLP, FusedLinearReLU
 
     flatten, stack = getattr(model, "flatten", None), getattr(model, "linear_relu_stack", None)
     if not isinstance(flatten, nn.Flatten) or not isinstance(stack, nn.Sequential):
         return None
     if set(model._modules) != {"flatten", "linear_relu_stack"} or flatten.start_dim != 1:
         return None
+    # The layout is checked for an MLP too: its stack may have been edited since.
     linears: list[nn.Linear] = []
     relu_after: list[bool] = []
     for sub in stack:
@@ -49,12 +51,14 @@ def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
         elif type(sub) is nn.Linear:
             linears.append(sub)
             relu_after.append(False)
-        elif isinstance(sub, nn.ReLU) and relu_after and not relu_after[-1]:
+        elif type(sub) is nn.ReLU and relu_after and not relu_after[-1]:
             relu_after[-1] = True
-        elif not isinstance(sub, nn.Identity):  # fuse() leaves Identity in the ReLU's slot
+        elif not isinstance(sub, nn.Identity):  # an older fuse() left Identity in ReLU's slot
             return None
     if not linears or relu_after != [True] * (len(linears) - 1) + [False]:
         return None
+    if isinstance(model, MLP):
+        linears = model.linears()
     has_bias = {lin.bias is not None for lin in linears}
     return linears if len(has_bias) == 1 else None
 

@@ -29,6 +29,7 @@ __all__ = [
     "layer_inputs",
     "linear_relu_ref",
     "magnitude_refs",
+    "mlp_ref",
     "rel_err",
     "scaled_err",
 ]
@@ -72,6 +73,16 @@ class NeuralNetwork(nn.Module):
 def linear_relu_ref(x, weight, bias=None):
     """relu(x @ weight.T + bias): what fastmlp.linear_relu must compute."""
     return torch.relu(F.linear(x, weight, bias))
+
+
+def mlp_ref(x, weights, biases=None):
+    """What fastmlp.ops.mlp must compute: Linear+ReLU layers, the last without ReLU."""
+    h = x
+    for i, w in enumerate(weights):
+        h = F.linear(h, w, None if biases is None else biases[i])
+        if i + 1 < len(weights):
+            h = torch.relu(h)
+    return h
 
 
 def layer_inputs(

@@ -105,3 +105,12 @@ def test_impossible_cuda_request_fails_clearly(
     with pytest.raises(SystemExit):
         setup_py.want_cuda(torch_cuda, home)
     assert message in capsys.readouterr().err
+
+
+def test_cuda_sources_are_built_only_with_cuda(setup_py):
+    cpu = setup_py.kernel_sources(with_cuda=False)
+    cuda = setup_py.kernel_sources(with_cuda=True)
+    assert "csrc/cpu/mlp_cpu.cpp" in cpu and "csrc/linear_relu.cpp" in cpu
+    assert not [p for p in cpu if p.startswith("csrc/cuda/")]
+    assert {"csrc/cuda/linear_relu.cu", "csrc/cuda/mlp_aten.cpp"} <= set(cuda)
+    assert set(cpu) < set(cuda)

@@ -102,8 +102,50 @@ def test_tutorial_network_layout_is_fused():
 
 
 def test_fused_model_layout_after_fuse():
-    net = fastmlp.fuse(NeuralNetwork())
-    assert [type(m) for m in mlp_linears(net)] == [fastmlp.FusedLinearReLU] * 2 + [nn.Linear]
+    net = NeuralNetwork()
+    linears = [m for m in net.linear_relu_stack if type(m) is nn.Linear]
+    fastmlp.fuse(net)
+    assert mlp_linears(net) == linears
+
+
+def test_mlp_linears_of_an_mlp_are_its_linears():
+    model = fastmlp.MLP((7, 13, 5, 3))
+    assert mlp_linears(model) == model.linears()
+    assert [lin.out_features for lin in model.linears()] == [13, 5, 3]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "fused-tutorial"])
+def test_fused_models_train_with_train_step_and_in_a_user_loop(kind):
+    torch.manual_seed(0)
+    model = fastmlp.MLP() if kind == "mlp" else fastmlp.fuse(NeuralNetwork())
+    ref = fastmlp.unfuse(copy.deepcopy(model))
+    opt = FusedSGD(model, lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.rand(16, 1, 28, 28, generator=gen)
+        y = torch.randint(0, 10, (16,), generator=gen)
+        if step % 2 == 0:
+            assert opt.fused_step_applies(x)
+            loss = opt.train_step(x, y)
+        else:  # the user's own loop, through the whole-MLP op's autograd
+            loss = _eager_step(model, opt, x, y)
+        torch.testing.assert_close(loss, _eager_step(ref, ref_opt, x, y))
+    _assert_same_state(model, opt, ref, ref_opt, {})
+
+
+def test_user_loop_with_adamw_matches_eager():
+    torch.manual_seed(0)
+    model = fastmlp.MLP((12, 9, 9, 4))
+    ref = fastmlp.unfuse(copy.deepcopy(model))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x, y = _batch(8, (12, 4), torch.float32, gen)
+        torch.testing.assert_close(_eager_step(model, opt, x, y), _eager_step(ref, ref_opt, x, y))
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.parametrize(

@@ -204,8 +204,10 @@ void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
 // g[:, c0:c1] = sum of the parts' columns c0:c1, masked where y <= 0 (the
 // ReLU's threshold_backward rule: NaN passes, 0 blocks), with each column's
 // sum added into bias_acc[c - c0] (when given). Parts are rows x ld
-// row-major; g may be the first part. Sums are in math_t and in row order,
-// so results do not depend on the thread count or timing.
+// row-major; g may be the first part. y == nullptr: no mask (a layer without
+// activation); g == nullptr: nothing stored (only the bias sums are wanted).
+// Sums are in math_t and in row order, so results do not depend on the
+// thread count or timing.
 template <typename scalar_t>
 void combine_grad_block(const std::vector<const scalar_t*>& parts,
                         const scalar_t* y, scalar_t* g, int64_t rows,
@@ -221,8 +223,10 @@ void combine_grad_block(const std::vector<const scalar_t*>& parts,
       for (size_t p = 1; p < parts.size(); ++p) {
         sum = sum + load_math(parts[p] + off + c, n);
       }
-      sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
-      store_math(sum, g + off + c, n);
+      if (y != nullptr) {
+        sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
+      }
+      if (g != nullptr) store_math(sum, g + off + c, n);
       if (bias_acc != nullptr) {
         (Vec::loadu(bias_acc + c - c0, n) + sum).store(bias_acc + c - c0, n);
       }

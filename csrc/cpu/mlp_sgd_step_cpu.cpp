@@ -18,7 +18,7 @@
 //    is never stored: the update is the GEMM W = (1 - lr*wd) W - lr g^T h.
 // Under bfloat16 compute the GEMMs read bfloat16 copies of the float32
 // parameters, and the update refreshes those copies in the same pass.
-// Temporaries are kept from one call to the next (see Workspace).
+// Temporaries are kept from one call to the next (Workspace, mlp_blocks.h).
 // The maths is torch.optim.SGD's (dampening 0) on nn.CrossEntropyLoss(mean,
 // label_smoothing); results match the eager step up to rounding.
 #include <ATen/ATen.h>
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/mlp_blocks.h"
 
 namespace fastmlp {
 namespace {
@@ -122,48 +123,6 @@ void cross_entropy_rows(scalar_t* z, int64_t B, int64_t C, int64_t r0,
   }
 }
 
-// A rows x cols matrix in memory this thread keeps from one call to the
-// next: a fresh allocation of this size (hundreds of KiB) would be new pages
-// from the OS at every step, and their faults cost as much as the GEMM
-// writing them (measured: the 256x784 weight-gradient block took 330 us
-// instead of 180 us).
-at::Tensor scratch_matrix(int64_t rows, int64_t cols,
-                          const at::TensorOptions& options) {
-  thread_local at::Tensor buffer;
-  const int64_t n = rows * cols;
-  if (!buffer.defined() || buffer.numel() < n ||
-      buffer.scalar_type() != options.dtype().toScalarType()) {
-    buffer = at::empty({n}, options);
-  }
-  return buffer.narrow(0, 0, n).view({rows, cols});
-}
-
-// The step's larger temporaries (activations, gradient parts), kept by the
-// calling thread from one call to the next for the same reason as
-// scratch_matrix. Each call takes its buffers in the same order (next()).
-class Workspace {
- public:
-  static Workspace& for_this_thread() {
-    thread_local Workspace ws;
-    ws.slot_ = 0;
-    return ws;
-  }
-  at::Tensor next(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    if (slot_ == buffers_.size()) buffers_.emplace_back();
-    at::Tensor& buf = buffers_[slot_++];
-    const int64_t n = c10::multiply_integers(sizes);
-    if (!buf.defined() || buf.numel() < n ||
-        buf.scalar_type() != options.dtype().toScalarType()) {
-      buf = at::empty({n}, options);
-    }
-    return buf.narrow(0, 0, n).view(sizes);
-  }
-
- private:
-  std::vector<at::Tensor> buffers_;
-  size_t slot_ = 0;
-};
-
 // data + offset of an optional tensor (a momentum buffer), or nullptr.
 template <typename T>
 T* ptr_at(const at::Tensor& t, int64_t offset = 0) {
@@ -244,75 +203,48 @@ double output_layer_step(const at::Tensor& h, Layer& layer,
   return total / static_cast<double>(B);
 }
 
-// Backward and update of a hidden layer y = relu(h @ W.T + b).
-//
-// d(loss)/d(y) arrives as the sum of `g_parts` (P x B x N). The layer's
-// output features are cut into one block per thread; the thread that owns
-// rows n0:n1 of W does everything that touches them, with no barrier: sum
-// and mask its columns of the gradient (into part 0), its share of
-// d(loss)/d(h) = g[:, n0:n1] @ W[n0:n1, :] (which reads the old W), then the
-// update of those rows. d(loss)/d(h) is returned as one part per block
-// (summed by the layer below, in its own blocks), or undefined when
-// need_grad_h is false.
+// Backward and update of a hidden layer y = relu(h @ W.T + b): the shared
+// layer backward (mlp_blocks.h), in which the thread that owns rows n0:n1 of
+// W masks its columns of the gradient, reduces the bias gradient, computes
+// its share of d(loss)/d(h) from the old W, and then, as the epilogue here,
+// updates those rows. For plain SGD (momentum 0) the weight gradient is never
+// stored: the update is the GEMM W = (1 - lr*wd) W - lr g^T h.
 template <typename scalar_t>
 at::Tensor layer_backward_update(const at::Tensor& g_parts, const at::Tensor& y,
                                  const at::Tensor& h, Layer& layer,
                                  bool need_grad_h, const SgdOptions& o,
                                  Workspace& ws) {
   using param_t = math_t<scalar_t>;
-  const int64_t B = g_parts.size(1), N = g_parts.size(2), K = h.size(1);
-  const int64_t grain = block_per_thread(N, kColumnAlign);
-  const int64_t blocks = ceil_div(N, grain);
-  const at::Tensor out_parts =
-      need_grad_h ? ws.next({blocks, B, K}, h.options()) : at::Tensor();
-  std::vector<const scalar_t*> parts;
-  for (int64_t p = 0; p < g_parts.size(0); ++p) {
-    parts.push_back(g_parts.data_ptr<scalar_t>() + p * B * N);
-  }
-  scalar_t* g = g_parts.data_ptr<scalar_t>();  // the summed gradient, in place
-  const at::Tensor g_mat = g_parts.select(0, 0);
-  const bool has_bias = layer.bias.defined();
+  const int64_t K = h.size(1);
   // Plain SGD on parameters of the compute type: the update is the GEMM.
   const bool update_in_gemm =
       !layer.weight_buf.defined() && std::is_same_v<scalar_t, param_t>;
   const double decay = 1.0 - o.lr * o.weight_decay;
-
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    BelowAutograd below;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t n0 = blk * grain, rows = std::min(N, n0 + grain) - n0;
-      std::vector<param_t> bias_grad(has_bias ? rows : 0, param_t(0));
-      combine_grad_block<scalar_t>(parts, y.data_ptr<scalar_t>(), g, B, N, n0,
-                                   n0 + rows,
-                                   has_bias ? bias_grad.data() : nullptr);
-      const at::Tensor g_cols = g_mat.narrow(1, n0, rows);
-      if (need_grad_h) {
-        at::Tensor out = out_parts.select(0, blk);
-        at::mm_out(out, g_cols, layer.weight_c.narrow(0, n0, rows));
-      }
-      at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
-      if (update_in_gemm) {
-        // W = (1 - lr*wd) W - lr * g^T h, in the GEMM itself.
-        w_rows.addmm_(g_cols.t(), h, decay, -o.lr);
-      } else {
-        at::Tensor grad_rows = scratch_matrix(rows, K, h.options());
-        at::mm_out(grad_rows, g_cols.t(), h);
-        sgd_update<param_t, scalar_t>(
-            w_rows.data_ptr<param_t>(), {grad_rows.data_ptr<scalar_t>()},
-            ptr_at<param_t>(layer.weight_buf, n0 * K), rows * K, o,
-            layer.keep_copies ? layer.weight_c.data_ptr<scalar_t>() + n0 * K
-                              : nullptr);
-      }
-      if (has_bias) {
-        sgd_update<param_t, param_t, scalar_t>(
-            layer.bias.data_ptr<param_t>() + n0, {bias_grad.data()},
-            ptr_at<param_t>(layer.bias_buf, n0), rows, o,
-            layer.keep_copies ? layer.bias_c.data_ptr<scalar_t>() + n0
-                              : nullptr);
-      }
-    }
-  });
-  return out_parts;
+  return layer_backward<scalar_t>(
+      g_parts, y, layer.weight_c, need_grad_h, layer.bias.defined(),
+      /*split_by_thread=*/true, ws,
+      [&](int64_t n0, int64_t rows, const at::Tensor& g_cols,
+          const param_t* bias_grad) {
+        at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
+        if (update_in_gemm) {
+          w_rows.addmm_(g_cols.t(), h, decay, -o.lr);
+        } else {
+          at::Tensor grad_rows = scratch_matrix(rows, K, h.options());
+          at::mm_out(grad_rows, g_cols.t(), h);
+          sgd_update<param_t, scalar_t>(
+              w_rows.data_ptr<param_t>(), {grad_rows.data_ptr<scalar_t>()},
+              ptr_at<param_t>(layer.weight_buf, n0 * K), rows * K, o,
+              layer.keep_copies ? layer.weight_c.data_ptr<scalar_t>() + n0 * K
+                                : nullptr);
+        }
+        if (bias_grad != nullptr) {
+          sgd_update<param_t, param_t, scalar_t>(
+              layer.bias.data_ptr<param_t>() + n0, {bias_grad},
+              ptr_at<param_t>(layer.bias_buf, n0), rows, o,
+              layer.keep_copies ? layer.bias_c.data_ptr<scalar_t>() + n0
+                                : nullptr);
+        }
+      });
 }
 
 template <typename scalar_t>

@@ -362,6 +362,93 @@ void test_aten_engine() {
   check(y[1].isnan().all().item<bool>(), "aten engine: NaN propagates");
 }
 
+using MlpResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+using MlpGrads =
+    std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+MlpResult mlp(const at::Tensor& x, at::TensorList w, at::TensorList b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmlp::mlp", "")
+                       .typed<MlpResult(const at::Tensor&, at::TensorList,
+                                        at::TensorList)>();
+  return op.call(x, w, b);
+}
+
+MlpGrads mlp_backward(const at::Tensor& gy, const std::optional<at::Tensor>& x,
+                      at::TensorList w, at::TensorList hidden,
+                      const std::vector<bool>& mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp_backward", "")
+          .typed<MlpGrads(const at::Tensor&, const std::optional<at::Tensor>&,
+                          at::TensorList, at::TensorList,
+                          const c10::List<bool>&)>();
+  c10::List<bool> list;
+  for (const bool m : mask) list.push_back(m);
+  return op.call(gy, x, w, hidden, list);
+}
+
+// The whole-MLP op and its backward against ATen in float64, with every
+// gradient asked for and with only some (the others must come back empty).
+void test_mlp() {
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const std::vector<std::pair<std::vector<int64_t>, int64_t>> cases = {
+      {{7, 13, 5, 3}, 3}, {{33, 129, 17, 5}, 129}, {{5, 2}, 1},
+      {{40, 1, 4}, 2},    {{9, 513, 8}, 0},        {{6, 7, 7, 7, 2}, 64}};
+  for (const auto& [sizes, B] : cases) {
+    const size_t L = sizes.size() - 1;
+    std::vector<at::Tensor> w, b;
+    for (size_t l = 0; l < L; ++l) {
+      w.push_back(at::randn({sizes[l + 1], sizes[l]}, opts));
+      b.push_back(at::randn({sizes[l + 1]}, opts));
+    }
+    const at::Tensor x = at::randn({B, sizes[0]}, opts);
+    std::vector<at::Tensor> h = {x};  // the reference activations
+    for (size_t l = 0; l < L; ++l) {
+      const at::Tensor z = at::addmm(b[l], h[l], w[l].t());
+      h.push_back(l + 1 < L ? at::relu(z) : z);
+    }
+    std::string name = "mlp B=" + std::to_string(B) + " sizes";
+    for (const int64_t s : sizes) name += " " + std::to_string(s);
+    auto [y, hidden] = mlp(x, w, b);
+    check(hidden.size() == L - 1 && at::allclose(y, h[L], 1e-10, 1e-12),
+          name + ": forward");
+    const at::Tensor gy = at::randn_like(y);
+    // Reference gradients, top layer down.
+    std::vector<at::Tensor> gw_ref(L), gb_ref(L);
+    at::Tensor g = gy, gx_ref;
+    for (size_t l = L; l-- > 0;) {
+      gw_ref[l] = g.t().mm(h[l]);
+      gb_ref[l] = g.sum(0);
+      g = g.mm(w[l]);
+      if (l > 0) g = g * (h[l] > 0);
+    }
+    gx_ref = g;
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      std::vector<bool> mask(1 + 2 * L);
+      for (size_t i = 0; i < mask.size(); ++i) {
+        mask[i] = pattern == 0 || (pattern == 1 && i % 2 == 1) ||
+                  (pattern == 2 && i == L);  // the last weight only
+      }
+      auto [gx, gw, gb] = mlp_backward(gy, x, w, hidden, mask);
+      const auto same = [&](const at::Tensor& a, const at::Tensor& ref,
+                            bool wanted, const std::string& what) {
+        check(wanted ? at::allclose(a, ref, 1e-10, 1e-12) : a.numel() == 0,
+              name + " mask " + std::to_string(pattern) + ": " + what);
+      };
+      same(gx, gx_ref, mask[0], "grad_x");
+      for (size_t l = 0; l < L; ++l) {
+        same(gw[l], gw_ref[l], mask[1 + l], "grad_w" + std::to_string(l));
+        same(gb[l], gb_ref[l], mask[1 + L + l], "grad_b" + std::to_string(l));
+      }
+    }
+  }
+  const at::Tensor x = at::randn({2, 3});
+  const std::vector<at::Tensor> w = {at::randn({4, 3}), at::randn({2, 5})};
+  expect_error([&] { mlp(x, w, {}); }, "weights[1]", "mlp chain mismatch");
+  expect_error([&] { mlp(x, {}, {}); }, "at least one layer", "mlp no layers");
+}
+
 int main() {
   at::manual_seed(0);
   test_grid();
@@ -370,6 +457,7 @@ int main() {
   test_bad_input();
   test_mlp_sgd_step();
   test_aten_engine();
+  test_mlp();
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,206 @@
+// CPU kernels of fastmlp::mlp and fastmlp::mlp_backward: a whole MLP
+// (ReLU after every layer but the last) forward in one call, and its
+// backward in one call.
+//
+// Why one op for the whole network: at the tutorial's batch 64 the GEMMs of
+// a training step take ~1.1 ms, and per-layer autograd adds a node per layer,
+// gradient tensors accumulated and zeroed by separate passes and bookkeeping
+// around each. Here forward is the fused Linear+ReLU block of every hidden
+// layer (the same one linear_relu and mlp_sgd_step run) and one addmm for the
+// last layer; backward is mlp_sgd_step's layer backward (mlp_blocks.h) with
+// an epilogue that writes each thread's rows of the weight gradient straight
+// into the tensor autograd hands to .grad, instead of updating the weights.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_kernels.h"
+#include "cpu/mlp_blocks.h"
+
+namespace fastmlp {
+namespace {
+
+using namespace cpu;  // NOLINT: the building blocks of this file
+
+template <typename scalar_t>
+void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
+                      const std::vector<at::Tensor>& b,
+                      const std::vector<at::Tensor>& hidden, at::Tensor& out) {
+  const size_t L = w.size();
+  at::Tensor h = x2;
+  for (size_t l = 0; l + 1 < L; ++l) {
+    at::Tensor y = hidden[l];
+    linear_relu_forward_impl<scalar_t>(h, w[l], b[l], y);
+    h = y;
+  }
+  // The last layer has no epilogue to fuse: one library-threaded GEMM, the
+  // bias folded in (rounded once, as F.linear).
+  if (b[L - 1].defined()) {
+    at::addmm_out(out, b[L - 1], h, w[L - 1].t());
+  } else {
+    at::mm_out(out, h, w[L - 1].t());
+  }
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(const at::Tensor& x,
+                                                        at::TensorList weights,
+                                                        at::TensorList biases) {
+  check_mlp_args(x, weights, biases);
+  const size_t L = weights.size();
+  const at::Tensor x2 = as_rows(x);
+  const int64_t M = x2.size(0);
+  std::vector<at::Tensor> w(L), b(L), hidden;
+  for (size_t l = 0; l < L; ++l) {
+    w[l] = weights[l].contiguous();
+    if (!biases.empty()) b[l] = biases[l].contiguous();
+    if (l + 1 < L) hidden.push_back(at::empty({M, w[l].size(0)}, x.options()));
+  }
+  at::Tensor out = at::empty({M, w[L - 1].size(0)}, x.options());
+  if (M > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_cpu",
+        [&] { mlp_forward_impl<scalar_t>(x2, w, b, hidden, out); });
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w[L - 1].size(0);
+  return {out.view(out_shape), hidden};
+}
+
+// What mlp_backward computes: grad_x, each layer's weight and bias gradient,
+// and the lowest layer the gradient must reach (layers below it are skipped).
+struct BackwardMask {
+  bool grad_x = false;
+  std::vector<bool> weight, bias;
+  size_t lowest = 0;
+  bool any = false;
+};
+
+BackwardMask parse_mask(const std::vector<bool>& mask, size_t L) {
+  BackwardMask m;
+  m.grad_x = mask[0];
+  const bool has_bias = mask.size() == 1 + 2 * L;
+  for (size_t l = 0; l < L; ++l) {
+    m.weight.push_back(mask[1 + l]);
+    m.bias.push_back(has_bias && mask[1 + L + l]);
+  }
+  m.lowest = L;
+  for (size_t l = L; l-- > 0;) {
+    if (m.weight[l] || m.bias[l]) m.lowest = l;
+  }
+  if (m.grad_x) m.lowest = 0;
+  m.any = m.lowest < L;
+  return m;
+}
+
+template <typename scalar_t>
+void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
+                       const std::vector<at::Tensor>& w,
+                       const std::vector<at::Tensor>& hidden,
+                       const BackwardMask& m, at::Tensor& grad_x,
+                       std::vector<at::Tensor>& grad_w,
+                       std::vector<at::Tensor>& grad_b) {
+  const size_t L = w.size();
+  Workspace& ws = Workspace::for_this_thread();
+  // The gradient reaching layer l's output, as parts to be summed; at the
+  // top it is grad_y itself, which layer_backward only reads.
+  at::Tensor g_parts = gy2.unsqueeze(0);
+  for (size_t l = L; l-- > m.lowest;) {
+    const at::Tensor& input = l == 0 ? x2 : hidden[l - 1];
+    const at::Tensor mask = l + 1 == L ? at::Tensor() : hidden[l];
+    const bool need_w = m.weight[l];
+    scalar_t* gb = m.bias[l] ? grad_b[l].data_ptr<scalar_t>() : nullptr;
+    at::Tensor& gw = grad_w[l];
+    g_parts = layer_backward<scalar_t>(
+        g_parts, mask, w[l], l > m.lowest || m.grad_x, m.bias[l],
+        split_gemms_by_thread<scalar_t>(), ws,
+        [&](int64_t n0, int64_t rows, const at::Tensor& g_cols,
+            const math_t<scalar_t>* bias_grad) {
+          if (need_w) {
+            at::Tensor gw_rows = gw.narrow(0, n0, rows);
+            at::mm_out(gw_rows, g_cols.t(), input);
+          }
+          if (bias_grad != nullptr) {
+            for (int64_t i = 0; i < rows; ++i) {
+              gb[n0 + i] = static_cast<scalar_t>(bias_grad[i]);
+            }
+          }
+        });
+  }
+  if (m.grad_x) {
+    // grad_x is the sum of layer 0's parts, added in part order.
+    const int64_t M = grad_x.size(0), K = grad_x.size(1);
+    std::vector<const scalar_t*> parts;
+    for (int64_t p = 0; p < g_parts.size(0); ++p) {
+      parts.push_back(g_parts.data_ptr<scalar_t>() + p * M * K);
+    }
+    scalar_t* out = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, K, block_per_thread(K, kColumnAlign),
+                     [&](int64_t c0, int64_t c1) {
+                       combine_grad_block<scalar_t>(parts, nullptr, out, M, K,
+                                                    c0, c1, nullptr);
+                     });
+  }
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                 at::TensorList weights, at::TensorList hidden,
+                 const c10::List<bool>& output_mask_list) {
+  const std::vector<bool> output_mask = output_mask_list.vec();
+  check_mlp_backward_args(grad_y, x, weights, hidden, output_mask);
+  const size_t L = weights.size();
+  const BackwardMask m = parse_mask(output_mask, L);
+  const bool has_bias = output_mask.size() == 1 + 2 * L;
+  const at::Tensor gy2 = as_rows(grad_y);
+  const int64_t M = gy2.size(0);
+  // One tensor per output, also for those not asked for (empty): outputs of
+  // an op must not alias each other.
+  const auto empty = [&] { return at::empty({0}, grad_y.options()); };
+  std::vector<at::Tensor> w(L), h, grad_w, grad_b;
+  for (size_t l = 0; l < L; ++l) {
+    w[l] = weights[l].contiguous();
+    if (l + 1 < L) h.push_back(hidden[l].contiguous());
+    grad_w.push_back(m.weight[l] ? at::empty(w[l].sizes(), grad_y.options())
+                                 : empty());
+    if (has_bias) {
+      grad_b.push_back(m.bias[l] ? at::empty({w[l].size(0)}, grad_y.options())
+                                 : empty());
+    }
+  }
+  const int64_t K = w[0].size(1);
+  at::Tensor grad_x = m.grad_x ? at::empty({M, K}, grad_y.options()) : empty();
+  const at::Tensor x2 = m.weight[0] ? as_rows(*x) : at::Tensor();
+  if (M == 0) {
+    // No rows: every gradient is an empty sum.
+    grad_x.zero_();
+    for (auto& t : grad_w) t.zero_();
+    for (auto& t : grad_b) t.zero_();
+  } else if (m.any) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, grad_y.scalar_type(), "mlp_backward_cpu",
+        [&] {
+          mlp_backward_impl<scalar_t>(gy2, x2, w, h, m, grad_x, grad_w, grad_b);
+        });
+  }
+  if (m.grad_x) {
+    std::vector<int64_t> x_shape(grad_y.sizes().begin(), grad_y.sizes().end());
+    x_shape.back() = K;
+    grad_x = grad_x.view(x_shape);
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
+  m.impl("mlp", &mlp_cpu);
+  m.impl("mlp_backward", &mlp_backward_cpu);
+}
+
+}  // namespace fastmlp
