@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "checks.h"  // as_rows
+
 namespace fastmlp {
 namespace {
 
@@ -49,6 +51,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
       mask[1] ? at::mm(g.t(), x->reshape({M, x->size(-1)})) : unrequested();
   at::Tensor gb = mask[2] ? g.sum(0) : unrequested();
   return {gx, gw, gb};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+  AtenScope scope;
+  const size_t L = weights.size();
+  at::Tensor h = as_rows(x);
+  std::vector<at::Tensor> hidden;
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor wt = weights[l].t();
+    at::Tensor y = biases.empty() ? at::mm(h, wt) : at::addmm(biases[l], h, wt);
+    if (l + 1 == L) {
+      h = y;
+      break;
+    }
+    y.relu_();  // torch.relu: NaN stays NaN
+    hidden.push_back(y);
+    h = y;
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = weights[L - 1].size(0);
+  return {h.view(out_shape), hidden};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                  at::TensorList weights, at::TensorList hidden,
+                  const std::vector<bool>& mask) {
+  AtenScope scope;
+  const size_t L = weights.size();
+  const bool has_bias = mask.size() == 1 + 2 * L;
+  const auto empty = [&] { return at::empty({0}, grad_y.options()); };
+  // One tensor per output, also for those not asked for: outputs of an op
+  // must not alias each other.
+  std::vector<at::Tensor> grad_w, grad_b;
+  size_t lowest = L;  // the lowest layer the gradient must reach
+  for (size_t l = 0; l < L; ++l) {
+    grad_w.push_back(empty());
+    if (has_bias) grad_b.push_back(empty());
+    const bool needed = mask[1 + l] || (has_bias && mask[1 + L + l]);
+    if (needed && lowest == L) lowest = l;
+  }
+  if (mask[0]) lowest = 0;
+  at::Tensor grad_x = empty();
+  const at::Tensor x2 = mask[1] ? as_rows(*x) : at::Tensor();
+  at::Tensor g = as_rows(grad_y);
+  for (size_t l = L; l-- > lowest;) {
+    if (l + 1 < L) {
+      // relu's backward, as torch runs it: zero where the output is <= 0
+      // (NaN outputs pass the gradient).
+      g = at::threshold_backward(g, hidden[l], 0);
+    }
+    if (mask[1 + l]) grad_w[l] = at::mm(g.t(), l == 0 ? x2 : hidden[l - 1]);
+    if (has_bias && mask[1 + L + l]) grad_b[l] = g.sum(0);
+    if (l > lowest || mask[0]) g = at::mm(g, weights[l]);
+  }
+  if (mask[0]) {
+    std::vector<int64_t> x_shape(grad_y.sizes().begin(), grad_y.sizes().end());
+    x_shape.back() = weights[0].size(1);
+    grad_x = g.view(x_shape);
+  }
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace fastmlp

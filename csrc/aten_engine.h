@@ -2,8 +2,9 @@
 //
 // Device-generic host code, compiled in every build. The CUDA op glue uses it
 // as the engine that is correct on every GPU (the default until a recorded GPU
-// run has validated a faster engine, see cuda_engines.h) and for float64; the
-// C++ tests run it on CPU tensors.
+// run has validated a faster engine, see cuda_engines.h) and for float64, and
+// the whole-MLP ops' only CUDA engine so far; the C++ tests run it on CPU
+// tensors against the CPU kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastmlp {
 
@@ -27,5 +29,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
     const at::Tensor& grad_y, const at::Tensor& y,
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
     std::array<bool, 3> mask);
+
+// fastmlp::mlp: Linear+ReLU layers, the last without ReLU, as F.linear and
+// torch.relu run them. Returns the output and the hidden activations (the
+// ReLU outputs, whose sign is the backward's mask). Arguments already checked.
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(const at::Tensor& x,
+                                                         at::TensorList weights,
+                                                         at::TensorList biases);
+
+// fastmlp::mlp_backward's contract: mask = (grad_x, grad_w[0..L), grad_b[0..L)
+// when there are biases); outputs not asked for are empty (0,) tensors of
+// their own. Only the layers down to the lowest gradient asked for are run.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                  at::TensorList weights, at::TensorList hidden,
+                  const std::vector<bool>& mask);
 
 }  // namespace fastmlp

@@ -21,7 +21,7 @@ imported, so export works with the ordinary PyTorch calls:
 The exported graph computes what the fused kernels compute up to float rounding (the
 kernels and the GEMM of an ONNX runtime sum in different orders).
 
-Adding an op (for example the whole-MLP ``fastmlp::mlp``): write its decomposition as a
+Adding an op: write its decomposition as a
 function of the op's arguments that calls only ATen ops (``torch.*``, ``F.*``), optionally
 an ONNX symbolic for the TorchScript exporter, and add one :class:`OpExport` line to
 :data:`OPS`. The tests in ``tests/test_export.py`` run every entry of :data:`OPS` against
@@ -31,6 +31,7 @@ in place) is deliberately absent: it never appears in an inference graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,10 +110,62 @@ def _linear_relu_backward(
     return grad_x, grad_w, grad_b
 
 
+# --- fastmlp::mlp and fastmlp::mlp_backward -------------------------------------------
+# No ONNX symbolic: the TorchScript exporter cannot express the op's list arguments, so
+# fastmlp.nn computes a fused run layer by layer while torch.onnx exports (same result).
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _mlp(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    # The op's contract: the output, and the hidden activations as (rows, out_l) tensors.
+    h, hidden = _rows(x), []
+    for i, w in enumerate(weights):
+        h = F.linear(h, w, biases[i] if biases else None)
+        if i + 1 < len(weights):
+            h = torch.relu(h)
+            hidden.append(h)
+    return h.reshape(*x.shape[:-1], h.shape[-1]), hidden
+
+
+def _mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    hidden: list[torch.Tensor],
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    n = len(weights)
+    has_bias = len(output_mask) == 1 + 2 * n
+    grad_w = [grad_y.new_empty((0,)) for _ in range(n)]
+    grad_b = [grad_y.new_empty((0,)) for _ in range(n if has_bias else 0)]
+    g = _rows(grad_y)
+    for i in reversed(range(n)):
+        if i + 1 < n:  # threshold_backward: blocked where the activation is <= 0 (NaN passes)
+            g = torch.where(hidden[i] <= 0, torch.zeros_like(g), g)
+        if output_mask[1 + i]:
+            g_in = _rows(x) if i == 0 else hidden[i - 1]
+            grad_w[i] = g.t().matmul(g_in)
+        if has_bias and output_mask[1 + n + i]:
+            grad_b[i] = g.sum(0)
+        if i > 0 or output_mask[0]:
+            g = g.matmul(weights[i])
+    grad_x = (
+        g.reshape(*grad_y.shape[:-1], g.shape[-1]) if output_mask[0] else grad_y.new_empty((0,))
+    )
+    return grad_x, grad_w, grad_b
+
+
 #: One entry per exportable fastmlp op.
 OPS: tuple[OpExport, ...] = (
     OpExport("fastmlp::linear_relu", _linear_relu, _linear_relu_symbolic),
     OpExport("fastmlp::linear_relu_backward", _linear_relu_backward),
+    OpExport("fastmlp::mlp", _mlp),
+    OpExport("fastmlp::mlp_backward", _mlp_backward),
 )
 
 

@@ -73,6 +73,13 @@ class _Run:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linears = self.linears
+        if torch.onnx.is_in_onnx_export() and len(linears) > 1:
+            # The TorchScript ONNX exporter cannot express the whole-MLP op's list
+            # arguments: export the same layers one by one (fastmlp.export).
+            for i, lin in enumerate(linears):
+                last = i + 1 == len(linears)
+                x = linear_relu(x, lin.weight, lin.bias) if not last or self.relu_last else lin(x)
+            return x
         if len(linears) == 1:  # Linear + ReLU: the per-layer fused op
             return linear_relu(x, linears[0].weight, linears[0].bias)
         weights = [lin.weight for lin in linears]

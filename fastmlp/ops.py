@@ -42,12 +42,19 @@ def linear_relu(
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
     ``F.linear`` would be.
     """
-    device_type = x.device.type
-    # Meta tensors (and other devices without autocast) have no autocast state to ask.
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
         x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
     return torch.ops.fastmlp.linear_relu(x, weight, bias)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast asks for on x's device, or None when autocast is off there.
+    Meta tensors (and other devices without autocast) have no autocast state to ask."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -100,9 +107,8 @@ def mlp(
     """
     biases = [] if biases is None else list(biases)
     weights = list(weights)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
         x = _autocast(x, dtype)
         weights = [_autocast(w, dtype) for w in weights]
         biases = [_autocast(b, dtype) for b in biases]

@@ -112,5 +112,9 @@ def test_cuda_sources_are_built_only_with_cuda(setup_py):
     cuda = setup_py.kernel_sources(with_cuda=True)
     assert "csrc/cpu/mlp_cpu.cpp" in cpu and "csrc/linear_relu.cpp" in cpu
     assert not [p for p in cpu if p.startswith("csrc/cuda/")]
-    assert {"csrc/cuda/linear_relu.cu", "csrc/cuda/mlp_aten.cpp"} <= set(cuda)
+    assert {
+        "csrc/cuda/gemm_kernels.cu",
+        "csrc/cuda/linear_relu_cuda.cpp",
+        "csrc/cuda/mlp_cuda.cpp",
+    } <= set(cuda)
     assert set(cpu) < set(cuda)

@@ -135,3 +135,32 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, dynamo: bool, case: int) ->
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_mlp_decompositions_match_the_ops(bias: bool, lead: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    sizes = (6, 9, 7, 4)
+    x = torch.randn(*lead, sizes[0], dtype=torch.float64)
+    weights = [
+        torch.randn(o, i, dtype=torch.float64) for i, o in zip(sizes, sizes[1:], strict=False)
+    ]
+    biases = [torch.randn(o, dtype=torch.float64) for o in sizes[1:]] if bias else []
+    entries = {e.name: e for e in export.OPS}
+    y, hidden = torch.ops.fastmlp.mlp(x, weights, biases)
+    y_d, hidden_d = entries["fastmlp::mlp"].decomposition(x, weights, biases)
+    torch.testing.assert_close(y_d, y)
+    for a, b in zip(hidden_d, hidden, strict=True):
+        torch.testing.assert_close(a, b)
+    grad_y = torch.randn_like(y)
+    n = len(weights)
+    for mask in (
+        [True] * (1 + (2 if bias else 1) * n),
+        [False, True] + [False] * (n - 1 + (n if bias else 0)),
+    ):
+        want = torch.ops.fastmlp.mlp_backward(grad_y, x, weights, hidden, mask)
+        got = entries["fastmlp::mlp_backward"].decomposition(grad_y, x, weights, hidden, mask)
+        torch.testing.assert_close(got[0], want[0])
+        for a, b in zip(got[1] + got[2], want[1] + want[2], strict=True):
+            torch.testing.assert_close(a, b)

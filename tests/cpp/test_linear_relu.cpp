@@ -413,6 +413,11 @@ void test_mlp() {
     auto [y, hidden] = mlp(x, w, b);
     check(hidden.size() == L - 1 && at::allclose(y, h[L], 1e-10, 1e-12),
           name + ": forward");
+    // The ATen engine (the whole-MLP ops' CUDA implementation) on CPU tensors.
+    auto [y_aten, hidden_aten] = fastmlp::mlp_aten(x, w, b);
+    check(
+        hidden_aten.size() == L - 1 && at::allclose(y_aten, h[L], 1e-10, 1e-12),
+        name + ": aten engine forward");
     const at::Tensor gy = at::randn_like(y);
     // Reference gradients, top layer down.
     std::vector<at::Tensor> gw_ref(L), gb_ref(L);
@@ -430,17 +435,35 @@ void test_mlp() {
         mask[i] = pattern == 0 || (pattern == 1 && i % 2 == 1) ||
                   (pattern == 2 && i == L);  // the last weight only
       }
-      auto [gx, gw, gb] = mlp_backward(gy, x, w, hidden, mask);
       const auto same = [&](const at::Tensor& a, const at::Tensor& ref,
                             bool wanted, const std::string& what) {
         check(wanted ? at::allclose(a, ref, 1e-10, 1e-12) : a.numel() == 0,
               name + " mask " + std::to_string(pattern) + ": " + what);
       };
-      same(gx, gx_ref, mask[0], "grad_x");
-      for (size_t l = 0; l < L; ++l) {
-        same(gw[l], gw_ref[l], mask[1 + l], "grad_w" + std::to_string(l));
-        same(gb[l], gb_ref[l], mask[1 + L + l], "grad_b" + std::to_string(l));
-      }
+      const auto check_grads = [&](const auto& grads, const std::string& who) {
+        const auto& [gx, gw, gb] = grads;
+        same(gx, gx_ref, mask[0], who + "grad_x");
+        std::vector<const at::Tensor*> outs = {&gx};
+        for (size_t l = 0; l < L; ++l) {
+          same(gw[l], gw_ref[l], mask[1 + l],
+               who + "grad_w" + std::to_string(l));
+          same(gb[l], gb_ref[l], mask[1 + L + l],
+               who + "grad_b" + std::to_string(l));
+          outs.push_back(&gw[l]);
+          outs.push_back(&gb[l]);
+        }
+        // Outputs not asked for are tensors of their own, never aliases.
+        for (size_t i = 0; i < outs.size(); ++i) {
+          for (size_t j = 0; j < i; ++j) {
+            check(!outs[i]->is_same(*outs[j]),
+                  name + ": " + who + "outputs alias (mask " +
+                      std::to_string(pattern) + ")");
+          }
+        }
+      };
+      check_grads(mlp_backward(gy, x, w, hidden, mask), "");
+      check_grads(fastmlp::mlp_backward_aten(gy, x, w, hidden_aten, mask),
+                  "aten engine ");
     }
   }
   const at::Tensor x = at::randn({2, 3});

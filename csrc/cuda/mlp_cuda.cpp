@@ -1,0 +1,48 @@
+// CUDA kernels of fastmlp::mlp and fastmlp::mlp_backward: the argument
+// checks, the device guard and the "aten engine" (aten_engine.cpp): cuBLAS
+// GEMMs as torch.nn.functional.linear runs them, ReLU and its mask as
+// torch.relu and its backward do. It is correct on every GPU torch supports
+// and keeps PyTorch's NaN semantics; no faster CUDA engine is validated for
+// the whole-MLP ops yet, so this is the only one (cuBLASLt's RELU_AUX_BIAS /
+// DRELU_BGRAD epilogues would fit, but turn NaN into 0). Every ATen call runs
+// on the current CUDA stream, as CUDA graphs and torch.compile need. Host
+// code; setup.py compiles it only when the CUDA extension is built.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "aten_engine.h"
+#include "checks.h"
+
+namespace fastmlp {
+namespace {
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+  check_mlp_args(x, weights, biases);
+  const c10::DeviceGuard guard(x.device());
+  return mlp_aten(x, weights, biases);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+mlp_backward_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
+                  at::TensorList weights, at::TensorList hidden,
+                  const c10::List<bool>& output_mask_list) {
+  const std::vector<bool> mask = output_mask_list.vec();
+  check_mlp_backward_args(grad_y, x, weights, hidden, mask);
+  const c10::DeviceGuard guard(grad_y.device());
+  return mlp_backward_aten(grad_y, x, weights, hidden, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
+  m.impl("mlp", &mlp_cuda);
+  m.impl("mlp_backward", &mlp_backward_cuda);
+}
+
+}  // namespace fastmlp
