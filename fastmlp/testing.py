@@ -29,6 +29,7 @@ __all__ = [
     "layer_inputs",
     "linear_relu_ref",
     "magnitude_refs",
+    "mlp_forward_backward",
     "mlp_ref",
     "rel_err",
     "scaled_err",
@@ -83,6 +84,22 @@ def mlp_ref(x, weights, biases=None):
         if i + 1 < len(weights):
             h = torch.relu(h)
     return h
+
+
+def mlp_forward_backward(fn, x, weights, biases, grad_y=None, needs=None):
+    """``fn(x, weights, biases)`` (fastmlp.ops.mlp or :func:`mlp_ref`) forward and backward
+    on fresh leaves; ``needs[i]`` says which of x, weights..., biases... require grad (all
+    by default). Returns ``(y, grads in that order, grad_y)``."""
+    inputs = [x, *weights, *(biases or [])]
+    needs = [True] * len(inputs) if needs is None else needs
+    leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
+    n = len(weights)
+    y = fn(leaves[0], leaves[1 : 1 + n], leaves[1 + n :] if biases is not None else None)
+    if grad_y is None:
+        grad_y = torch.randn_like(y)
+    if y.requires_grad:
+        y.backward(grad_y)
+    return y.detach(), [t.grad for t in leaves], grad_y
 
 
 def layer_inputs(

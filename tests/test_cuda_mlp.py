@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmlp.testing import mlp_forward_backward as _run
 from fastmlp.testing import mlp_ref, rel_err
 
 pytestmark = [
@@ -51,16 +52,6 @@ def _layers(sizes, dtype, bias, gen):
         else None
     )
     return weights, biases
-
-
-def _run(fn, x, weights, biases, grad_y=None):
-    leaves = [t.detach().clone().requires_grad_() for t in [x, *weights, *(biases or [])]]
-    n = len(weights)
-    y = fn(leaves[0], leaves[1 : 1 + n], leaves[1 + n :] if biases is not None else None)
-    if grad_y is None:
-        grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    return y.detach(), [t.grad for t in leaves], grad_y
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastmlp
 from fastmlp.ops import mlp
+from fastmlp.testing import mlp_forward_backward as _run
 from fastmlp.testing import mlp_ref, rel_err
 
 BATCHES = (0, 1, 3, 64, 129)
@@ -33,21 +34,6 @@ def _layers(sizes, dtype, bias=True, generator=None):
     weights = [w.to(dtype) for w in weights]
     biases = [b.to(dtype) for b in biases] if bias else None
     return weights, biases
-
-
-def _run(fn, x, weights, biases, grad_y=None, needs=None):
-    """fn forward and backward on fresh leaves; needs[i] says which of x, weights...,
-    biases... require grad (all by default). Returns (y, grads, grad_y)."""
-    inputs = [x, *weights, *(biases or [])]
-    needs = [True] * len(inputs) if needs is None else needs
-    leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
-    n = len(weights)
-    y = fn(leaves[0], leaves[1 : 1 + n], leaves[1 + n :] if biases is not None else None)
-    if grad_y is None:
-        grad_y = torch.randn_like(y)
-    if y.requires_grad:
-        y.backward(grad_y)
-    return y.detach(), [t.grad for t in leaves], grad_y
 
 
 def assert_matches_torch(x, weights, biases, needs=None):
