@@ -102,7 +102,7 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected widths like 512,512, got {text!r}") from None
     if not hidden or min(hidden) < 1:
         raise argparse.ArgumentTypeError(f"expected positive widths like 512,512, got {text!r}")
-    return (784, *hidden, 10)
+    return (data.IMAGE_SIZE * data.IMAGE_SIZE, *hidden, len(data.CLASSES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="default auto (bf16 where the hardware computes it natively, else fp32)",
     )
-    e.add_argument("--batch-size", type=_positive_int, default=2000)
+    e.add_argument(
+        "--batch-size", type=_positive_int, default=d.eval_batch_size, help="default %(default)s"
+    )
     e.add_argument("--trust", action="store_true", help=trust_help)
     e.set_defaults(func=_cmd_evaluate)
 
@@ -425,14 +427,14 @@ def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, t
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastmlp.train import evaluate
+    from fastmlp.train import evaluate, test_error_line
 
     model, dev = _load_model(args.checkpoint, args.device, args.trust)
     images, labels = data.load_split(False, args.data)
     loader = data.DeviceLoader(images, labels, args.batch_size, device=dev)
     r = evaluate(model, loader, hardware.resolve_precision(args.precision, dev))
     correct = int(r.confusion.diag().sum())
-    print(f"Test Error: \n Accuracy: {100 * r.accuracy:>0.1f}%, Avg loss: {r.loss:>8f} \n")
+    print(test_error_line(r))
     print(
         f"test accuracy {100 * r.accuracy:.2f}% ({correct}/{len(labels)}), mean loss {r.loss:.4f}"
     )

@@ -33,6 +33,7 @@ from fastmlp.loader import DeviceLoader  # noqa: F401  (re-exported: data.Device
 
 __all__ = [
     "CLASSES",
+    "IMAGE_SIZE",
     "DeviceLoader",
     "DEBIAN_DIR",
     "CustomImageDataset",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 #: Class names in label order, spelled as in the tutorial's ``labels_map``.
+IMAGE_SIZE = 28  # Fashion-MNIST images are IMAGE_SIZE x IMAGE_SIZE pixels
 CLASSES: tuple[str, ...] = (
     "T-Shirt",
     "Trouser",
@@ -261,7 +263,7 @@ def load_split(
     key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in (img_path, lbl_path))
     if key in _CACHE:
         return _CACHE[key]
-    images = read_idx(img_path, (n, 28, 28))
+    images = read_idx(img_path, (n, IMAGE_SIZE, IMAGE_SIZE))
     labels = read_idx(lbl_path, (n,))
     bad = labels > 9
     if bool(bad.any()):

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EvalResult", "autocast", "evaluate", "progress_bar", "test_loop", "train_loop"]
+__all__ = [
+    "EvalResult",
+    "autocast",
+    "evaluate",
+    "progress_bar",
+    "test_error_line",
+    "test_loop",
+    "train_loop",
+]
 
 LogFn = Callable[[str], None]
 
@@ -179,8 +187,12 @@ def test_loop(
     del loss_fn
     result = evaluate(model, dataloader, precision)
     if log is not None:
-        log(
-            f"Test Error: \n Accuracy: {(100 * result.accuracy):>0.1f}%, "
-            f"Avg loss: {result.loss:>8f} \n"
-        )
+        log(test_error_line(result))
     return result.accuracy, result.loss
+
+
+def test_error_line(result: EvalResult) -> str:
+    """The tutorial's evaluation line, ``Test Error: Accuracy: …%, Avg loss: …``."""
+    return (
+        f"Test Error: \n Accuracy: {(100 * result.accuracy):>0.1f}%, Avg loss: {result.loss:>8f} \n"
+    )

@@ -32,7 +32,14 @@ from torch import nn
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed, hardware
-from fastmlp.loops import EvalResult, evaluate, progress_bar, test_loop, train_loop
+from fastmlp.loops import (
+    EvalResult,
+    evaluate,
+    progress_bar,
+    test_error_line,
+    test_loop,
+    train_loop,
+)
 from fastmlp.rundir import RunDir
 
 __all__ = [
@@ -52,7 +59,7 @@ __all__ = [
 
 LogFn = Callable[[str], None]
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed accepts as a non-negative seed
-IMAGE_SIZE = 28  # Fashion-MNIST images are 28x28; shifts must leave part of the image
+IMAGE_SIZE = data.IMAGE_SIZE  # shifts must leave part of the image
 # train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
 # `from fastmlp.train import train_loop, test_loop` reads like the tutorial.
 
@@ -108,7 +115,10 @@ class TrainConfig:
             (self.optimizer in ("sgd", "adam", "adamw"), f"unknown optimizer {self.optimizer!r}"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight decay must be in [0, 1), got {self.weight_decay}",
+            ),
             (self.schedule in ("none", "onecycle", "cosine"), f"bad schedule {self.schedule!r}"),
             (0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
@@ -484,10 +494,7 @@ def _fit(
         train_loss = _mean_over_ranks(train_loss, ctx)
         _check_diverged(train_loss, epoch + 1, cfg, out if main else None)
         last_eval = _evaluate(model, test_loader, precision, ctx)
-        say(
-            f"Test Error: \n Accuracy: {(100 * last_eval.accuracy):>0.1f}%, "
-            f"Avg loss: {last_eval.loss:>8f} \n"
-        )
+        say(test_error_line(last_eval))
         steps = len(train_loader)
         trained = steps * train_loader.global_batch_size if train_loader.drop_last else len(train_y)
         history.append(

@@ -147,6 +147,7 @@ def test_device_loader_feeds_the_tutorial_model() -> None:
         (dict(lr=-1.0), "learning rate"),
         (dict(schedule="step"), "schedule"),
         (dict(precision="fp16"), "precision"),
+        (dict(weight_decay=1.0), "weight decay must be in \\[0, 1\\)"),  # as the CLI says
         (dict(label_smoothing=1.0), "label smoothing"),
     ],
 )
