@@ -19,6 +19,7 @@ from torchvision.transforms import Lambda, ToTensor
 
 import fastmlp
 from fastmlp import checkpoint, data, plots
+from fastmlp.loader import DeviceLoader
 from fastmlp.train import TrainConfig, fit, resolve_device, test_loop, train_loop
 
 
@@ -59,7 +60,7 @@ def datasets_and_loaders(root: str | None, out: Path, device: torch.device, quic
             break
     slow = (time.perf_counter() - t0) / n
     # ... but the fast path keeps the whole split on the device and gathers batches.
-    fast_loader = data.DeviceLoader(
+    fast_loader = DeviceLoader(
         training_data.data, training_data.targets, batch_size=64, shuffle=True, device=device
     )
     t0 = time.perf_counter()
@@ -129,8 +130,8 @@ def optimization(
     if quick:
         train_x, train_y = train_x[:6400], train_y[:6400]
     # The tutorial's loop and hyperparameters (SGD, lr 1e-3, batch 64), fed from the device.
-    train_loader = data.DeviceLoader(train_x, train_y, 64, shuffle=True, device=device)
-    test_loader = data.DeviceLoader(test_x, test_y, 1000, device=device)
+    train_loader = DeviceLoader(train_x, train_y, 64, shuffle=True, device=device)
+    test_loader = DeviceLoader(test_x, test_y, 1000, device=device)
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     print("Epoch 1\n-------------------------------")

@@ -20,6 +20,7 @@ import torch
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, hardware, rundir
+from fastmlp.loader import DeviceLoader
 
 __all__ = ["build_parser", "main"]
 
@@ -431,7 +432,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, dev = _load_model(args.checkpoint, args.device, args.trust)
     images, labels = data.load_split(False, args.data)
-    loader = data.DeviceLoader(images, labels, args.batch_size, device=dev)
+    loader = DeviceLoader(images, labels, args.batch_size, device=dev)
     r = evaluate(model, loader, hardware.resolve_precision(args.precision, dev))
     correct = int(r.confusion.diag().sum())
     print(test_error_line(r))

@@ -32,6 +32,7 @@ from torch import nn
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed, hardware
+from fastmlp.loader import DeviceLoader
 from fastmlp.loops import (
     EvalResult,
     evaluate,
@@ -388,7 +389,7 @@ def _fit(
         )
     test_x, test_y = data.load_split(False, cfg.data)
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device)
-    train_loader = data.DeviceLoader(
+    train_loader = DeviceLoader(
         train_x,
         train_y,
         cfg.batch_size,
@@ -398,7 +399,7 @@ def _fit(
         max_shift=cfg.max_shift,
         **shard,
     )
-    test_loader = data.DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
+    test_loader = DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
 
     # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
     # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
@@ -609,7 +610,7 @@ def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:
 
 
 def _evaluate(
-    model: nn.Module, loader: data.DeviceLoader, precision: str, ctx: distributed.Context
+    model: nn.Module, loader: DeviceLoader, precision: str, ctx: distributed.Context
 ) -> EvalResult:
     """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere."""
     r = evaluate(model, loader, precision)

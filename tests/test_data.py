@@ -20,6 +20,7 @@ from workflow_fixtures import (
 
 from fastmlp import data
 from fastmlp.data import DataFormatError, DataNotFoundError
+from fastmlp.loader import DeviceLoader
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +281,14 @@ def test_custom_image_dataset_undecodable_image(tmp_path: Path) -> None:
 
 def test_device_loader_batches_and_order() -> None:
     images, labels = fake_split(1000, seed=0)
-    loader = data.DeviceLoader(images, labels.long(), batch_size=64, shuffle=False)
+    loader = DeviceLoader(images, labels.long(), batch_size=64, shuffle=False)
     batches = list(loader)
     assert len(batches) == len(loader) == 16
     assert batches[0][0].shape == (64, 1, 28, 28) and batches[-1][0].shape == (40, 1, 28, 28)
     x = torch.cat([b[0] for b in batches])
     assert torch.equal(x[:, 0], images.float() / 255)  # ToTensor scaling, original order
     assert len(loader.dataset) == 1000
-    dropped = data.DeviceLoader(images, labels.long(), batch_size=64, drop_last=True)
+    dropped = DeviceLoader(images, labels.long(), batch_size=64, drop_last=True)
     assert len(dropped) == 15 and sum(len(y) for _, y in dropped) == 960
 
 
@@ -296,7 +297,7 @@ def test_device_loader_shuffle_is_seeded_per_epoch() -> None:
     labels = torch.arange(500)
 
     def order(seed: int, epoch: int) -> torch.Tensor:
-        loader = data.DeviceLoader(images, labels, 100, shuffle=True, seed=seed)
+        loader = DeviceLoader(images, labels, 100, shuffle=True, seed=seed)
         loader.set_epoch(epoch)
         return torch.cat([y for _, y in loader])
 
@@ -305,7 +306,7 @@ def test_device_loader_shuffle_is_seeded_per_epoch() -> None:
     assert torch.equal(first, order(0, 0))
     assert not torch.equal(first, order(0, 1))
     assert not torch.equal(first, order(1, 0))
-    loader = data.DeviceLoader(images, labels, 100, shuffle=True, seed=0)
+    loader = DeviceLoader(images, labels, 100, shuffle=True, seed=0)
     epoch0, epoch1 = torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader])
     assert torch.equal(epoch0, first) and torch.equal(epoch1, order(0, 1))
 
@@ -313,7 +314,7 @@ def test_device_loader_shuffle_is_seeded_per_epoch() -> None:
 def test_augmentation_flips_and_shifts_only() -> None:
     images = torch.zeros(200, 28, 28, dtype=torch.uint8)
     images[:, 10:14, 3:6] = 255  # a bright block left of centre
-    loader = data.DeviceLoader(images, torch.zeros(200), 200, augment=True, max_shift=2, seed=1)
+    loader = DeviceLoader(images, torch.zeros(200), 200, augment=True, max_shift=2, seed=1)
     x, _ = next(iter(loader))
     x = x[:, 0]
     assert x.shape == (200, 28, 28)

@@ -12,6 +12,7 @@ from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data
+from fastmlp.loader import DeviceLoader
 from fastmlp.train import TrainConfig, build_model, fit, resolve_device, train_loop
 from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
 
@@ -131,7 +132,7 @@ def test_tutorial_loops_log_format_with_a_dataloader(capsys: pytest.CaptureFixtu
 def test_device_loader_feeds_the_tutorial_model() -> None:
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
-    loader = data.DeviceLoader(images, labels, batch_size=100, shuffle=True)
+    loader = DeviceLoader(images, labels, batch_size=100, shuffle=True)
     model = NeuralNetwork()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log=None)
