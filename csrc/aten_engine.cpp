@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "checks.h"  // as_rows
+#include "checks.h"  // as_rows, with_last
 
 namespace fastmlp {
 namespace {
@@ -17,12 +17,6 @@ struct AtenScope {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
-
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> out(sizes.begin(), sizes.end());
-  out.back() = last;
-  return out;
-}
 
 }  // namespace
 
@@ -70,9 +64,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
     hidden.push_back(y);
     h = y;
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = weights[L - 1].size(0);
-  return {h.view(out_shape), hidden};
+  return {h.view(with_last(x.sizes(), weights[L - 1].size(0))), hidden};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -108,9 +100,7 @@ mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
     if (l > lowest || mask[0]) g = at::mm(g, weights[l]);
   }
   if (mask[0]) {
-    std::vector<int64_t> x_shape(grad_y.sizes().begin(), grad_y.sizes().end());
-    x_shape.back() = weights[0].size(1);
-    grad_x = g.view(x_shape);
+    grad_x = g.view(with_last(grad_y.sizes(), weights[0].size(1)));
   }
   return {grad_x, grad_w, grad_b};
 }

@@ -21,6 +21,14 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   return t.reshape({rows, t.size(-1)}).contiguous();
 }
 
+// t's sizes with the last one replaced: the shape (..., last) of an op's
+// result or gradient for an input of shape (..., features).
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 ||
          t == at::kHalf;

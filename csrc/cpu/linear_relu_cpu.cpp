@@ -42,15 +42,13 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, x.scalar_type(), "linear_relu_cpu",
         [&] { linear_relu_forward_impl<scalar_t>(x2, w, b, out); });
   }
-  return out.view(out_shape);
+  return out.view(with_last(x.sizes(), N));
 }
 
 // grad_weight (+)= g.T @ x for one row step; `acc` (float) when 16-bit
@@ -169,9 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
                                     });
   }
   if (output_mask[0]) {
-    std::vector<int64_t> x_shape(y.sizes().begin(), y.sizes().end());
-    x_shape.back() = w.size(1);
-    grad_x = grad_x.view(x_shape);
+    grad_x = grad_x.view(with_last(y.sizes(), w.size(1)));
   }
   return {grad_x, grad_w, grad_b};
 }

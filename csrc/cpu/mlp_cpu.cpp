@@ -67,9 +67,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(const at::Tensor& x,
         at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_cpu",
         [&] { mlp_forward_impl<scalar_t>(x2, w, b, hidden, out); });
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w[L - 1].size(0);
-  return {out.view(out_shape), hidden};
+  return {out.view(with_last(x.sizes(), w[L - 1].size(0))), hidden};
 }
 
 // What mlp_backward computes: grad_x, each layer's weight and bias gradient,
@@ -189,9 +187,7 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
         });
   }
   if (m.grad_x) {
-    std::vector<int64_t> x_shape(grad_y.sizes().begin(), grad_y.sizes().end());
-    x_shape.back() = K;
-    grad_x = grad_x.view(x_shape);
+    grad_x = grad_x.view(with_last(grad_y.sizes(), K));
   }
   return {grad_x, grad_w, grad_b};
 }
