@@ -23,10 +23,8 @@ from fastmlp import hardware
 def _cpu_name(data: dict) -> str:
     """The measuring machine's CPU and the ISA flags that decide fp32/bf16 speed, as
     benchmarks/conftest.py recorded them (bf16 numbers mean nothing without them)."""
-    machine = data.get("machine") or hardware.describe()  # JSON from before the record
-    isa = ", ".join(machine["cpu_isa"]) or "no AVX2"
-    native = "native bf16" if machine["cpu_native_bf16"] else "bf16 not native"
-    return f"{machine['cpu']} ({isa}; {native})"
+    # JSON written before the machine was recorded: this machine's.
+    return hardware.describe_cpu(data.get("machine") or hardware.describe())
 
 
 def render(data: dict) -> str:

@@ -257,12 +257,10 @@ def run(
 def format_table(result: BenchResult) -> str:
     """The result as a markdown table with ratios to eager in the same precision."""
     m = result.machine
-    isa = ", ".join(m["cpu_isa"]) or "no AVX2"
-    native = "native bf16" if m["cpu_native_bf16"] else "bf16 not native"
     where = (
         f"{m['gpu']} (compute capability {m['gpu_capability']})"
         if "gpu" in m
-        else (f"{m['cpu']} ({isa}; {native}), {m['threads']} threads")
+        else f"{hardware.describe_cpu(m)}, {m['threads']} threads"
     )
     rates = ", ".join(f"{p} {r:.3g} GFLOP/s" for p, r in result.gemm_gflops.items())
     eager = {r.precision: r for r in result.runs if r.variant == "eager"}

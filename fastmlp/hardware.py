@@ -26,6 +26,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "cuda_has_bf16",
     "describe",
+    "describe_cpu",
     "resolve_precision",
 ]
 
@@ -115,6 +116,14 @@ def _warn_slow_bf16() -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def describe_cpu(machine: dict) -> str:
+    """One line naming a :func:`describe` record's CPU and what decides its fp32/bf16
+    speed, e.g. ``AMD EPYC (avx2, fma; bf16 not native)``."""
+    isa = ", ".join(machine["cpu_isa"]) or "no AVX2"
+    native = "native bf16" if machine["cpu_native_bf16"] else "bf16 not native"
+    return f"{machine['cpu']} ({isa}; {native})"
 
 
 def describe(device: torch.device | str = "cpu") -> dict:
