@@ -6,27 +6,25 @@ and ``fuse()`` for existing models (``fastmlp.nn``), ``FusedSGD`` that runs a wh
 training step as one kernel (``fastmlp.optim``), export to ONNX and portable ``.pt2``
 (``fastmlp.export``), and a fast FashionMNIST workflow (``fastmlp.data``,
 ``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
+
+Two layers. The library (``ops``, ``nn``, ``optim``, ``export``, ``engines``) needs the
+compiled extension, ``fastmlp._C``; ``import fastmlp`` loads it, which registers the
+``torch.ops.fastmlp.*`` ops and their export rules. The workflow (``data``, ``loader``,
+``checkpoint``, ``train``, ``cli``, ...) imports the library only inside the functions
+that build or run a model. Where the extension is missing or broken, ``import fastmlp``
+still succeeds, so the workflow's other parts (``fastmlp --help``, ``fastmlp samples``,
+the data checks, reading checkpoints) keep working, and the first use of a library name
+(``fastmlp.MLP``, ``import fastmlp.ops``, ``fastmlp.train.build_model``) raises the
+ImportError with the build instructions.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
-try:
-    from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.*)
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "fastmlp's compiled extension (fastmlp._C) could not be loaded: "
-        f"{exc}. Build it with `pip install --no-build-isolation -e .` in an "
-        "environment that has the torch you run with (see README.md)."
-    ) from exc
-
-from fastmlp import engines, export, nn, ops, optim  # noqa: E402
-from fastmlp.engines import cuda_engine_report  # noqa: E402
-from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse  # noqa: E402
-from fastmlp.ops import linear_relu, mlp  # noqa: E402
-from fastmlp.optim import FusedSGD  # noqa: E402
-
+# A plain literal: setuptools reads it without importing the package (pyproject.toml).
 __version__ = "0.1.0"
 
 __all__ = [
@@ -45,3 +43,34 @@ __all__ = [
     "optim",
     "__version__",
 ]
+
+# Why the extension failed to load, or None when it loaded.
+_extension_error: ImportError | None = None
+
+try:
+    from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.*)
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _extension_error = exc
+else:
+    from fastmlp import engines, export, nn, ops, optim
+    from fastmlp.engines import cuda_engine_report
+    from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
+    from fastmlp.ops import linear_relu, mlp
+    from fastmlp.optim import FusedSGD
+
+# Names that exist only with the extension: `_C` itself (so that the library modules'
+# `from fastmlp import _C` reports the build instructions too) and the library's names.
+_NEEDS_EXTENSION = frozenset(["_C", *(n for n in __all__ if n != "__version__")])
+
+
+def __getattr__(name: str) -> Any:
+    """Only reached for names that are not set, i.e. the library's names when the
+    extension failed to load (PEP 562): raise why, with the way to fix it."""
+    if name in _NEEDS_EXTENSION and _extension_error is not None:
+        raise ImportError(
+            f"fastmlp.{name} needs fastmlp's compiled extension (fastmlp._C), which could "
+            f"not be loaded: {_extension_error}. Build it with "
+            "`pip install --no-build-isolation -e .` in an environment that has the torch "
+            "you run with (see README.md)."
+        ) from _extension_error
+    raise AttributeError(f"module 'fastmlp' has no attribute {name!r}")

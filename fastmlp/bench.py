@@ -30,8 +30,6 @@ from torch import nn
 from fastmlp import hardware
 from fastmlp.loader import DeviceLoader
 from fastmlp.loops import autocast, train_loop
-from fastmlp.nn import MLP
-from fastmlp.optim import FusedSGD
 from fastmlp.testing import NeuralNetwork
 
 __all__ = [
@@ -186,6 +184,10 @@ def run(
 ) -> BenchResult:
     """Times every variant in every precision on ``device``: ms per training step (batch
     64) and seconds per epoch of ``samples`` random images. ``log`` gets progress lines."""
+    # The library (and with it the compiled extension) loads where a model runs.
+    from fastmlp.nn import MLP
+    from fastmlp.optim import FusedSGD
+
     device = torch.device(device)
     say = log or (lambda _line: None)
     gen = torch.Generator().manual_seed(0)

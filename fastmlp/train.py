@@ -174,7 +174,7 @@ def resolve_device(device: str) -> torch.device:
 
 def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
     """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``."""
-    from fastmlp.nn import MLP  # the compiled extension loads here, not at import time
+    from fastmlp.nn import MLP  # needs the compiled extension; fastmlp.train does not
 
     return MLP(sizes=tuple(sizes)).to(device)
 
