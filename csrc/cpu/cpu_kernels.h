@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common_math.h"
+
 namespace fastmlp {
 namespace cpu {
 
@@ -31,8 +33,6 @@ constexpr int64_t kForwardBlockBytes = 512 * 1024;
 // Columns per forward block are rounded to this so blocks start on a vector
 // and cache-line boundary.
 constexpr int64_t kColumnAlign = 16;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grain for splitting `n` items over the pool: one contiguous block per
 // thread, aligned to `align`.

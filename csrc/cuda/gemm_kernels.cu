@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common_math.h"
 #include "cuda/gemm_kernels.cuh"
 
 namespace fastmlp {
@@ -543,7 +544,7 @@ __global__ void __launch_bounds__(Cfg::THREADS)
   const int n0 = blockIdx.y * BN;
   const int kbeg = blockIdx.z * p.k_per_split;
   const int kend = min(p.K, kbeg + p.k_per_split);
-  const int ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
+  const int ntiles = kend > kbeg ? ceil_div(kend - kbeg, BK) : 0;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N;
@@ -707,8 +708,6 @@ __global__ void relu_inplace_kernel(void* y, int64_t n, bool vec) {
 // ---------------------------------------------------------------------------
 // Host side.
 
-int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
 bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
@@ -838,7 +837,7 @@ cudaError_t wgrad_impl(const void* g, const void* y, const void* x, void* gw,
   if (err != cudaSuccess) return err;
   const int64_t total = count + (gb != nullptr ? N : 0);
   const int blocks =
-      static_cast<int>(std::min<int64_t>((total + 255) / 256, 65535));
+      static_cast<int>(std::min<int64_t>(ceil_div(total, 256), 65535));
   if (blocks > 0) {
     splitk_reduce_kernel<Elt>
         <<<blocks, 256, 0, stream>>>(part, gw, count, splits, bpart, gb, N);
@@ -883,7 +882,7 @@ int wgrad_splits(int M, int N, int K, int num_sms) {
       int64_t(ceil_div(N, SmallCfg::BM)) * ceil_div(K, SmallCfg::BN);
   if (tiles == 0) return 1;
   // Aim for about two CTAs per SM, keeping at least 4 k-tiles per split.
-  int64_t s = (2 * int64_t(num_sms) + tiles - 1) / tiles;
+  int64_t s = ceil_div(2 * int64_t(num_sms), tiles);
   s = std::min<int64_t>(s, M / (4 * SmallCfg::BK));
   s = std::min<int64_t>(s, 16);
   return s < 2 ? 1 : static_cast<int>(s);
@@ -935,7 +934,7 @@ cudaError_t relu_impl(void* y, int64_t n, cudaStream_t stream) {
   const bool vec = aligned16(y);
   const int64_t work = vec ? n / V + V : n;
   const int blocks =
-      static_cast<int>(std::min<int64_t>((work + 255) / 256, 8192));
+      static_cast<int>(std::min<int64_t>(ceil_div(work, 256), 8192));
   relu_inplace_kernel<Elt><<<blocks, 256, 0, stream>>>(y, n, vec);
   FASTMLP_RETURN_IF_LAUNCH_ERROR();
   return cudaSuccess;

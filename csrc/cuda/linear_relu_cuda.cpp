@@ -39,6 +39,7 @@
 
 #include "aten_engine.h"
 #include "checks.h"
+#include "common_math.h"
 #include "cuda/cublaslt.h"
 #include "cuda/gemm_kernels.cuh"
 #include "cuda_engines.h"
@@ -62,8 +63,8 @@ constexpr int64_t kMaxKernelExtent = std::numeric_limits<int>::max() - 4096;
 // 65535 64-wide tiles along N (forward, wgrad) and K (dgrad, wgrad) in grid.y.
 bool fits_custom(int64_t M, int64_t N, int64_t K) {
   return M <= kMaxKernelExtent && N <= kMaxKernelExtent &&
-         K <= kMaxKernelExtent && (N + 63) / 64 <= 65535 &&
-         (K + 63) / 64 <= 65535;
+         K <= kMaxKernelExtent && ceil_div(N, 64) <= 65535 &&
+         ceil_div(K, 64) <= 65535;
 }
 
 // The mask/column-sum kernel takes M and N as int (same margin).
