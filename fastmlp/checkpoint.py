@@ -1,10 +1,12 @@
 """Saving and loading checkpoints: atomic writes, safe loads, plain-PyTorch model state.
 
 A checkpoint is a dict saved with :func:`torch.save` whose ``"model"`` entry is an ordinary
-``state_dict`` with the tutorial's key names (``linear_relu_stack.0.weight``, ...), beside
-``"optimizer"``, ``"scheduler"``, ``"epoch"``, ``"rng"``, ``"config"`` and ``"metrics"``.
-Everything in it is tensors and plain Python values, so ``torch.load(path,
-weights_only=True)`` reads it without running any pickled code.
+``state_dict`` with the tutorial's key names (``linear_relu_stack.0.weight``, ...). A training
+checkpoint (``last.pt``, ``best.pt``: :func:`training_state` builds it, :func:`restore_training`
+puts it back) also holds ``"format"``, ``"optimizer"``, ``"scheduler"``, ``"epoch"``, ``"rng"``,
+``"config"``, ``"metrics"``, ``"best_accuracy"`` and ``"versions"``. Everything in it is tensors
+and plain Python values, so ``torch.load(path, weights_only=True)`` reads it without running
+any pickled code.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FORMAT",
     "CheckpointError",
     "CheckpointWriteError",
     "TRAINING_KEYS",
@@ -30,9 +33,14 @@ __all__ = [
     "check_training_checkpoint",
     "extract_state_dict",
     "load_checkpoint",
+    "load_training_checkpoint",
+    "restore_training",
+    "rng_state",
     "save_checkpoint",
     "save_json",
+    "set_rng_state",
     "sizes_from_state_dict",
+    "training_state",
 ]
 
 
@@ -179,8 +187,84 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is corrupt or truncated: {first}") from e
 
 
+#: The training checkpoint's layout; :func:`check_training_checkpoint` refuses any other.
+FORMAT = "fastmlp-checkpoint-1"
+
 #: What ``fastmlp.train.fit`` needs to continue a run from a checkpoint.
 TRAINING_KEYS = ("model", "optimizer", "epoch", "config", "metrics", "best_accuracy", "rng")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random generators' state (CPU, and every GPU when there is one)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` returned (GPU state only where there are GPUs)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    epoch: int,
+    config: dict[str, Any],
+    metrics: list[dict[str, float]],
+    best_accuracy: float,
+    versions: dict[str, str],
+) -> dict[str, Any]:
+    """The training checkpoint after ``epoch`` epochs: everything a resume needs to continue
+    bit-identically (the random generators' state is taken now), plain values only."""
+    return {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "config": config,
+        "metrics": metrics,
+        "best_accuracy": best_accuracy,
+        "rng": rng_state(),
+        "versions": versions,
+    }
+
+
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`load_checkpoint` (safe mode) and :func:`check_training_checkpoint`: a training
+    checkpoint with every part a resume needs, or a :class:`CheckpointError` naming the gap."""
+    state = load_checkpoint(path)
+    check_training_checkpoint(state, path)
+    return state
+
+
+def restore_training(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    path: str | os.PathLike[str],
+) -> None:
+    """Load a training checkpoint's model, optimizer, scheduler (when ``scheduler`` is given
+    and one was saved) and random generators. State that does not fit the objects built from
+    the checkpoint's config raises :class:`CheckpointError` naming ``path``."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path} cannot be resumed: its state does not fit its config ({first})"
+        ) from None
+    set_rng_state(state["rng"])
 
 
 def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
@@ -190,6 +274,12 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(
             f"{path} is not a training checkpoint (a {type(state).__name__}); resume from "
             "the last.pt of a fastmlp train run"
+        )
+    # A dict without "format" (made by hand, say) is judged by its keys alone.
+    if state.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(
+            f"{path} cannot be resumed: it is a {state['format']!r} checkpoint and this "
+            f"fastmlp reads {FORMAT!r}"
         )
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:

@@ -187,3 +187,57 @@ def test_sizes_from_state_dict_other_widths() -> None:
         16,
         10,
     )
+
+
+def _objects(hidden: int = 8) -> tuple[MLP, torch.optim.Optimizer, object]:
+    model = MLP((784, hidden, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+
+def _train_state(model: MLP, opt: torch.optim.Optimizer, sched: object) -> dict[str, object]:
+    return ckpt.training_state(
+        model=model,
+        optimizer=opt,
+        scheduler=sched,  # type: ignore[arg-type]
+        epoch=1,
+        config={"epochs": 2},
+        metrics=[{"epoch": 1, "test_accuracy": 0.5}],
+        best_accuracy=0.5,
+        versions={"torch": str(torch.__version__)},
+    )
+
+
+def test_training_state_saves_and_restores_everything_a_resume_needs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, opt, sched = _objects()
+    for _ in range(3):  # momentum buffers and a scheduler that has moved
+        model(torch.rand(4, 784)).sum().backward()
+        opt.step()
+        sched.step()
+    state = _train_state(model, opt, sched)
+    next_draw = torch.rand(5)  # what the generator gives after the state was taken
+    ckpt.save_checkpoint(state, tmp_path / "last.pt")
+    loaded = ckpt.load_training_checkpoint(tmp_path / "last.pt")
+    assert loaded["format"] == ckpt.FORMAT == "fastmlp-checkpoint-1"
+    assert set(ckpt.TRAINING_KEYS) <= set(loaded)
+    model2, opt2, sched2 = _objects()
+    ckpt.restore_training(loaded, model2, opt2, sched2, tmp_path / "last.pt")  # type: ignore[arg-type]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k
+    assert torch.equal(
+        opt.state_dict()["state"][0]["momentum_buffer"],
+        opt2.state_dict()["state"][0]["momentum_buffer"],
+    )
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert torch.equal(torch.rand(5), next_draw)
+
+
+def test_training_checkpoints_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    state = _train_state(*_objects(hidden=8))
+    with pytest.raises(ckpt.CheckpointError, match="last.pt cannot be resumed: its state does"):
+        ckpt.restore_training(state, *_objects(hidden=16), path)  # type: ignore[arg-type]
+    ckpt.save_checkpoint({**state, "format": "fastmlp-checkpoint-2"}, path)
+    with pytest.raises(ckpt.CheckpointError, match="'fastmlp-checkpoint-2' checkpoint and this"):
+        ckpt.load_training_checkpoint(path)
