@@ -20,6 +20,7 @@ import torch
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, hardware, rundir
+from fastmlp.config import OPTIONS, PRESETS, Option, Range
 from fastmlp.loader import DeviceLoader
 
 __all__ = ["build_parser", "main"]
@@ -56,68 +57,105 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _int_in(low: int, high: int, what: str) -> Any:
-    def parse(text: str) -> int:
-        value = _int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got {text!r}")
-        return value
+def _value_parser(opt: Option) -> Any:
+    """The argparse type of a TrainConfig option: its ``parse``, or a number checked against
+    its range (one range for the flag and the config), with the command line's wording."""
+    # 'none' asks for None where leaving the flag out would not (--max-loss none).
+    none_word = opt.optional and opt.default is not None
+    expected = _expected(opt) + (" or 'none'" if none_word else "")
+    if opt.kind is int:
+        unparsable = expected if expected.startswith("a positive") else "an integer"
+    else:
+        unparsable = "a number" + (" or 'none'" if none_word else "")
 
-    return parse
-
-
-def _max_loss(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
-    return value
-
-
-def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = True) -> Any:
-    def parse(text: str) -> float:
+    def parse(text: str) -> Any:
+        if none_word and text.strip().lower() == "none":
+            return None
+        if opt.parse is not None:
+            try:
+                return opt.parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        if opt.kind is str:
+            return text
         try:
-            value = float(text)
+            value = opt.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if not math.isfinite(value) or too_low or too_high:
-            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(
-                f"expected a value in {lo}{low}, {high}{hi}, got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"expected {unparsable}, got {text!r}") from None
+        finite = opt.kind is int or math.isfinite(value)
+        if not finite or (opt.range is not None and value not in opt.range):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        hidden = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected widths like 512,512, got {text!r}") from None
-    if not hidden or min(hidden) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive widths like 512,512, got {text!r}")
-    return (data.IMAGE_SIZE * data.IMAGE_SIZE, *hidden, len(data.CLASSES))
+def _expected(opt: Option) -> str:
+    """What a number flag accepts, as its error says: "a positive integer", "pixels from 0
+    to 27", "a value in (0, 10)"."""
+    r, integer = opt.range, opt.kind is int
+    if r is None:
+        return "an integer" if integer else "a number"
+    if r == (Range(1) if integer else Range(0, low_open=True)):
+        return "a positive integer" if integer else "a positive number"
+    if r.high == math.inf:
+        return f"{'an integer' if integer else 'a number'} {r.describe()}"
+    if integer:
+        return f"{opt.unit or 'a ' + opt.what} from {r.low} to {r.high}"
+    return f"a value in {r.interval()}"
+
+
+def _add_config_flags(group: Any) -> None:
+    """One flag per TrainConfig option (fastmlp.config.OPTIONS), generated from it. Unset
+    flags stay unset (SUPPRESS), so the command knows which were given (--resume, --preset)."""
+    for opt in OPTIONS:
+        if opt.flag is None:
+            continue
+        kw: dict[str, Any] = dict(dest=opt.name, default=argparse.SUPPRESS, help=_help(opt))
+        if opt.metavar is not None:
+            kw["metavar"] = opt.metavar
+        if opt.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif opt.choices is not None:
+            kw["choices"] = list(opt.choices)
+        else:
+            kw["type"] = _value_parser(opt)
+        group.add_argument(opt.flag, **kw)
+
+
+def _help(opt: Option) -> str:
+    return opt.help_text().replace("%", "%%")  # argparse expands %(...)s in help
+
+
+def _as_flags(settings: dict[str, Any]) -> str:
+    """Config settings as the flags that give them: ``--lr 0.001 --no-augment``."""
+    by_name = {opt.name: opt for opt in OPTIONS}
+    words = []
+    for name, value in settings.items():
+        opt = by_name[name]
+        if opt.flag is None:
+            words.append(f"{name}={opt.text(value)}")
+        elif opt.kind is bool:
+            words.append(opt.flag if value else "--no-" + opt.flag[2:])
+        else:
+            words.append(f"{opt.flag} {opt.text(value)}")
+    return " ".join(words)
+
+
+def _flag(name: str) -> str:
+    return next(opt.flag or name for opt in OPTIONS if opt.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands (exposed for documentation and tests)."""
-    from fastmlp.train import IMAGE_SIZE, SEED_RANGE, TrainConfig
+    from fastmlp.train import TrainConfig
 
     d = TrainConfig()
     p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    data_help = (
-        "folder with the Fashion-MNIST IDX files (default: $FASTMLP_DATA if set, else "
-        "~/.cache/fastmlp or /usr/share/datasets/fashion-mnist)"
-    )
-    device_help = "auto (GPU if present), cpu, cuda or cuda:N (default: auto)"
+    option = {opt.name: opt for opt in OPTIONS}
+    data_help = _help(option["data"])  # the same folder search for every command
+    device_help = _help(option["device"])
     trust_help = "allow loading checkpoints that contain pickled objects (only if trusted)"
 
     t = sub.add_parser(
@@ -126,17 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train the fused 784-512-512-10 MLP on Fashion-MNIST. Writes metrics.json, "
             "curves.png, confusion.png, last.pt and best.pt into --out. Unset options come "
-            "from the documented recipe, or from the checkpoint with --resume. Runs "
-            "unchanged under torchrun (DistributedDataParallel, one process per GPU or "
+            "from the documented recipe (or a --preset), or from the checkpoint with --resume. "
+            "Runs unchanged under torchrun (DistributedDataParallel, one process per GPU or "
             "several on a CPU): --batch-size is then per process, rank 0 writes --out."
         ),
     )
-    S = argparse.SUPPRESS  # unset options stay unset, so --resume can tell what was given
-    t.add_argument("--data", metavar="DIR", default=S, help=data_help)
     t.add_argument(
         "--out",
         metavar="DIR",
-        default=S,
+        default=argparse.SUPPRESS,
         help="output folder, used by one run at a time (default: a new runs/<date-time>; "
         "with --resume, the checkpoint's folder)",
     )
@@ -146,109 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the results of an earlier run in --out (default: refuse)",
     )
     t.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=S,
-        help=f"default {d.epochs}; with --resume: continue the run to this many epochs in "
-        "total (a cosine/onecycle schedule is laid out again over the new total)",
-    )
-    t.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=S,
-        help="samples per step and process; under torchrun the global batch is this times "
-        f"the number of processes (default {d.batch_size})",
-    )
-    t.add_argument(
-        "--optimizer", choices=["sgd", "adam", "adamw"], default=S, help=f"default {d.optimizer}"
-    )
-    t.add_argument(
-        "--lr",
-        type=_float_in(0, 10, low_open=True),
-        default=S,
-        help=f"peak learning rate, default {d.lr}",
-    )
-    t.add_argument("--momentum", type=_float_in(0, 1), default=S, help=f"default {d.momentum}")
-    t.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help=f"Nesterov momentum for SGD (default: {d.nesterov})",
-    )
-    t.add_argument(
-        "--weight-decay", type=_float_in(0, 1), default=S, help=f"default {d.weight_decay}"
-    )
-    t.add_argument(
-        "--schedule",
-        choices=["none", "onecycle", "cosine"],
-        default=S,
-        help=f"learning-rate schedule, stepped per batch (default {d.schedule})",
-    )
-    t.add_argument(
-        "--warmup",
-        type=_float_in(0, 1, low_open=True),
-        default=S,
-        help=f"one-cycle warm-up fraction of all steps (default {d.warmup})",
-    )
-    t.add_argument(
-        "--label-smoothing", type=_float_in(0, 1), default=S, help=f"default {d.label_smoothing}"
-    )
-    t.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help=f"random horizontal flip, plus --max-shift (default: {d.augment})",
-    )
-    t.add_argument(
-        "--max-shift",
-        type=_int_in(0, IMAGE_SIZE - 1, "pixels"),
-        default=S,
-        metavar="PX",
-        help=f"random shift in pixels under --augment (default {d.max_shift})",
-    )
-    t.add_argument(
-        "--hidden",
-        type=_sizes,
-        default=S,
-        dest="sizes",
-        metavar="W,W",
-        help="hidden layer widths (default 512,512)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=list(hardware.PRECISIONS),
-        default=S,
-        help=f"default {d.precision}: bf16 where the CPU (AVX512-BF16/AMX) or GPU computes it "
-        "natively, else fp32; bf16 elsewhere is emulated and several times slower",
-    )
-    t.add_argument("--device", default=S, help=device_help)
-    t.add_argument(
-        "--backend",
-        choices=["auto", "gloo", "nccl"],
-        default=S,
-        help="process-group backend under torchrun: auto is nccl on CUDA, gloo on the CPU "
-        "(default auto; unused in a single process)",
-    )
-    t.add_argument(
-        "--seed", type=_int_in(*SEED_RANGE, "a seed"), default=S, help=f"default {d.seed}"
-    )
-    t.add_argument(
-        "--max-loss",
-        type=_max_loss,
-        default=S,
-        metavar="X",
-        help="stop as diverged when an epoch's mean train loss exceeds X; NaN/inf always "
-        f"stop the run; 'none': no limit (default {d.max_loss:g})",
-    )
-    t.add_argument(
-        "--train-samples",
-        type=_positive_int,
-        default=S,
-        metavar="N",
-        help="train on the first N images only (quick checks; default: all 60000)",
-    )
-    t.add_argument(
-        "--resume", metavar="CKPT", default=None, help="continue the run saved in CKPT (a last.pt)"
+        "--resume",
+        metavar="CKPT",
+        default=None,
+        help="continue the run saved in CKPT (a last.pt) with its saved config: only --device, "
+        "--data and --backend may change, --epochs extends it, other options are ignored",
     )
     t.add_argument(
         "--stop-after",
@@ -258,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after epoch N (resume later with --resume)",
     )
     t.add_argument("--quiet", action="store_true", help="print only the final summary")
+    presets = "; ".join(f"{name}: {_as_flags(settings)}" for name, settings in PRESETS.items())
+    t.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="start from these settings instead of the documented recipe's; options given "
+        f"override them (not with --resume). {presets}",
+    )
+    _add_config_flags(
+        t.add_argument_group("training options (the fields of fastmlp.train.TrainConfig)")
+    )
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser(
@@ -336,25 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fastmlp.config import resume_ignores
     from fastmlp.train import TrainConfig, fit
 
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    # Only the flags given are in args (SUPPRESS): a preset or the checkpoint fills the rest.
+    given = {o.name: vars(args)[o.name] for o in OPTIONS if o.flag and o.name in vars(args)}
     if args.resume:
-        # The saved config decides what is computed; only where may change, and how long.
-        where = ("device", "data", "backend")
-        ignored = sorted(set(given) - {*where, "epochs"})
+        if args.preset is not None:
+            raise UsageError(
+                "fastmlp train: error: --preset cannot be used with --resume: a resumed run "
+                "keeps its saved config (see 'fastmlp train --help')"
+            )
+        # fit() applies the rule (fastmlp.config.resume_config); this only says what it drops.
+        ignored = resume_ignores(given)
         if ignored and _rank() == 0:
-            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            flags = ", ".join(_flag(name) for name in ignored)
             print(
                 f"fastmlp train: note: resuming with the saved config; ignoring {flags}",
                 file=sys.stderr,
             )
-        cfg = TrainConfig(**{k: v for k, v in given.items() if k in where})
         out = getattr(args, "out", None) or Path(args.resume).parent
     else:
-        cfg = TrainConfig(**given)
-        _check_batch_size(cfg)
         out = getattr(args, "out", None)
+    cfg = TrainConfig.from_preset(args.preset, **given) if args.preset else TrainConfig(**given)
+    if not args.resume:
+        _check_batch_size(cfg)
     made_default = out is None and _rank() == 0
     if out is None:
         # Rank 0 makes a new runs/<date-time>[-N], never one another run has. Other ranks

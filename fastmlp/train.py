@@ -1,9 +1,10 @@
-"""Training: ``TrainConfig`` (the documented recipe) and ``fit``.
+"""Training: ``fit`` runs an experiment described by a :class:`TrainConfig`.
 
-The tutorial's ``train_loop``/``test_loop`` live in :mod:`fastmlp.loops` and are re-exported
-here. ``fit`` runs a whole experiment from a :class:`TrainConfig`: data on the device, the fused
-MLP, optimizer and schedule, bf16 autocast if asked, per-epoch metrics, plots and atomic
-checkpoints that resume bit-identically on CPU.
+``TrainConfig`` (what a run computes, its presets and the resume rule) lives in
+:mod:`fastmlp.config`; the tutorial's ``train_loop``/``test_loop`` live in
+:mod:`fastmlp.loops`; both are re-exported here. ``fit`` runs a whole experiment: data on the
+device, the fused MLP, optimizer and schedule, bf16 autocast if asked, per-epoch metrics, plots
+and atomic checkpoints (:mod:`fastmlp.checkpoint`) that resume bit-identically on CPU.
 
 Losses and accuracies accumulate in device tensors; the host reads them once per epoch (and
 once every ``log_every`` steps for the progress line), so a GPU is never stalled per step.
@@ -23,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed, hardware
+from fastmlp.config import PRESETS, TrainConfig, resume_config
 from fastmlp.loader import DeviceLoader
 from fastmlp.loops import (
     EvalResult,
@@ -44,6 +46,7 @@ from fastmlp.loops import (
 from fastmlp.rundir import RunDir
 
 __all__ = [
+    "PRESETS",
     "EvalResult",
     "FitResult",
     "TrainConfig",
@@ -59,102 +62,10 @@ __all__ = [
 ]
 
 LogFn = Callable[[str], None]
-SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed accepts as a non-negative seed
-IMAGE_SIZE = data.IMAGE_SIZE  # shifts must leave part of the image
 # train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
-# `from fastmlp.train import train_loop, test_loop` reads like the tutorial.
-
-
-@dataclass
-class TrainConfig:
-    """One experiment. The defaults are what ``fastmlp train`` runs.
-
-    Measured on Fashion-MNIST with 784-512-512-10, final-epoch test accuracy, 2-core CPU:
-    the defaults (40 epochs) reach 90.78%; the best recipe found is the same with
-    ``epochs=120``: 91.04% mean of seeds 0-2 (91.09, 90.87, 91.16); ``epochs=80`` gives
-    91.00% (91.14, 90.84, 91.02). A training epoch takes ~1.3-1.5 s. Fastest to 90%:
-    ``epochs=20, augment=False, precision="bf16"`` (90% after epoch 18-20, 15-16 s) on a CPU
-    with native bf16 (AVX512-BF16); elsewhere bf16 is emulated and several times slower, which
-    is why the default precision is ``"auto"``.
-    Tried and rejected on a GPU sweep: random shifts (1-2 px) and input dropout hurt this
-    MLP; weight decay 5e-4 or 1e-4, lr 0.05/0.2, batch 128/512, label smoothing 0/0.2,
-    cosine schedule and AdamW did no better; horizontal flips help only in long runs.
-    """
-
-    epochs: int = 40
-    batch_size: int = 256  # samples per optimizer step and process (global: x world size)
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.1  # peak learning rate (one-cycle) or initial rate (cosine/none)
-    momentum: float = 0.9  # SGD momentum; one-cycle cycles it between 0.85 and 0.95
-    nesterov: bool = True
-    weight_decay: float = 2e-4  # L2 coefficient (decoupled for AdamW)
-    schedule: str = "onecycle"  # none | onecycle | cosine; stepped every batch
-    warmup: float = 0.25  # fraction of all steps spent rising to the peak (one-cycle)
-    label_smoothing: float = 0.1
-    augment: bool = True  # random horizontal flip (+ shift if max_shift > 0)
-    max_shift: int = 0  # pixels of random shift under augment
-    # auto | fp32 | bf16 (autocast; master weights stay fp32). auto: bf16 where the hardware
-    # computes it natively (AVX512-BF16/AMX CPUs, CUDA compute capability >= 8), else fp32.
-    precision: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    sizes: tuple[int, ...] = (784, 512, 512, 10)
-    eval_batch_size: int = 2000
-    data: str | None = None  # data folder; None searches the usual places
-    train_samples: int | None = None  # train on the first N samples only (quick checks)
-    backend: str = "auto"  # process group under torchrun: auto (nccl on CUDA, gloo) | gloo | nccl
-    # Mean training loss of an epoch above which the run counts as diverged and stops
-    # (None: only NaN/inf stop it). Cross-entropy over 10 classes starts near 2.3.
-    max_loss: float | None = 100.0
-
-    def __post_init__(self) -> None:
-        self.sizes = tuple(int(s) for s in self.sizes)
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.eval_batch_size >= 1, "eval batch size must be >= 1"),
-            (self.optimizer in ("sgd", "adam", "adamw"), f"unknown optimizer {self.optimizer!r}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (
-                0 <= self.weight_decay < 1,
-                f"weight decay must be in [0, 1), got {self.weight_decay}",
-            ),
-            (self.schedule in ("none", "onecycle", "cosine"), f"bad schedule {self.schedule!r}"),
-            (0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}"),
-            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-            (self.precision in hardware.PRECISIONS, f"unknown precision {self.precision!r}"),
-            (self.backend in distributed.BACKENDS, f"unknown backend {self.backend!r}"),
-            (
-                0 <= self.max_shift < IMAGE_SIZE,
-                f"max shift must be between 0 and {IMAGE_SIZE - 1} pixels (images are "
-                f"{IMAGE_SIZE} wide), got {self.max_shift}",
-            ),
-            (
-                SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
-                f"seed must be between 0 and 2**64-1, got {self.seed}",
-            ),
-            (
-                self.max_loss is None or self.max_loss > 0,
-                f"max loss must be > 0 (or None), got {self.max_loss}",
-            ),
-            (self.train_samples is None or self.train_samples >= 1, "train_samples must be >= 1"),
-            (len(self.sizes) >= 2 and min(self.sizes) >= 1, f"bad layer sizes {self.sizes}"),
-            (
-                self.sizes[:1] == (784,) and self.sizes[-1:] == (10,),
-                f"layer sizes must run from 784 inputs (28x28 pixels) to 10 outputs (the "
-                f"Fashion-MNIST classes), got {self.sizes}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Rebuild from :func:`dataclasses.asdict` output, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+# `from fastmlp.train import train_loop, test_loop` reads like the tutorial. TrainConfig and
+# PRESETS live in fastmlp.config, re-exported so `from fastmlp.train import TrainConfig, fit`
+# keeps working.
 
 
 def resolve_device(device: str) -> torch.device:
@@ -257,19 +168,6 @@ class TrainingDiverged(RuntimeError):
     stopped before saving the diverged epoch."""
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _is_tty() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
@@ -290,8 +188,10 @@ def fit(
     ``out_dir`` (if given) receives ``metrics.json``, ``curves.png``, ``confusion.png``,
     ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy so far). ``resume`` is a
     ``last.pt`` to continue from: its saved config is used, and the result is bit-identical
-    on CPU to an uninterrupted run. ``stop_after`` ends this call after that many total
-    epochs, as if interrupted. ``progress`` defaults to tqdm bars on a terminal.
+    on CPU to an uninterrupted run; ``config`` then only says where the run goes (its
+    ``device``, ``data`` and ``backend``: :func:`fastmlp.config.resume_config`).
+    ``stop_after`` ends this call after that many total epochs, as if interrupted.
+    ``progress`` defaults to tqdm bars on a terminal.
 
     ``epochs`` with ``resume`` continues the run to that many epochs in total (at least
     the epochs already trained). With the ``none`` schedule the run simply goes on; a
@@ -319,28 +219,15 @@ def fit(
     state: dict[str, Any] | None = None
     extended = False
     if resume is not None:
-        state = ckpt.load_checkpoint(resume)
-        ckpt.check_training_checkpoint(state, resume)
-        try:
-            saved = TrainConfig.from_dict(state["config"])
-        except (TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{resume} cannot be resumed: bad config: {e}") from None
-        if config is not None:  # where to run may change; what to compute may not
-            saved.device, saved.data = config.device, config.data or saved.data
-            saved.backend = config.backend
-        if epochs is not None:
-            done = int(state["epoch"])
-            if epochs < done:
-                raise ValueError(
-                    f"{resume} has already trained {done} epochs, more than --epochs "
-                    f"{epochs}; pass --epochs {done + 1} or more to continue it"
-                )
-            extended = epochs != saved.epochs
-            saved.epochs = epochs
-        config = saved
+        state = ckpt.load_training_checkpoint(resume)
+        saved = _saved_config(state, resume)
+        given = vars(config) if config is not None else None
+        cfg = resume_config(saved, given, epochs, done=int(state["epoch"]), source=str(resume))
+        extended = cfg.epochs != saved.epochs
     elif epochs is not None:
         raise ValueError("epochs= is for resume=; set TrainConfig.epochs for a new run")
-    cfg = config if config is not None else TrainConfig()
+    else:
+        cfg = config if config is not None else TrainConfig()
     env = distributed.detect_env()  # None: one process, no process group
     device = distributed.device_for_rank(resolve_device(cfg.device), env)
     main = env is None or env.rank == 0
@@ -349,6 +236,13 @@ def fit(
         claim = RunDir(out_dir, resume=resume, overwrite=overwrite)
     with claim, distributed.process_group(cfg.backend, device) as ctx:
         return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log, extended)
+
+
+def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path} cannot be resumed: bad config: {e}") from None
 
 
 def _fit(
@@ -414,14 +308,8 @@ def _fit(
     history: list[dict[str, float]] = []
     best, start = 0.0, 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ckpt.CheckpointError(
-                f"{resume} cannot be resumed: its state does not fit its config ({first})"
-            ) from None
+        restored = None if extended else scheduler
+        ckpt.restore_training(state, model, optimizer, restored, str(resume))
         history, best, start = list(state["metrics"]), float(state["best_accuracy"]), state["epoch"]
         say(f"Resuming from {resume} after epoch {start}")
         if start >= cfg.epochs:
@@ -437,9 +325,6 @@ def _fit(
                     f"epoch {start + 1} the learning rate follows the {cfg.epochs}-epoch "
                     "schedule"
                 )
-        elif scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
     net: nn.Module = model
     if ctx.distributed:
         # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
@@ -514,18 +399,16 @@ def _fit(
             epoch_bar.set_postfix(acc=f"{last_eval.accuracy:.4f}", best=f"{best:.4f}")
             epoch_bar.update(1)
         if out is not None and main:
-            state = {
-                "format": "fastmlp-checkpoint-1",
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch + 1,
-                "config": cfg_dict,
-                "metrics": history,
-                "best_accuracy": best,
-                "rng": _rng_state(),
-                "versions": meta["versions"],
-            }
+            state = ckpt.training_state(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch + 1,
+                config=cfg_dict,
+                metrics=history,
+                best_accuracy=best,
+                versions=meta["versions"],
+            )
             try:
                 ckpt.save_checkpoint(state, out / "last.pt")
                 if is_best:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained_run
 
 from fastmlp import data
-from fastmlp.cli import main
+from fastmlp import train as train_mod
+from fastmlp.cli import UsageError, build_parser, main
+from fastmlp.config import OPTIONS, Option
 from fastmlp.data import load_image
 from fastmlp.nn import MLP
 
@@ -77,6 +80,87 @@ def test_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
             "--resume",
         ):
             assert flag in out
+
+
+def test_train_help_shows_every_option_with_its_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside "--no-nesterov"
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0
+    for opt in OPTIONS:
+        if opt.flag is None:  # eval_batch_size; preset (--preset is made by hand)
+            continue
+        assert opt.flag in out
+        if opt.default is not None:
+            assert f"default {opt.text(opt.default)}" in out, opt.flag
+    assert "(default 512,512)" in out and "(default 100)" in out  # --hidden, --max-loss
+    assert "--eval-batch-size" not in out
+    tutorial = (
+        "tutorial: --optimizer sgd --lr 0.001 --momentum 0 --no-nesterov --batch-size 64 "
+        "--epochs 10 --schedule none --label-smoothing 0 --weight-decay 0 --no-augment "
+        "--precision fp32"
+    )
+    assert tutorial in out
+
+
+def _candidates(opt: Option) -> list[object]:
+    """Values on and around the ends of an option's range, or its choices and a bad one."""
+    if opt.choices is not None:
+        return [*opt.choices, "bogus"]
+    assert opt.range is not None
+    low, high = opt.range.low, opt.range.high
+    if opt.kind is int:
+        ends = [low - 1, low, low + 1] + ([high - 1, high, high + 1] if high != math.inf else [])
+        return ends
+    inside = [low + 1e-9, (low + high) / 2 if high != math.inf else low + 1]
+    return [low - 0.5, low, *inside, high - 1e-9, high, high + 0.5]
+
+
+@pytest.mark.parametrize(
+    "opt", [o for o in OPTIONS if o.flag and (o.range or o.choices)], ids=lambda o: o.flag
+)
+def test_flags_accept_exactly_what_the_config_accepts(opt: Option) -> None:
+    parser = build_parser()
+    for value in _candidates(opt):
+        try:
+            train_mod.TrainConfig(**{opt.name: value})
+            config_ok = True
+        except ValueError:
+            config_ok = False
+        try:
+            parser.parse_args(["train", opt.flag, str(value)])  # type: ignore[arg-type]
+            flag_ok = True
+        except UsageError:
+            flag_ok = False
+        if isinstance(value, float) and not math.isfinite(value):
+            assert not flag_ok, value  # the command line wants a finite number
+        else:
+            assert flag_ok == config_ok, (opt.flag, value, flag_ok, config_ok)
+    if opt.kind is float:
+        with pytest.raises(UsageError, match=f"argument {opt.flag}: expected"):
+            parser.parse_args(["train", opt.flag, "nan"])
+
+
+def test_preset_fills_in_the_config_and_flags_override_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_fit(config: object, out: object, **kw: object) -> train_mod.FitResult:
+        seen["config"], seen["resume"] = config, kw["resume"]
+        return train_mod.FitResult(model=torch.nn.Identity())
+
+    monkeypatch.setattr(train_mod, "fit", fake_fit)
+    argv = ["train", "--preset", "tutorial", "--epochs", "2", "--augment", "--out", str(tmp_path)]
+    assert run(capsys, *argv)[0] == 0
+    expected = train_mod.TrainConfig.from_preset("tutorial", epochs=2, augment=True)
+    assert seen["config"] == expected and expected.lr == 1e-3
+    code, _, err = run(
+        capsys, "train", "--resume", str(tmp_path / "last.pt"), "--preset", "tutorial"
+    )
+    assert code == 2 and "--preset cannot be used with --resume" in err
+    assert_one_line_error(err)
 
 
 def test_invalid_device(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -146,13 +230,33 @@ def test_train_stop_and_resume(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     )
     assert code == 0 and "epoch 1:" in out
     code, out, err = run(
-        capsys, "train", "--resume", str(tmp_path / "last.pt"), "--quiet", "--lr", "5"
+        capsys,
+        "train",
+        "--resume",
+        str(tmp_path / "last.pt"),
+        "--quiet",
+        "--lr",
+        "5",
+        "--hidden",
+        "64",
     )
     assert code == 0 and "epoch 2:" in out
-    assert "ignoring --lr" in err
+    assert "ignoring --lr, --hidden" in err  # each named by its flag
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert metrics["config"]["lr"] == 0.1  # the saved config won
+
+
+@needs_real_data
+def test_preset_run_records_its_preset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["--data", str(REAL_DATA), "--train-samples", "640", "--device", "cpu", "--quiet"]
+    code, out, _ = run(
+        capsys, "train", "--preset", "tutorial", "--epochs", "1", "--out", str(tmp_path), *argv
+    )
+    assert code == 0 and "epoch 1:" in out
+    config = json.loads((tmp_path / "metrics.json").read_text())["config"]
+    assert config["preset"] == "tutorial" and config["lr"] == 1e-3 and config["batch_size"] == 64
+    assert config["train_samples"] == 640  # the flag over the preset
 
 
 @needs_real_data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained
 
 from fastmlp import checkpoint as ckpt
 from fastmlp import data
+from fastmlp.config import resume_config, resume_ignores
 from fastmlp.loader import DeviceLoader
-from fastmlp.train import TrainConfig, build_model, fit, resolve_device, train_loop
+from fastmlp.train import PRESETS, TrainConfig, build_model, fit, resolve_device, train_loop
 from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -150,11 +152,48 @@ def test_device_loader_feeds_the_tutorial_model() -> None:
         (dict(precision="fp16"), "precision"),
         (dict(weight_decay=1.0), "weight decay must be in \\[0, 1\\)"),  # as the CLI says
         (dict(label_smoothing=1.0), "label smoothing"),
+        (dict(lr=10.0), "learning rate must be in \\(0, 10\\), got 10.0"),  # --lr's range
+        (dict(max_shift=28), "max shift must be between 0 and 27 pixels, got 28"),
+        (dict(max_loss=0.0), "max loss must be > 0 \\(or None\\)"),
+        (dict(train_samples=0), "train samples must be >= 1"),
+        (dict(optimizer="sgdw"), "unknown optimizer 'sgdw' \\(choose from sgd, adam, adamw\\)"),
     ],
 )
 def test_config_validation(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kw)
+
+
+def test_presets() -> None:
+    tutorial = TrainConfig.from_preset("tutorial")
+    # The tutorial's hyperparameters: plain SGD at 1e-3, batch 64, 10 epochs, nothing added.
+    assert (tutorial.optimizer, tutorial.lr, tutorial.momentum) == ("sgd", 1e-3, 0.0)
+    assert (tutorial.batch_size, tutorial.epochs, tutorial.schedule) == (64, 10, "none")
+    assert tutorial.label_smoothing == 0.0 and tutorial.weight_decay == 0.0
+    assert not tutorial.augment and tutorial.precision == "fp32" and tutorial.preset == "tutorial"
+    assert tutorial.sizes == TrainConfig().sizes  # the tutorial's 784-512-512-10
+    mine = TrainConfig.from_preset("tutorial", epochs=3, device="cpu")  # overrides win
+    assert (mine.epochs, mine.device, mine.lr) == (3, "cpu", 1e-3)
+    assert TrainConfig().preset is None
+    for name in PRESETS:  # every preset is a valid config
+        assert TrainConfig.from_preset(name).preset == name
+    with pytest.raises(ValueError, match="unknown preset 'fastest' \\(choose from tutorial"):
+        TrainConfig.from_preset("fastest")
+    # A checkpoint's config (from before presets, or with one) rebuilds.
+    assert TrainConfig.from_dict({**asdict(tutorial), "world_size": 1}) == tutorial
+    old = {k: v for k, v in asdict(TrainConfig()).items() if k != "preset"}
+    assert TrainConfig.from_dict(old) == TrainConfig()
+
+
+def test_resume_config_changes_only_where_the_run_goes() -> None:
+    saved = TrainConfig(epochs=4, lr=0.05, device="cpu", data="/saved", backend="gloo")
+    given = dict(lr=0.5, batch_size=64, device="cuda", data=None, backend="auto")
+    cfg = resume_config(saved, given, done=2)
+    assert cfg == replace(saved, device="cuda", backend="auto")  # data None: the saved one
+    assert resume_ignores(given) == ["batch_size", "lr"]
+    assert resume_config(saved, None, epochs=6, done=4).epochs == 6
+    with pytest.raises(ValueError, match="x.pt has already trained 4 epochs, more than --epochs 3"):
+        resume_config(saved, epochs=3, done=4, source="x.pt")
 
 
 def test_device_resolution() -> None:
