@@ -245,6 +245,32 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> TrainC
         raise ckpt.CheckpointError(f"{path} cannot be resumed: bad config: {e}") from None
 
 
+@dataclass
+class _Run:
+    """What one :func:`fit` call trains with: made by ``_build``, advanced by every epoch."""
+
+    cfg: TrainConfig
+    ctx: distributed.Context
+    device: torch.device
+    precision: str  # as resolved: fp32 or bf16
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    train_samples: int  # in the training split, after --train-samples
+    model: nn.Module
+    net: nn.Module  # the model, or DistributedDataParallel around it (_distribute)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    record: dict[str, Any]  # the config as checkpoints and metrics.json keep it
+    meta: dict[str, Any]  # where it ran (device, machine, versions), for metrics.json
+    say: LogFn
+    progress: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float = 0.0
+    start: int = 0  # epochs trained before this call
+    last_eval: EvalResult | None = None
+
+
 def _fit(
     cfg: TrainConfig,
     ctx: distributed.Context,
@@ -257,21 +283,56 @@ def _fit(
     log: LogFn | None,
     extended: bool = False,
 ) -> FitResult:
+    """:func:`fit` inside its process group, stage by stage: build the run, restore it from
+    the checkpoint, wrap it for DDP, then train and save one epoch at a time, and finish."""
     main = ctx.is_main
     progress = main and (_is_tty() if progress is None else progress)
     say: LogFn = (lambda s: None) if log is None or progress or not main else log
     if state is not None:
-        trained_by = int(state["config"].get("world_size", 1))
-        if trained_by != ctx.world_size:
-            raise ValueError(
-                f"{resume} was trained by {trained_by} process(es) and this run has "
-                f"{ctx.world_size}: the global batch, steps per epoch and schedule depend on "
-                f"it; resume with {trained_by} process(es)"
-            )
+        _check_world_size(state, ctx, resume)
     out = Path(out_dir) if out_dir is not None else None  # claimed by fit() on rank 0
+
+    run = _build(cfg, ctx, device, say, progress)
+    if state is not None:
+        _restore(run, state, resume, extended)
+    _distribute(run)
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    epoch_bar = progress_bar(cfg.epochs, "epochs", progress)
+    if epoch_bar is not None:
+        epoch_bar.update(run.start)
+    for epoch in range(run.start, end):
+        accuracy = _train_epoch(run, epoch, out)["test_accuracy"]
+        is_best = accuracy > run.best
+        run.best = max(run.best, accuracy)
+        if epoch_bar is not None:
+            epoch_bar.set_postfix(acc=f"{accuracy:.4f}", best=f"{run.best:.4f}")
+            epoch_bar.update(1)
+        if out is not None and main:
+            _save(run, out, epoch + 1, is_best)
+    if epoch_bar is not None:
+        epoch_bar.close()
+    return _finish(run, out)
+
+
+def _check_world_size(
+    state: dict[str, Any], ctx: distributed.Context, path: str | os.PathLike[str] | None
+) -> None:
+    trained_by = int(state["config"].get("world_size", 1))
+    if trained_by != ctx.world_size:
+        raise ValueError(
+            f"{path} was trained by {trained_by} process(es) and this run has "
+            f"{ctx.world_size}: the global batch, steps per epoch and schedule depend on "
+            f"it; resume with {trained_by} process(es)"
+        )
+
+
+def _build(
+    cfg: TrainConfig, ctx: distributed.Context, device: torch.device, say: LogFn, progress: bool
+) -> _Run:
+    """Data on the device, its loaders, the model, optimizer, schedule and loss, and the
+    config and machine as the outputs record them."""
     if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
         distributed.split_cpu_threads(ctx)
-
     train_x, train_y = data.load_split(True, cfg.data)
     if cfg.train_samples is not None:
         train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
@@ -305,43 +366,10 @@ def _fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
         label_smoothing=cfg.label_smoothing
     )
-    history: list[dict[str, float]] = []
-    best, start = 0.0, 0
-    if state is not None:
-        restored = None if extended else scheduler
-        ckpt.restore_training(state, model, optimizer, restored, str(resume))
-        history, best, start = list(state["metrics"]), float(state["best_accuracy"]), state["epoch"]
-        say(f"Resuming from {resume} after epoch {start}")
-        if start >= cfg.epochs:
-            say(
-                f"{resume} has already trained all {cfg.epochs} epochs: nothing to do "
-                "(continue it with --epochs N)"
-            )
-        if extended:
-            if scheduler is not None:
-                _replay_schedule(optimizer, scheduler, start * len(train_loader))
-                say(
-                    f"Extending the {cfg.schedule} schedule to {cfg.epochs} epochs: from "
-                    f"epoch {start + 1} the learning rate follows the {cfg.epochs}-epoch "
-                    "schedule"
-                )
-    net: nn.Module = model
-    if ctx.distributed:
-        # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
-        # backward runs (the fused op's weight grads arrive through ordinary AccumulateGrad
-        # hooks). The optimizer keeps stepping `model`'s parameters: DDP shares them.
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if ctx.world_size > 1:
-        loss_fn = distributed.ShardMeanLoss(loss_fn, train_loader)
-
     # The config keeps the device as asked ("auto"); the device actually used is in meta.
     # It records the process-group backend in use (as asked without one) and the world
     # size, which a resume must match.
-    cfg_dict = {
+    record = {
         **asdict(cfg),
         "sizes": list(cfg.sizes),
         "backend": ctx.backend or cfg.backend,
@@ -355,98 +383,161 @@ def _fit(
         "machine": hardware.describe(device),  # CPU model and ISA flags: bf16 speed
         "versions": _versions(),
     }
-    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    epoch_bar = progress_bar(cfg.epochs, "epochs", progress)
-    if epoch_bar is not None:
-        epoch_bar.update(start)
-    last_eval: EvalResult | None = None
-    for epoch in range(start, end):
-        say(f"Epoch {epoch + 1}\n-------------------------------")
-        train_loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        train_loss = train_loop(
-            train_loader,
-            net,
-            loss_fn,
-            optimizer,
-            scheduler,
-            precision=precision,
-            log=say,
-            progress=progress,
+    return _Run(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        precision=precision,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        train_samples=len(train_y),
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        record=record,
+        meta=meta,
+        say=say,
+        progress=progress,
+    )
+
+
+def _restore(
+    run: _Run, state: dict[str, Any], path: str | os.PathLike[str] | None, extended: bool
+) -> None:
+    """Continue from a training checkpoint: its model, optimizer, random generators and
+    history; its schedule as saved, or for a run ``extended`` to more epochs laid out again
+    over the new total."""
+    cfg, say = run.cfg, run.say
+    scheduler = None if extended else run.scheduler
+    ckpt.restore_training(state, run.model, run.optimizer, scheduler, str(path))
+    run.history = list(state["metrics"])
+    run.best, run.start = float(state["best_accuracy"]), state["epoch"]
+    say(f"Resuming from {path} after epoch {run.start}")
+    if run.start >= cfg.epochs:
+        say(
+            f"{path} has already trained all {cfg.epochs} epochs: nothing to do "
+            "(continue it with --epochs N)"
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        train_loss = _mean_over_ranks(train_loss, ctx)
-        _check_diverged(train_loss, epoch + 1, cfg, out if main else None)
-        last_eval = _evaluate(model, test_loader, precision, ctx)
-        say(test_error_line(last_eval))
-        steps = len(train_loader)
-        trained = steps * train_loader.global_batch_size if train_loader.drop_last else len(train_y)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "test_loss": last_eval.loss,
-                "test_accuracy": last_eval.accuracy,
-                "seconds": seconds,
-                "samples_per_s": trained / seconds,
-            }
+    if extended and run.scheduler is not None:
+        _replay_schedule(run.optimizer, run.scheduler, run.start * len(run.train_loader))
+        say(
+            f"Extending the {cfg.schedule} schedule to {cfg.epochs} epochs: from "
+            f"epoch {run.start + 1} the learning rate follows the {cfg.epochs}-epoch schedule"
         )
-        is_best = last_eval.accuracy > best
-        best = max(best, last_eval.accuracy)
-        if epoch_bar is not None:
-            epoch_bar.set_postfix(acc=f"{last_eval.accuracy:.4f}", best=f"{best:.4f}")
-            epoch_bar.update(1)
-        if out is not None and main:
-            state = ckpt.training_state(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                epoch=epoch + 1,
-                config=cfg_dict,
-                metrics=history,
-                best_accuracy=best,
-                versions=meta["versions"],
-            )
-            try:
-                ckpt.save_checkpoint(state, out / "last.pt")
-                if is_best:
-                    ckpt.save_checkpoint(state, out / "best.pt")
-                ckpt.save_json(
-                    {"config": cfg_dict, "epochs": history, "best_test_accuracy": best, **meta},
-                    out / "metrics.json",
-                )
-            except ckpt.CheckpointWriteError as e:
-                again = (
-                    f"continue with: fastmlp train --resume {out / 'last.pt'}"
-                    if (out / "last.pt").is_file()
-                    else "then start again"
-                )
-                raise ckpt.CheckpointWriteError(
-                    f"{e}; epoch {epoch + 1} is not fully saved; free space, {again}"
-                ) from None
-    if epoch_bar is not None:
-        epoch_bar.close()
-    if out is not None and history:
+
+
+def _distribute(run: _Run) -> None:
+    """Under torchrun: DistributedDataParallel around the model, the loss weighted per
+    shard. After the restore: DDP makes every rank start from rank 0's parameters."""
+    ctx, model, device = run.ctx, run.model, run.device
+    loss_fn, train_loader = run.loss_fn, run.train_loader
+    net: nn.Module = model
+    if ctx.distributed:
+        # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
+        # backward runs (the fused op's weight grads arrive through ordinary AccumulateGrad
+        # hooks). The optimizer keeps stepping `model`'s parameters: DDP shares them.
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if ctx.world_size > 1:
+        loss_fn = distributed.ShardMeanLoss(loss_fn, train_loader)
+    run.net, run.loss_fn = net, loss_fn
+
+
+def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
+    """Train one epoch, stop if it diverged, evaluate, and append the epoch's history row."""
+    cfg, ctx, device = run.cfg, run.ctx, run.device
+    train_loader, net, loss_fn = run.train_loader, run.net, run.loss_fn
+    optimizer, scheduler = run.optimizer, run.scheduler
+    precision, say, progress = run.precision, run.say, run.progress
+    say(f"Epoch {epoch + 1}\n-------------------------------")
+    train_loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    train_loss = train_loop(
+        train_loader,
+        net,
+        loss_fn,
+        optimizer,
+        scheduler,
+        precision=precision,
+        log=say,
+        progress=progress,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    train_loss = _mean_over_ranks(train_loss, ctx)
+    _check_diverged(train_loss, epoch + 1, cfg, out if ctx.is_main else None)
+    run.last_eval = _evaluate(run.model, run.test_loader, precision, ctx)
+    say(test_error_line(run.last_eval))
+    steps = len(train_loader)
+    drop_last = train_loader.drop_last
+    trained = steps * train_loader.global_batch_size if drop_last else run.train_samples
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "test_loss": run.last_eval.loss,
+        "test_accuracy": run.last_eval.accuracy,
+        "seconds": seconds,
+        "samples_per_s": trained / seconds,
+    }
+    run.history.append(row)
+    return row
+
+
+def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
+    """``last.pt`` (and ``best.pt`` for a new best) and ``metrics.json`` after ``epoch``."""
+    state = ckpt.training_state(
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        epoch=epoch,
+        config=run.record,
+        metrics=run.history,
+        best_accuracy=run.best,
+        versions=run.meta["versions"],
+    )
+    metrics = {"config": run.record, "epochs": run.history, "best_test_accuracy": run.best}
+    try:
+        ckpt.save_checkpoint(state, out / "last.pt")
+        if is_best:
+            ckpt.save_checkpoint(state, out / "best.pt")
+        ckpt.save_json({**metrics, **run.meta}, out / "metrics.json")
+    except ckpt.CheckpointWriteError as e:
+        again = (
+            f"continue with: fastmlp train --resume {out / 'last.pt'}"
+            if (out / "last.pt").is_file()
+            else "then start again"
+        )
+        raise ckpt.CheckpointWriteError(
+            f"{e}; epoch {epoch} is not fully saved; free space, {again}"
+        ) from None
+
+
+def _finish(run: _Run, out: Path | None) -> FitResult:
+    """Plots, the summary line, and (under torchrun) a wait for rank 0's files."""
+    ctx = run.ctx
+    if out is not None and run.history:
         from fastmlp import plots
 
-        if last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
-            last_eval = _evaluate(model, test_loader, precision, ctx)
-        if main:
-            plots.save_curves(history, out / "curves.png")
-            plots.save_confusion(last_eval.confusion, data.CLASSES, out / "confusion.png")
-    if history:
-        say(
-            f"Done! best test accuracy {100 * best:.2f}%, "
-            f"{_median([h['seconds'] for h in history]):.2f} s/epoch (median)"
-        )
+        if run.last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
+            run.last_eval = _evaluate(run.model, run.test_loader, run.precision, ctx)
+        if ctx.is_main:
+            plots.save_curves(run.history, out / "curves.png")
+            plots.save_confusion(run.last_eval.confusion, data.CLASSES, out / "confusion.png")
+    if run.history:
+        seconds = _median([h["seconds"] for h in run.history])
+        run.say(f"Done! best test accuracy {100 * run.best:.2f}%, {seconds:.2f} s/epoch (median)")
     if ctx.distributed:
         torch.distributed.barrier()  # no rank returns before rank 0's files are written
     return FitResult(
-        model=model,
-        epochs=history,
-        best_accuracy=best,
+        model=run.model,
+        epochs=run.history,
+        best_accuracy=run.best,
         out_dir=out,
         rank=ctx.rank,
         world_size=ctx.world_size,
