@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,25 +120,67 @@ def test_tutorial_loops_log_format_with_a_dataloader(capsys: pytest.CaptureFixtu
     loader = torch.utils.data.DataLoader(subset, batch_size=64)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log_every=10)
+    loss_fn, batch_losses = _recording_cross_entropy()
+    loss = train_loop(loader, model, loss_fn, optimizer, log_every=10)
     acc, test_loss = tutorial_test_loop(loader, model, torch.nn.CrossEntropyLoss())
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("loss:")]
-    assert re.fullmatch(r"loss: \d\.\d{6}  \[    0/ 1000\]", lines[0])
-    assert re.fullmatch(r"loss: \d\.\d{6}  \[  640/ 1000\]", lines[1])
+    assert lines == [
+        f"loss: {batch_losses[0]:>7f}  [    0/ 1000]",
+        f"loss: {batch_losses[10]:>7f}  [  640/ 1000]",
+    ]
     assert re.search(r"Test Error: \n Accuracy: \d+\.\d%, Avg loss: \d\.\d{6} \n", out)
-    assert loss > 0 and 0 <= acc <= 1 and test_loss > 0
+    assert len(batch_losses) == 16  # 15 batches of 64 and one of 40
+    assert loss == pytest.approx(sum(batch_losses) / 16, rel=1e-6)
+    expected_acc, expected_loss = _recount(model, loader)
+    assert acc == expected_acc and test_loss == pytest.approx(expected_loss, rel=1e-6)
 
 
 def test_device_loader_feeds_the_tutorial_model() -> None:
+    """Training lowers the loss on a fixed set (random labels: it can only memorise), and
+    the numbers returned are the ones the model gives."""
+    torch.manual_seed(0)
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
     loader = DeviceLoader(images, labels, batch_size=100, shuffle=True)
     model = NeuralNetwork()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log=None)
-    acc, _ = tutorial_test_loop(loader, model, log=None)
-    assert loss > 0 and 0 <= acc <= 1
+    loss_fn, batch_losses = _recording_cross_entropy()
+    epoch_losses = []
+    for _ in range(4):
+        batch_losses.clear()
+        epoch_losses.append(train_loop(loader, model, loss_fn, optimizer, log=None))
+        assert epoch_losses[-1] == pytest.approx(sum(batch_losses) / 3, rel=1e-6)
+    assert all(b < a for a, b in zip(epoch_losses, epoch_losses[1:], strict=False)), epoch_losses
+    acc, test_loss = tutorial_test_loop(loader, model, log=None)
+    expected_acc, expected_loss = _recount(model, loader)
+    assert acc == expected_acc and test_loss == pytest.approx(expected_loss, rel=1e-6)
+
+
+def _recording_cross_entropy() -> tuple[Any, list[float]]:
+    """Cross-entropy that records each batch's loss (as a float)."""
+    losses: list[float] = []
+    ce = torch.nn.CrossEntropyLoss()
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = ce(logits, y)
+        losses.append(loss.item())
+        return loss
+
+    return loss_fn, losses
+
+
+@torch.no_grad()
+def _recount(model: torch.nn.Module, loader: Any) -> tuple[float, float]:
+    """Accuracy and per-sample mean cross-entropy of ``model`` over ``loader``, counted here."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for X, y in loader:
+        logits = model(X)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    return correct / n, loss / n
 
 
 @pytest.mark.parametrize(
