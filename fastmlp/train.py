@@ -450,8 +450,6 @@ def _fit(
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if ctx.world_size > 1:
-        loss_fn = distributed.ShardMeanLoss(loss_fn, train_loader)
 
     # The config keeps the device as asked ("auto"); the device actually used is in meta.
     # It records the process-group backend in use (as asked without one) and the world

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained
 from fastmlp import checkpoint as ckpt
 from fastmlp import data
 from fastmlp.loader import DeviceLoader
+from fastmlp.nn import MLP
+from fastmlp.optim import FusedSGD
 from fastmlp.train import TrainConfig, build_model, fit, resolve_device, train_loop
 from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
 
@@ -181,6 +184,99 @@ def _recount(model: torch.nn.Module, loader: Any) -> tuple[float, float]:
         loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
     return correct / n, loss / n
+
+
+# ---------------------------------------------------------------- the step protocol
+
+
+def _tiny(seed: int = 0) -> tuple[DeviceLoader, torch.nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (40, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    torch.manual_seed(seed)
+    return DeviceLoader(images, labels, batch_size=16), MLP((784, 12, 10))
+
+
+def _tutorial_epoch(loader: Any, model: torch.nn.Module, loss_fn: Any, opt: Any) -> None:
+    for X, y in loader:
+        loss = loss_fn(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_a_step_function_takes_every_step() -> None:
+    loader, model = _tiny()
+    before = copy.deepcopy(model.state_dict())
+    opt = FusedSGD(model, lr=0.1)  # would offer its fused step; step= comes first
+    seen: list[torch.Tensor] = []
+
+    def step(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(y)
+        return torch.tensor(float(len(seen)))
+
+    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), opt, step=step, log=None)
+    assert torch.equal(torch.cat(seen), loader.y)  # every batch, in order
+    assert loss == pytest.approx((1 + 2 + 3) / 3)  # the mean of what step returned
+    for key, value in model.state_dict().items():  # nothing else stepped
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_optimizer_without_train_step_for_gets_the_autograd_step() -> None:
+    loader, model = _tiny()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_loop(loader, model, loss_fn, opt, log=None)
+    _tutorial_epoch(loader, twin, loss_fn, twin_opt)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fused_sgd_steps_its_own_model_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FusedSGD of the model takes its fused step; one of another model (or with another
+    loss) leaves the loop to the autograd step, which then steps nothing of this model."""
+    loader, model = _tiny()
+    fused_calls: list[int] = []
+    real = FusedSGD.train_step
+
+    def counting(self: FusedSGD, *a: Any, **kw: Any) -> torch.Tensor:
+        fused_calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FusedSGD, "train_step", counting)
+    train_loop(loader, model, torch.nn.CrossEntropyLoss(), FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 3
+    assert all(p.grad is None for p in model.parameters())  # the fused kernel made no .grad
+
+    other = MLP((784, 12, 10))
+    before = copy.deepcopy(model.state_dict())
+    train_loop(loader, model, torch.nn.CrossEntropyLoss(), FusedSGD(other, lr=0.1), log=None)
+    assert len(fused_calls) == 3  # no fused step for a model it does not own
+    assert all(p.grad is not None for p in model.parameters())  # autograd ran backward
+    for key, value in model.state_dict().items():  # ... and `other`'s optimizer stepped other
+        assert torch.equal(value, before[key]), key
+
+    smoothing = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    train_loop(loader, model, smoothing, FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 6  # label smoothing is the kernel's
+    train_loop(loader, model, torch.nn.functional.cross_entropy, FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 6  # any other loss_fn: autograd
+
+
+def test_a_step_function_refuses_weighted_batches() -> None:
+    """A sharded loader's uneven last batch needs the autograd step's loss weighting."""
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.randint(0, 10, (5,)), 2, rank=0, world_size=2)
+    model = MLP((784, 12, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(())
+
+    with pytest.raises(ValueError, match="batch 1 has weight 0.* step functions take unweighted"):
+        train_loop(loader, model, torch.nn.CrossEntropyLoss(), opt, step=step, log=None)
 
 
 @pytest.mark.parametrize(
