@@ -8,9 +8,11 @@ destroys it again however the run ends. Without any of those variables nothing h
 anything: one process, no process group, exactly as before.
 
 The pieces training needs on top of ``DistributedDataParallel`` live here too: a sum over
-ranks for evaluation results (:func:`all_reduce_sum`), the loss weighting that keeps an
-uneven last batch exact (:class:`ShardMeanLoss`) and the CPU thread split between ranks
-that share a machine (:func:`split_cpu_threads`).
+ranks for evaluation results (:func:`all_reduce_sum`) and the CPU thread split between
+ranks that share a machine (:func:`split_cpu_threads`). The loss weights that keep an
+uneven last batch exact come with the batches
+(:meth:`fastmlp.loader.DeviceLoader.weighted_batches`; :func:`fastmlp.loops.train_loop`
+applies them).
 """
 
 from __future__ import annotations
@@ -18,21 +20,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 __all__ = [
     "BACKENDS",
     "ENV_VARS",
     "Context",
     "DistEnv",
-    "ShardMeanLoss",
     "all_reduce_sum",
     "detect_env",
     "device_for_rank",
@@ -273,34 +273,3 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     buf = tensor.detach().to(comm, copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(tensor.device)
-
-
-class ShardMeanLoss(nn.Module):
-    """A per-sample mean loss rescaled so that DDP's average over ranks is the global mean.
-
-    DDP averages gradients over ranks. When every rank holds ``b`` of a global batch of
-    ``b * world_size`` samples, that average already is the gradient of the mean over the
-    global batch. A short last batch that does not split evenly (``n`` samples, ranks
-    holding ``n_r``) needs each rank's mean scaled by its share ``n_r * world_size / n``
-    (the loader's ``share``, set for the batch it yielded last). A rank whose share is
-    empty returns a zero that still reaches every parameter, so all ranks run the same
-    backward and DDP's gradient hooks fire everywhere.
-
-    ``loss_fn`` must average over samples (``reduction="mean"`` without class weights, as
-    ``nn.CrossEntropyLoss(label_smoothing=...)`` does).
-    """
-
-    def __init__(
-        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: Any
-    ) -> None:
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.loader = loader
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        share = float(self.loader.share)
-        if share == 1.0:
-            return self.loss_fn(input, target)
-        if target.shape[0] == 0:
-            return input.sum() * 0.0
-        return self.loss_fn(input, target) * share

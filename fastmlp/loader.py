@@ -35,9 +35,10 @@ class DeviceLoader:
     exactly the single-process batch, and every sample is seen exactly once per epoch by
     exactly one rank. A short last global batch of ``n`` samples is split as evenly as
     possible (pieces differ by at most one sample; with ``n < world_size`` some are empty)
-    rather than padded with repeats or dropped; :attr:`share` tells the loss how to weight
-    it (see :class:`fastmlp.distributed.ShardMeanLoss`). All ranks yield the same number of
-    batches, which DDP needs. ``drop_last`` drops a short last *global* batch.
+    rather than padded with repeats or dropped; :meth:`weighted_batches` yields each
+    batch with the weight its loss needs for that (:func:`fastmlp.loops.train_loop`
+    applies it). All ranks yield the same number of batches, which DDP needs.
+    ``drop_last`` drops a short last *global* batch.
     """
 
     def __init__(
@@ -74,9 +75,6 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        #: This rank's part of the batch yielded last, relative to an equal part:
-        #: ``n_rank * world_size / n_global``. 1.0 except for an uneven last batch.
-        self.share = 1.0
 
     @property
     def global_batch_size(self) -> int:
@@ -108,6 +106,19 @@ class DeviceLoader:
         return g
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _ in self.weighted_batches():
+            yield x, y
+
+    def weighted_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The epoch's batches as ``(X, y, weight)``: the same batches as iterating.
+
+        ``weight`` (a Python float) is this rank's piece of the global batch relative to an
+        equal piece, ``n_rank * world_size / n_global``: 1.0 in a single process and for
+        every full batch, so that only an uneven short last batch is weighted. Scaling
+        each rank's mean loss by it makes the mean over ranks of those losses (and of
+        their gradients, which DDP averages) the mean over the global batch; the weights
+        of one step sum to ``world_size``. An empty piece has weight 0.0.
+        """
         g = self._generator()
         n = len(self.y)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
@@ -125,8 +136,7 @@ class DeviceLoader:
                 x, y = self.x[idx], self.y[idx]
             if self.augment:
                 x = _augment(x, g, self.max_shift, size, lo)
-            self.share = (hi - lo) * world / size
-            yield x.unsqueeze(1), y
+            yield x.unsqueeze(1), y, (hi - lo) * world / size
 
 
 def _augment(

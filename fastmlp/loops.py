@@ -9,7 +9,6 @@ and counts accumulate in device tensors; the host reads them once per epoch, and
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "EvalResult",
+    "StepFn",
     "autocast",
     "evaluate",
     "progress_bar",
@@ -50,6 +50,11 @@ def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True) -> An
     return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True)
 
 
+#: A whole training step on one batch ``(X, y)``: forward, loss, backward and update;
+#: returns the batch's loss (see :func:`train_loop`).
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train_loop(
     dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
@@ -57,6 +62,7 @@ def train_loop(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
+    step: StepFn | None = None,
     precision: str = "fp32",
     log_every: int = 100,
     log: LogFn | None = print,
@@ -65,29 +71,64 @@ def train_loop(
     """One epoch, as in the tutorial: prints ``loss: …  [current/size]`` every ``log_every``
     batches (or shows a tqdm bar with ``progress=True``). Returns the mean batch loss.
 
-    With a :class:`fastmlp.optim.FusedSGD` of ``model`` and an ``nn.CrossEntropyLoss``,
-    each step is its ``train_step`` (one fused kernel on the CPU) instead of
-    forward/backward/step.
+    Each batch takes one training step, the first of these that applies:
+
+    * ``step(X, y)``, when given: the whole step (forward, loss, backward, update),
+      returning the batch's loss;
+    * the optimizer's own step for this model and loss, when it offers one:
+      ``optimizer.train_step_for(model, loss_fn)`` returns a step function or ``None``.
+      A :class:`fastmlp.optim.FusedSGD` of ``model`` (not DDP-wrapped) with a plain mean
+      ``nn.CrossEntropyLoss`` returns its ``train_step``: one fused kernel on the CPU;
+    * the tutorial's autograd step: ``loss = loss_fn(model(X), y)``, then
+      ``optimizer.zero_grad()``, ``loss.backward()``, ``optimizer.step()``.
+
+    A step function runs inside the loop's autocast context (``precision="bf16"``), which
+    FusedSGD's kernel reads; the autograd step keeps backward and the update outside it.
+    ``scheduler.step()`` follows every step.
+
+    Batch weights: when ``dataloader`` has ``weighted_batches()`` (a
+    :class:`fastmlp.loader.DeviceLoader`), the loop iterates that, and the autograd step
+    multiplies each batch's loss by its weight: 1.0 except for the uneven pieces of a
+    sharded loader's short last batch, where it makes DDP's average over ranks the mean
+    over the global batch. A rank whose piece is empty (weight 0) still runs a backward
+    that reaches every parameter, so DDP's gradient hooks fire on every rank. The mean
+    returned is over the weighted losses. Step functions take unweighted batches: a batch
+    weight other than 1 with a step function raises ``ValueError``.
     """
     model.train()
     device = _model_device(model)
     size = len(dataloader.dataset)  # type: ignore[attr-defined]
-    fused_step = _fused_step(optimizer, model, loss_fn)
+    if step is None:
+        make_step = getattr(optimizer, "train_step_for", None)
+        step = make_step(model, loss_fn) if make_step is not None else None
+    weighted = getattr(dataloader, "weighted_batches", None)
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, float]] = (
+        weighted() if weighted is not None else ((X, y, 1.0) for X, y in dataloader)
+    )
     bar = progress_bar(len(dataloader), "train", progress, leave=False)  # type: ignore[arg-type]
     total = torch.zeros((), device=device)
-    batches = 0
-    for batch, (X, y) in enumerate(dataloader):
+    batches_done = 0
+    for batch, (X, y, weight) in enumerate(batches):
         X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss = fused_step(X, y) if fused_step is not None else loss_fn(model(X), y)
-        if fused_step is None:
+        if step is not None:
+            if weight != 1.0:
+                raise ValueError(
+                    f"batch {batch} has weight {weight:g} (a sharded loader's uneven last "
+                    "batch), but step functions take unweighted batches: train without "
+                    "step= (the autograd step weights the loss), or with drop_last=True"
+                )
+            with autocast(device, precision):
+                loss = step(X, y)
+        else:
+            with autocast(device, precision):
+                loss = _weighted_loss(loss_fn, model(X), y, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += loss.detach()
-        batches += 1
+        batches_done += 1
         if log_every and batch % log_every == 0:
             # The only host sync inside the epoch, once every log_every steps.
             value = loss.item()
@@ -101,34 +142,22 @@ def train_loop(
             bar.update(1)
     if bar is not None:
         bar.close()
-    return total.item() / max(batches, 1)
+    return total.item() / max(batches_done, 1)
 
 
-def _fused_step(
-    optimizer: Any, model: nn.Module, loss_fn: Any
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``optimizer.train_step`` when the optimizer can run the whole step itself (a
-    :class:`fastmlp.optim.FusedSGD` of this model, with a plain mean cross-entropy loss);
-    else ``None``. (Its kernel rejects negative targets, where ``ignore_index`` would skip
-    them: Fashion-MNIST has none.)"""
-    from fastmlp.optim import FusedSGD
-
-    plain_cross_entropy = (
-        type(loss_fn) is nn.CrossEntropyLoss
-        and loss_fn.weight is None
-        and loss_fn.reduction == "mean"
-    )
-    # Under DDP the gradients must be all-reduced between backward and update, which the
-    # fused kernel cannot do: DDP models always take the autograd step.
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    if (
-        isinstance(optimizer, FusedSGD)
-        and optimizer.model is model
-        and plain_cross_entropy
-        and not ddp
-    ):
-        return functools.partial(optimizer.train_step, label_smoothing=loss_fn.label_smoothing)
-    return None
+def _weighted_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    output: torch.Tensor,
+    target: torch.Tensor,
+    weight: float,
+) -> torch.Tensor:
+    """``loss_fn(output, target) * weight``; a zero that depends on every parameter for an
+    empty batch (whose mean loss would be NaN, and NaN times 0 is still NaN)."""
+    if weight == 1.0:
+        return loss_fn(output, target)  # no extra op: single-process runs are unchanged
+    if target.shape[0] == 0:
+        return output.sum() * 0.0
+    return loss_fn(output, target) * weight
 
 
 @dataclass

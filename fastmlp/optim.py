@@ -17,6 +17,9 @@ always correct to call.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,22 +29,45 @@ from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
 __all__ = ["FusedSGD", "mlp_linears"]
 
 _UNSUPPORTED = object()  # an autocast state the fused kernel does not implement
+_DEFAULT_IGNORE_INDEX = nn.CrossEntropyLoss().ignore_index  # -100
 
 
 def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of ``model`` in order if it is an MLP the fused step can run
-    (Flatten, then Linear/ReLU layers with a ReLU after every Linear but the last, as
-    :class:`fastmlp.MLP` and the tutorial's ``NeuralNetwork``, fused or not, are); else
-    ``None``. For a :class:`fastmlp.MLP` they are its :meth:`~fastmlp.MLP.linears`.
-    """
-    from fastmlp.nn import MLP, FusedLinearReLU
+    (flatten, then Linear layers with a ReLU after every one but the last); else ``None``.
 
-    flatten, stack = getattr(model, "flatten", None), getattr(model, "linear_relu_stack", None)
-    if not isinstance(flatten, nn.Flatten) or not isinstance(stack, nn.Sequential):
+    * A :class:`fastmlp.MLP` is one by construction: its :meth:`~fastmlp.MLP.linears`,
+      provided its documented layout still holds (``flatten`` an ``nn.Flatten()``, the
+      ``linear_relu_stack`` Linear, ReLU, ..., Linear: a user may have edited either)
+      and its class keeps MLP's ``forward``.
+    * Any other module's ``forward`` cannot be inspected, so only the tutorial's
+      ``NeuralNetwork`` is taken for one, recognised by its layout: exactly the two
+      children ``flatten`` (an ``nn.Flatten()``) and ``linear_relu_stack`` (an
+      ``nn.Sequential`` of the layers above, fused or not), whose forward the tutorial
+      defines as ``linear_relu_stack(flatten(x))``. A class with that layout and another
+      forward would be misread: give it another layout, or train it with plain SGD.
+    """
+    from fastmlp.nn import MLP
+
+    if isinstance(model, MLP):
+        if type(model).forward is not MLP.forward:  # a subclass computing something else
+            return None
+        linears = _layout_linears(model.flatten, model.linear_relu_stack)
+        return model.linears() if linears is not None else None
+    if set(model._modules) != {"flatten", "linear_relu_stack"}:
         return None
-    if set(model._modules) != {"flatten", "linear_relu_stack"} or flatten.start_dim != 1:
+    return _layout_linears(model.flatten, model.linear_relu_stack)
+
+
+def _layout_linears(flatten: object, stack: object) -> list[nn.Linear] | None:
+    """The Linear layers of ``stack`` if ``flatten`` then ``stack`` compute the MLP the
+    fused kernel runs, with all layers biased or none; else ``None``."""
+    from fastmlp.nn import FusedLinearReLU
+
+    if not isinstance(flatten, nn.Flatten) or (flatten.start_dim, flatten.end_dim) != (1, -1):
         return None
-    # The layout is checked for an MLP too: its stack may have been edited since.
+    if not isinstance(stack, nn.Sequential):
+        return None
     linears: list[nn.Linear] = []
     relu_after: list[bool] = []
     for sub in stack:
@@ -57,8 +83,6 @@ def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
             return None
     if not linears or relu_after != [True] * (len(linears) - 1) + [False]:
         return None
-    if isinstance(model, MLP):
-        linears = model.linears()
     has_bias = {lin.bias is not None for lin in linears}
     return linears if len(has_bias) == 1 else None
 
@@ -80,7 +104,17 @@ class FusedSGD(torch.optim.SGD):
 
     Use :meth:`train_step` for the whole step, or the usual ``loss.backward();
     opt.step()``. The fused step leaves ``.grad`` as ``None`` (it never materialises
-    gradients) and does not run module hooks.
+    gradients) and does not run module hooks. :func:`fastmlp.loops.train_loop` asks
+    :meth:`train_step_for` whether to use it.
+
+    Why the fused step goes through ``step()``: torch runs an optimizer's step hooks, and
+    an LR scheduler records that a step was taken (else it warns "``lr_scheduler.step()``
+    before ``optimizer.step()``"), in wrappers it installs around ``step``; doing either
+    elsewhere would need torch's private attributes (``_optimizer_step_pre_hooks``,
+    ``_opt_called``). So the batch reaches ``step`` the public way, as its closure: the one
+    :meth:`train_step` passes is an ordinary SGD closure (zero_grad, cross-entropy,
+    backward), and ``step`` runs that whole step as one kernel instead of calling it.
+    ``step`` depends on its arguments alone; no state is set around the call.
     """
 
     def __init__(
@@ -116,7 +150,6 @@ class FusedSGD(torch.optim.SGD):
             [lin.bias for lin in linears] if linears and linears[0].bias is not None else []
         )
         self._params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
-        self._fused_batch: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._copies: list[torch.Tensor] = []
         self._copies_of: list[tuple[int, int]] | None = None
 
@@ -151,6 +184,31 @@ class FusedSGD(torch.optim.SGD):
             return torch.bfloat16
         return _UNSUPPORTED
 
+    def train_step_for(
+        self, model: nn.Module, loss_fn: object
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The whole training step for ``train_loop(..., model, loss_fn, self)``, or ``None``
+        when the loop must take its own autograd step.
+
+        It is :meth:`train_step` (with the loss's label smoothing) when ``model`` is this
+        optimizer's own model, not wrapped in ``DistributedDataParallel`` (which all-reduces
+        gradients between backward and update, and the fused kernel has no gradients to
+        reduce), and ``loss_fn`` is a plain mean cross-entropy: an ``nn.CrossEntropyLoss``
+        with ``reduction="mean"``, no class weights and the default ``ignore_index`` (-100;
+        the kernel raises on a negative target where the loss would skip it, and
+        Fashion-MNIST has none).
+        """
+        if model is not self.model or isinstance(model, nn.parallel.DistributedDataParallel):
+            return None
+        if (
+            type(loss_fn) is not nn.CrossEntropyLoss
+            or loss_fn.weight is not None
+            or loss_fn.reduction != "mean"
+            or loss_fn.ignore_index != _DEFAULT_IGNORE_INDEX
+        ):
+            return None
+        return functools.partial(self.train_step, label_smoothing=loss_fn.label_smoothing)
+
     def train_step(
         self, x: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
@@ -179,18 +237,15 @@ class FusedSGD(torch.optim.SGD):
             self.step()
             return loss.detach()
         # Through step(), so that step hooks run and LR schedulers see a step taken.
-        self._fused_batch = (x, target, float(label_smoothing))
-        try:
-            return self.step()
-        finally:
-            self._fused_batch = None
+        return self.step(_CrossEntropyClosure(self, x, target, float(label_smoothing)))
 
     def step(self, closure=None):  # type: ignore[override]
-        """SGD's ``step``; inside :meth:`train_step`, the fused step (returns the loss)."""
-        batch = self._fused_batch
-        if batch is None:
+        """SGD's ``step``. Given the closure :meth:`train_step` passes (after checking
+        :meth:`fused_step_applies`), it runs that closure's whole step as one kernel
+        instead and returns the batch's loss (0-d, detached)."""
+        if not isinstance(closure, _CrossEntropyClosure) or closure.optimizer is not self:
             return super().step(closure)
-        x, target, label_smoothing = batch
+        x, target, label_smoothing = closure.x, closure.target, closure.label_smoothing
         group = self.param_groups[0]
         params = group["params"]
         momentum = group["momentum"]
@@ -235,3 +290,27 @@ class FusedSGD(torch.optim.SGD):
         if self._copies_of != _identity(params):
             self._copies = [p.detach().to(torch.bfloat16) for p in params]
         return self._copies
+
+
+class _CrossEntropyClosure:
+    """An SGD closure for one batch: clears the gradients, computes the mean cross-entropy
+    of the optimizer's model on ``x`` against ``target`` and its gradients, returns the
+    loss. :meth:`FusedSGD.step` runs the same step as one kernel instead of calling it;
+    any other optimizer's ``step(closure)`` would call it."""
+
+    __slots__ = ("label_smoothing", "optimizer", "target", "x")
+
+    def __init__(
+        self, optimizer: FusedSGD, x: torch.Tensor, target: torch.Tensor, label_smoothing: float
+    ) -> None:
+        self.optimizer = optimizer
+        self.x = x
+        self.target = target
+        self.label_smoothing = label_smoothing
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.optimizer.model(self.x)
+        loss = F.cross_entropy(logits, self.target, label_smoothing=self.label_smoothing)
+        loss.backward()
+        return loss

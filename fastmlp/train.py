@@ -429,10 +429,10 @@ def _restore(
 
 
 def _distribute(run: _Run) -> None:
-    """Under torchrun: DistributedDataParallel around the model, the loss weighted per
-    shard. After the restore: DDP makes every rank start from rank 0's parameters."""
+    """Under torchrun: DistributedDataParallel around the model (the loader's per-batch
+    weights keep the loss the global batch's mean; see ``DeviceLoader.weighted_batches``).
+    After the restore: DDP makes every rank start from rank 0's parameters."""
     ctx, model, device = run.ctx, run.model, run.device
-    loss_fn, train_loader = run.loss_fn, run.train_loader
     net: nn.Module = model
     if ctx.distributed:
         # DDP broadcasts rank 0's parameters now and averages gradients in buckets while
@@ -443,9 +443,7 @@ def _distribute(run: _Run) -> None:
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if ctx.world_size > 1:
-        loss_fn = distributed.ShardMeanLoss(loss_fn, train_loader)
-    run.net, run.loss_fn = net, loss_fn
+    run.net = net
 
 
 def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:

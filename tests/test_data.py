@@ -292,6 +292,20 @@ def test_device_loader_batches_and_order() -> None:
     assert len(dropped) == 15 and sum(len(y) for _, y in dropped) == 960
 
 
+def test_device_loader_weighted_batches_are_its_batches_with_weights() -> None:
+    """Same batches, epoch for epoch, as iterating; in one process every weight is 1.0,
+    the short last batch's too (weights only even out a sharded loader's uneven pieces)."""
+    images, labels = fake_split(1000, seed=0)
+    kw: dict = dict(batch_size=64, shuffle=True, seed=2, augment=True, max_shift=1)
+    plain, weighted = DeviceLoader(images, labels, **kw), DeviceLoader(images, labels, **kw)
+    for _ in range(2):
+        batches = list(weighted.weighted_batches())
+        assert len(batches) == len(plain) == 16
+        for (x, y), (wx, wy, w) in zip(plain, batches, strict=True):
+            assert torch.equal(x, wx) and torch.equal(y, wy) and w == 1.0
+    assert weighted.epoch == plain.epoch == 2  # each advances the epoch as iterating does
+
+
 def test_device_loader_shuffle_is_seeded_per_epoch() -> None:
     images, labels = fake_split(500, seed=0)
     labels = torch.arange(500)

@@ -29,7 +29,7 @@ from fastmlp import distributed
 from fastmlp.cli import main
 from fastmlp.loader import DeviceLoader
 from fastmlp.nn import MLP
-from fastmlp.train import TrainConfig, fit
+from fastmlp.train import TrainConfig, fit, train_loop
 
 TIMEOUT = 120  # seconds for any process group launched here (each run takes ~10 s)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
@@ -219,15 +219,17 @@ def test_shards_are_slices_of_the_single_process_batches(
     assert {len(loader) for loader in ranks} == {len(single)}  # DDP needs equal step counts
     for epoch in range(2):
         seen = []
-        for step, (whole, *pieces) in enumerate(zip(single, *ranks, strict=True)):
+        weighted = [loader.weighted_batches() for loader in ranks]
+        for step, (whole, *pieces) in enumerate(zip(single, *weighted, strict=True)):
             assert torch.equal(torch.cat([p[1] for p in pieces]), whole[1]), (epoch, step)
             assert torch.equal(torch.cat([p[0] for p in pieces]), whole[0]), (epoch, step)
             sizes = [len(p[1]) for p in pieces]
             assert max(sizes) - min(sizes) <= 1
             if len(whole[1]) == batch * world:
                 assert sizes == [batch] * world
-            shares = [loader.share for loader in ranks]
-            assert shares == [s * world / len(whole[1]) for s in sizes]
+            weights = [p[2] for p in pieces]
+            assert weights == [s * world / len(whole[1]) for s in sizes]
+            assert sum(weights) == pytest.approx(world)  # mean weight 1: DDP's average
             seen.append(whole[1])
         order = torch.cat(seen)
         expected = (n // (batch * world)) * batch * world if drop_last else n
@@ -249,29 +251,50 @@ def test_sharded_loader_rejects_bad_ranks(rank: int, world: int) -> None:
                      world_size=world)  # fmt: skip
 
 
-@pytest.mark.parametrize("n", [5, 1])  # 3+2 samples; 0+1 (an empty piece)
-def test_shard_weights_make_the_rank_average_the_global_mean(n: int) -> None:
+@pytest.mark.parametrize("n", [5, 1])  # 2+3 samples; 0+1 (an empty piece)
+def test_train_loop_weights_make_the_rank_average_the_global_mean(n: int) -> None:
     """What DDP computes (the mean over ranks of each rank's gradient) equals the gradient
-    of the mean loss over the whole short batch, even when the pieces are unequal."""
+    of the mean loss over the whole short batch, even when the pieces are unequal; so does
+    the mean of the losses train_loop returns. An empty piece still reaches every
+    parameter (DDP's hooks must fire on every rank), with a zero gradient."""
     torch.manual_seed(0)
     model = MLP((784, 16, 10))
     images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def grads(loader: Any, fn: Any) -> list[torch.Tensor]:
+    def grads(loader: DeviceLoader) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad()
-        x, y = next(iter(loader))
-        fn(model(x), y).backward()
-        return [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+        # lr=0: the one step leaves the weights as they are and its gradients in .grad.
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_loop(loader, model, loss_fn, opt, log=None)
+        return loss, [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
 
-    expected = grads(DeviceLoader(images, labels, 2 * n), loss_fn)
-    per_rank = []
-    for r in range(2):
-        loader = DeviceLoader(images, labels, n, rank=r, world_size=2)
-        per_rank.append(grads(loader, distributed.ShardMeanLoss(loss_fn, loader)))
-    for e, a, b in zip(expected, *per_rank, strict=True):
+    expected_loss, expected = grads(DeviceLoader(images, labels, 2 * n))
+    (loss0, grads0), (loss1, grads1) = (
+        grads(DeviceLoader(images, labels, n, rank=r, world_size=2)) for r in range(2)
+    )
+    assert (loss0 + loss1) / 2 == pytest.approx(expected_loss, rel=1e-6)
+    for e, a, b in zip(expected, grads0, grads1, strict=True):
         torch.testing.assert_close((a + b) / 2, e)
+    if n == 1:  # rank 0's piece is empty
+        assert loss0 == 0 and all(not g.any() for g in grads0)
+
+
+def test_ddp_models_take_the_autograd_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FusedSGD offers train_loop no fused step for a DDP model: DDP must all-reduce the
+    gradients between backward and update."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastmlp.optim import FusedSGD
+
+    _one_rank_env(monkeypatch)
+    with distributed.process_group("gloo", "cpu"):
+        model = MLP((784, 16, 10))
+        opt = FusedSGD(model, lr=0.1)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        assert opt.train_step_for(model, loss_fn) is not None
+        assert opt.train_step_for(DDP(model), loss_fn) is None
 
 
 # ---------------------------------------------------------------- DDP with the fused ops

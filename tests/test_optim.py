@@ -112,6 +112,25 @@ def test_mlp_linears_of_an_mlp_are_its_linears():
     model = fastmlp.MLP((7, 13, 5, 3))
     assert mlp_linears(model) == model.linears()
     assert [lin.out_features for lin in model.linears()] == [13, 5, 3]
+    model.unused = nn.Dropout()  # its forward is MLP's: an extra child changes nothing
+    assert mlp_linears(model) == model.linears()
+
+
+class _ScaledMLP(fastmlp.MLP):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+class _RenamedNetwork(nn.Module):
+    """The tutorial's layout under other names: nothing says what its forward computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.stack = fastmlp.unfuse(fastmlp.MLP((4, 5, 3))).linear_relu_stack
+
+    def forward(self, x):
+        return self.stack(self.flat(x))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "fused-tutorial"])
@@ -148,13 +167,23 @@ def test_user_loop_with_adamw_matches_eager():
         torch.testing.assert_close(p, q)
 
 
+def _with(model, **children):
+    for name, child in children.items():
+        setattr(model, name, child)
+    return model
+
+
 @pytest.mark.parametrize(
     "model",
     [
         nn.Sequential(nn.Flatten(), nn.Linear(4, 3)),  # not the MLP layout
         fastmlp.unfuse(fastmlp.MLP((4, 5, 3))).linear_relu_stack.append(nn.ReLU()),
+        _ScaledMLP((4, 5, 3)),
+        _RenamedNetwork(),
+        _with(fastmlp.MLP((4, 5, 3)), flatten=nn.Flatten(0)),
+        _with(NeuralNetwork(), flatten=nn.Flatten(1, 2)),
     ],
-    ids=["sequential", "relu-after-logits"],
+    ids=["sequential", "relu-after-logits", "mlp-own-forward", "renamed", "flatten0", "flatten12"],
 )
 def test_other_models_are_not_taken_for_mlps(model):
     assert mlp_linears(model) is None
@@ -229,6 +258,57 @@ def test_follows_a_learning_rate_schedule_and_runs_step_hooks():
         ref_sched.step()
     _assert_same_state(model, opt, ref, ref_opt, TOL[torch.float64])
     assert calls == ["pre", "post"] * 5
+
+
+def test_step_gets_the_batch_as_a_real_closure():
+    """The fused step reaches step() as its closure argument (no state set around the
+    call): hooks see it, and calling it is the ordinary SGD closure, the tutorial's
+    zero_grad, cross-entropy and backward on the optimizer's model."""
+    gen = torch.Generator().manual_seed(6)
+    model, opt, ref, ref_opt = _pair((10, 8, 3), torch.float64)
+    closures = []
+    opt.register_step_pre_hook(lambda _opt, args, kwargs: closures.append(args[1:]))  # no self
+    x, y = _batch(4, (10, 3), torch.float64, gen)
+    opt.train_step(x, y, label_smoothing=0.1)
+    _eager_step(ref, ref_opt, x, y, 0.1)  # ref is now where model is
+    [(closure,)] = closures
+    loss = closure()
+    ref_opt.zero_grad()
+    ref_loss = F.cross_entropy(ref(x), y, label_smoothing=0.1)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64])
+    opt.step()  # a plain step() afterwards is SGD's, with those gradients
+    ref_opt.step()
+    _assert_same_state(model, opt, ref, ref_opt, TOL[torch.float64])
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "fused"),
+    [
+        (nn.CrossEntropyLoss(), True),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), True),
+        (nn.CrossEntropyLoss(weight=torch.ones(3)), False),
+        (nn.CrossEntropyLoss(reduction="sum"), False),
+        (nn.CrossEntropyLoss(ignore_index=1), False),
+        (type("MyLoss", (nn.CrossEntropyLoss,), {})(), False),
+        (F.cross_entropy, False),
+    ],
+    ids=["plain", "smoothing", "class-weights", "sum", "ignore-index", "subclass", "function"],
+)
+def test_train_step_for_offers_the_fused_step_only_for_plain_cross_entropy(loss_fn, fused):
+    """What train_loop takes as its step: train_step, with the loss's label smoothing."""
+    gen = torch.Generator().manual_seed(7)
+    model, opt, ref, ref_opt = _pair((10, 8, 3), torch.float64, momentum=0.9)
+    step = opt.train_step_for(model, loss_fn)
+    assert (step is not None) == fused
+    assert opt.train_step_for(ref, loss_fn) is None  # not its model
+    if step is not None:
+        x, y = _batch(4, (10, 3), torch.float64, gen)
+        smoothing = loss_fn.label_smoothing
+        torch.testing.assert_close(step(x, y), _eager_step(ref, ref_opt, x, y, smoothing))
+        _assert_same_state(model, opt, ref, ref_opt, TOL[torch.float64])
 
 
 def test_leaves_no_gradients_and_invalidates_saved_graphs():

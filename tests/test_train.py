@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from fastmlp import checkpoint as ckpt
 from fastmlp import data
 from fastmlp.config import resume_config, resume_ignores
 from fastmlp.loader import DeviceLoader
+from fastmlp.nn import MLP
+from fastmlp.optim import FusedSGD
 from fastmlp.train import PRESETS, TrainConfig, build_model, fit, resolve_device, train_loop
 from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
 
@@ -121,25 +125,160 @@ def test_tutorial_loops_log_format_with_a_dataloader(capsys: pytest.CaptureFixtu
     loader = torch.utils.data.DataLoader(subset, batch_size=64)
     model = build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log_every=10)
+    loss_fn, batch_losses = _recording_cross_entropy()
+    loss = train_loop(loader, model, loss_fn, optimizer, log_every=10)
     acc, test_loss = tutorial_test_loop(loader, model, torch.nn.CrossEntropyLoss())
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("loss:")]
-    assert re.fullmatch(r"loss: \d\.\d{6}  \[    0/ 1000\]", lines[0])
-    assert re.fullmatch(r"loss: \d\.\d{6}  \[  640/ 1000\]", lines[1])
+    assert lines == [
+        f"loss: {batch_losses[0]:>7f}  [    0/ 1000]",
+        f"loss: {batch_losses[10]:>7f}  [  640/ 1000]",
+    ]
     assert re.search(r"Test Error: \n Accuracy: \d+\.\d%, Avg loss: \d\.\d{6} \n", out)
-    assert loss > 0 and 0 <= acc <= 1 and test_loss > 0
+    assert len(batch_losses) == 16  # 15 batches of 64 and one of 40
+    assert loss == pytest.approx(sum(batch_losses) / 16, rel=1e-6)
+    expected_acc, expected_loss = _recount(model, loader)
+    assert acc == expected_acc and test_loss == pytest.approx(expected_loss, rel=1e-6)
 
 
 def test_device_loader_feeds_the_tutorial_model() -> None:
+    """Training lowers the loss on a fixed set (random labels: it can only memorise), and
+    the numbers returned are the ones the model gives."""
+    torch.manual_seed(0)
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
     loader = DeviceLoader(images, labels, batch_size=100, shuffle=True)
     model = NeuralNetwork()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), optimizer, log=None)
-    acc, _ = tutorial_test_loop(loader, model, log=None)
-    assert loss > 0 and 0 <= acc <= 1
+    loss_fn, batch_losses = _recording_cross_entropy()
+    epoch_losses = []
+    for _ in range(4):
+        batch_losses.clear()
+        epoch_losses.append(train_loop(loader, model, loss_fn, optimizer, log=None))
+        assert epoch_losses[-1] == pytest.approx(sum(batch_losses) / 3, rel=1e-6)
+    assert all(b < a for a, b in zip(epoch_losses, epoch_losses[1:], strict=False)), epoch_losses
+    acc, test_loss = tutorial_test_loop(loader, model, log=None)
+    expected_acc, expected_loss = _recount(model, loader)
+    assert acc == expected_acc and test_loss == pytest.approx(expected_loss, rel=1e-6)
+
+
+def _recording_cross_entropy() -> tuple[Any, list[float]]:
+    """Cross-entropy that records each batch's loss (as a float)."""
+    losses: list[float] = []
+    ce = torch.nn.CrossEntropyLoss()
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = ce(logits, y)
+        losses.append(loss.item())
+        return loss
+
+    return loss_fn, losses
+
+
+@torch.no_grad()
+def _recount(model: torch.nn.Module, loader: Any) -> tuple[float, float]:
+    """Accuracy and per-sample mean cross-entropy of ``model`` over ``loader``, counted here."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for X, y in loader:
+        logits = model(X)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    return correct / n, loss / n
+
+
+# ---------------------------------------------------------------- the step protocol
+
+
+def _tiny(seed: int = 0) -> tuple[DeviceLoader, torch.nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (40, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    torch.manual_seed(seed)
+    return DeviceLoader(images, labels, batch_size=16), MLP((784, 12, 10))
+
+
+def _tutorial_epoch(loader: Any, model: torch.nn.Module, loss_fn: Any, opt: Any) -> None:
+    for X, y in loader:
+        loss = loss_fn(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_a_step_function_takes_every_step() -> None:
+    loader, model = _tiny()
+    before = copy.deepcopy(model.state_dict())
+    opt = FusedSGD(model, lr=0.1)  # would offer its fused step; step= comes first
+    seen: list[torch.Tensor] = []
+
+    def step(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(y)
+        return torch.tensor(float(len(seen)))
+
+    loss = train_loop(loader, model, torch.nn.CrossEntropyLoss(), opt, step=step, log=None)
+    assert torch.equal(torch.cat(seen), loader.y)  # every batch, in order
+    assert loss == pytest.approx((1 + 2 + 3) / 3)  # the mean of what step returned
+    for key, value in model.state_dict().items():  # nothing else stepped
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_optimizer_without_train_step_for_gets_the_autograd_step() -> None:
+    loader, model = _tiny()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_loop(loader, model, loss_fn, opt, log=None)
+    _tutorial_epoch(loader, twin, loss_fn, twin_opt)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fused_sgd_steps_its_own_model_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FusedSGD of the model takes its fused step; one of another model (or with another
+    loss) leaves the loop to the autograd step, which then steps nothing of this model."""
+    loader, model = _tiny()
+    fused_calls: list[int] = []
+    real = FusedSGD.train_step
+
+    def counting(self: FusedSGD, *a: Any, **kw: Any) -> torch.Tensor:
+        fused_calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FusedSGD, "train_step", counting)
+    train_loop(loader, model, torch.nn.CrossEntropyLoss(), FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 3
+    assert all(p.grad is None for p in model.parameters())  # the fused kernel made no .grad
+
+    other = MLP((784, 12, 10))
+    before = copy.deepcopy(model.state_dict())
+    train_loop(loader, model, torch.nn.CrossEntropyLoss(), FusedSGD(other, lr=0.1), log=None)
+    assert len(fused_calls) == 3  # no fused step for a model it does not own
+    assert all(p.grad is not None for p in model.parameters())  # autograd ran backward
+    for key, value in model.state_dict().items():  # ... and `other`'s optimizer stepped other
+        assert torch.equal(value, before[key]), key
+
+    smoothing = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    train_loop(loader, model, smoothing, FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 6  # label smoothing is the kernel's
+    train_loop(loader, model, torch.nn.functional.cross_entropy, FusedSGD(model, lr=0.1), log=None)
+    assert len(fused_calls) == 6  # any other loss_fn: autograd
+
+
+def test_a_step_function_refuses_weighted_batches() -> None:
+    """A sharded loader's uneven last batch needs the autograd step's loss weighting."""
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.randint(0, 10, (5,)), 2, rank=0, world_size=2)
+    model = MLP((784, 12, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(())
+
+    with pytest.raises(ValueError, match="batch 1 has weight 0.* step functions take unweighted"):
+        train_loop(loader, model, torch.nn.CrossEntropyLoss(), opt, step=step, log=None)
 
 
 @pytest.mark.parametrize(
