@@ -219,10 +219,22 @@ def training_state(
     metrics: list[dict[str, float]],
     best_accuracy: float,
     versions: dict[str, str],
+    trained_model: torch.nn.Module | None = None,
+    whitening: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The training checkpoint after ``epoch`` epochs: everything a resume needs to continue
-    bit-identically (the random generators' state is taken now), plain values only."""
+    bit-identically (the random generators' state is taken now), plain values only.
+
+    ``model`` is what users load: a model for raw pixels. A run on whitened inputs also
+    keeps the weights as trained (``trained_model``, which the optimizer's state belongs to)
+    and its ``whitening``; resuming continues from those."""
+    extra: dict[str, Any] = {}
+    if trained_model is not None or whitening is not None:
+        if trained_model is None or whitening is None:
+            raise ValueError("trained_model and whitening are saved together")
+        extra = {"trained_model": trained_model.state_dict(), "whitening": whitening}
     return {
+        **extra,
         "format": FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -255,7 +267,9 @@ def restore_training(
     and one was saved) and random generators. State that does not fit the objects built from
     the checkpoint's config raises :class:`CheckpointError` naming ``path``."""
     try:
-        model.load_state_dict(state["model"])
+        # The weights the optimizer's state belongs to: as trained (on whitened inputs) when
+        # the run whitened, else the saved model itself.
+        model.load_state_dict(state.get("trained_model", state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -294,6 +308,16 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"{path} cannot be resumed: its 'rng' entry is damaged")
     if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
         raise CheckpointError(f"{path} cannot be resumed: its 'config' or 'epoch' is damaged")
+    if state["config"].get("whiten"):
+        whitening = state.get("whitening")
+        if not isinstance(state.get("trained_model"), dict) or not (
+            isinstance(whitening, dict)
+            and all(isinstance(whitening.get(k), torch.Tensor) for k in ("mean", "matrix"))
+        ):
+            raise CheckpointError(
+                f"{path} cannot be resumed: its run whitened the inputs but its "
+                "'trained_model' or 'whitening' entry is missing or damaged"
+            )
 
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers

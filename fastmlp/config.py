@@ -218,6 +218,12 @@ class TrainConfig:
         unit="pixels",
         metavar="PX",
     )
+    whiten: bool = option(
+        False,
+        "train on ZCA-whitened pixels (decorrelated, unit variance), estimated from the "
+        "training images; the saved model still takes raw pixels: the whitening is folded "
+        "into its first layer (default {default})",
+    )
     precision: str = option(
         "auto",
         "default {default}: bf16 where the CPU (AVX512-BF16/AMX) or GPU computes it natively, "

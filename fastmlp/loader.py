@@ -8,7 +8,7 @@ each process of a distributed run takes its own disjoint slice of every global b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -22,6 +22,9 @@ class DeviceLoader:
     models move freely between this loader and the tutorial's pipeline). Each epoch draws a
     ``randperm`` from a generator seeded with ``(seed, epoch)``: the order depends only on
     those two numbers, which makes resuming exact without saving generator state.
+    ``transform`` (say :class:`fastmlp.whitening.InputWhitening`) is applied to the whole
+    resident split once, after that conversion, like a torchvision transform that runs once
+    per split instead of once per sample per epoch.
 
     Yields ``(X float32 (B, 1, 28, 28), y int64 (B,))`` on ``device``. ``augment`` adds a
     random horizontal flip and a random shift of up to ``max_shift`` pixels per image (zero
@@ -54,6 +57,7 @@ class DeviceLoader:
         device: str | torch.device = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -65,6 +69,8 @@ class DeviceLoader:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.device = torch.device(device)
         self.x = images.to(self.device).float().div_(255.0)
+        if transform is not None:  # once for the whole split, not per batch
+            self.x = transform(self.x)
         self.y = labels.to(self.device, torch.long)
         self.batch_size = batch_size
         self.shuffle = shuffle

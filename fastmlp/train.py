@@ -44,6 +44,7 @@ from fastmlp.loops import (
     train_loop,
 )
 from fastmlp.rundir import RunDir
+from fastmlp.whitening import InputWhitening
 
 __all__ = [
     "PRESETS",
@@ -261,6 +262,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    whitening: InputWhitening | None  # what the loaders apply (cfg.whiten), else None
     record: dict[str, Any]  # the config as checkpoints and metrics.json keep it
     meta: dict[str, Any]  # where it ran (device, machine, versions), for metrics.json
     say: LogFn
@@ -292,7 +294,7 @@ def _fit(
         _check_world_size(state, ctx, resume)
     out = Path(out_dir) if out_dir is not None else None  # claimed by fit() on rank 0
 
-    run = _build(cfg, ctx, device, say, progress)
+    run = _build(cfg, ctx, device, say, progress, state)
     if state is not None:
         _restore(run, state, resume, extended)
     _distribute(run)
@@ -327,10 +329,16 @@ def _check_world_size(
 
 
 def _build(
-    cfg: TrainConfig, ctx: distributed.Context, device: torch.device, say: LogFn, progress: bool
+    cfg: TrainConfig,
+    ctx: distributed.Context,
+    device: torch.device,
+    say: LogFn,
+    progress: bool,
+    state: dict[str, Any] | None = None,
 ) -> _Run:
-    """Data on the device, its loaders, the model, optimizer, schedule and loss, and the
-    config and machine as the outputs record them."""
+    """Data on the device (whitened for ``cfg.whiten``: as saved in ``state`` when resuming,
+    so the run continues on exactly the same inputs), its loaders, the model, optimizer,
+    schedule and loss, and the config and machine as the outputs record them."""
     if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
         distributed.split_cpu_threads(ctx)
     train_x, train_y = data.load_split(True, cfg.data)
@@ -343,7 +351,9 @@ def _build(
             f"use --batch-size {len(train_y) // ctx.world_size} or less"
         )
     test_x, test_y = data.load_split(False, cfg.data)
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device)
+    t0 = time.perf_counter()
+    whitening = _whitening(cfg, train_x, device, state)
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
     train_loader = DeviceLoader(
         train_x,
         train_y,
@@ -355,6 +365,8 @@ def _build(
         **shard,
     )
     test_loader = DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
+    # Not part of any epoch's seconds, so recorded on its own (0 without whitening).
+    preprocess_seconds = time.perf_counter() - t0 if whitening is not None else 0.0
 
     # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
     # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
@@ -381,6 +393,7 @@ def _build(
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "machine": hardware.describe(device),  # CPU model and ISA flags: bf16 speed
+        "preprocess_seconds": preprocess_seconds,  # whitening estimated and applied
         "versions": _versions(),
     }
     return _Run(
@@ -396,11 +409,29 @@ def _build(
         optimizer=optimizer,
         scheduler=scheduler,
         loss_fn=loss_fn,
+        whitening=whitening,
         record=record,
         meta=meta,
         say=say,
         progress=progress,
     )
+
+
+def _whitening(
+    cfg: TrainConfig, train_x: torch.Tensor, device: torch.device, state: dict[str, Any] | None
+) -> InputWhitening | None:
+    """The run's input whitening: the checkpoint's when resuming, else estimated from the
+    training images (uint8) on ``device``; ``None`` unless ``cfg.whiten``."""
+    if not cfg.whiten:
+        return None
+    if state is not None:
+        return InputWhitening.from_state_dict(state["whitening"]).to(device)
+    return InputWhitening.fit(train_x.to(device).float().div_(255.0))
+
+
+def _saved_model(run: _Run) -> nn.Module:
+    """The model as saved and returned: for raw pixels (whitening folded in) either way."""
+    return run.whitening.fold(run.model) if run.whitening is not None else run.model
 
 
 def _restore(
@@ -490,7 +521,7 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
 def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
     """``last.pt`` (and ``best.pt`` for a new best) and ``metrics.json`` after ``epoch``."""
     state = ckpt.training_state(
-        model=run.model,
+        model=_saved_model(run),
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         epoch=epoch,
@@ -498,6 +529,8 @@ def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
         metrics=run.history,
         best_accuracy=run.best,
         versions=run.meta["versions"],
+        trained_model=run.model if run.whitening is not None else None,
+        whitening=run.whitening.state_dict() if run.whitening is not None else None,
     )
     metrics = {"config": run.record, "epochs": run.history, "best_test_accuracy": run.best}
     try:
@@ -533,7 +566,7 @@ def _finish(run: _Run, out: Path | None) -> FitResult:
     if ctx.distributed:
         torch.distributed.barrier()  # no rank returns before rank 0's files are written
     return FitResult(
-        model=run.model,
+        model=_saved_model(run),
         epochs=run.history,
         best_accuracy=run.best,
         out_dir=out,
