@@ -561,8 +561,12 @@ def _finish(run: _Run, out: Path | None) -> FitResult:
             plots.save_curves(run.history, out / "curves.png")
             plots.save_confusion(run.last_eval.confusion, data.CLASSES, out / "confusion.png")
     if run.history:
-        seconds = _median([h["seconds"] for h in run.history])
-        run.say(f"Done! best test accuracy {100 * run.best:.2f}%, {seconds:.2f} s/epoch (median)")
+        seconds = [h["seconds"] for h in run.history]
+        final = run.history[-1]["test_accuracy"]
+        run.say(
+            f"Done! best test accuracy {100 * run.best:.2f}% (final {100 * final:.2f}%), "
+            f"{sum(seconds):.1f} s of training, {_median(seconds):.2f} s/epoch (median)"
+        )
     if ctx.distributed:
         torch.distributed.barrier()  # no rank returns before rank 0's files are written
     return FitResult(
