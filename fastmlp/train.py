@@ -486,16 +486,17 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
     say(f"Epoch {epoch + 1}\n-------------------------------")
     train_loader.set_epoch(epoch)
     t0 = time.perf_counter()
-    train_loss = train_loop(
-        train_loader,
-        net,
-        loss_fn,
-        optimizer,
-        scheduler,
-        precision=precision,
-        log=say,
-        progress=progress,
-    )
+    with flush_denormals():
+        train_loss = train_loop(
+            train_loader,
+            net,
+            loss_fn,
+            optimizer,
+            scheduler,
+            precision=precision,
+            log=say,
+            progress=progress,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -577,6 +578,26 @@ def _finish(run: _Run, out: Path | None) -> FitResult:
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Any:
+    """Floats below 1.2e-38 (denormals) count as zero on this thread while the block runs,
+    then the previous mode returns.
+
+    Why: SGD's momentum buffer of a ReLU unit that stopped firing decays by the momentum
+    every step and passes through the denormal range, where x86 arithmetic is many times
+    slower. With ``--preset fast`` (whitened inputs, peak rate 0.4) the fused step took
+    1.55-1.62 s per epoch instead of 1.40 (2-core AMD EPYC, AVX2); flushing brought it back
+    to 1.40. Values that small change no prediction. ``torch.set_flush_denormal`` has no
+    getter: a denormal that reads as zero shows the mode is already on.
+    """
+    was_on = bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
 
 
 def _check_diverged(loss: float, epoch: int, cfg: TrainConfig, out: Path | None) -> None:

@@ -344,3 +344,22 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_flush_denormals_restores_the_previous_mode() -> None:
+    from fastmlp.train import flush_denormals
+
+    def tiny() -> float:  # a denormal through one multiply: 0 while they are flushed
+        return (torch.tensor([1e-39]) * 1.0).item()
+
+    assert tiny() != 0.0
+    with flush_denormals():
+        assert tiny() == 0.0
+    assert tiny() != 0.0
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormals():
+            pass
+        assert tiny() == 0.0  # it was on before: still on
+    finally:
+        torch.set_flush_denormal(False)
