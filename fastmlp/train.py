@@ -352,7 +352,7 @@ def _build(
         )
     test_x, test_y = data.load_split(False, cfg.data)
     t0 = time.perf_counter()
-    whitening = _whitening(cfg, train_x, device, state)
+    whitening = _whitening(cfg, train_x, device, state, ctx)
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
     train_loader = DeviceLoader(
         train_x,
@@ -418,15 +418,24 @@ def _build(
 
 
 def _whitening(
-    cfg: TrainConfig, train_x: torch.Tensor, device: torch.device, state: dict[str, Any] | None
+    cfg: TrainConfig,
+    train_x: torch.Tensor,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    ctx: distributed.Context,
 ) -> InputWhitening | None:
     """The run's input whitening: the checkpoint's when resuming, else estimated from the
-    training images (uint8) on ``device``; ``None`` unless ``cfg.whiten``."""
+    training images (uint8) on ``device``; ``None`` unless ``cfg.whiten``. Under torchrun
+    every rank uses rank 0's (ranks with other thread counts could round differently)."""
     if not cfg.whiten:
         return None
     if state is not None:
         return InputWhitening.from_state_dict(state["whitening"]).to(device)
-    return InputWhitening.fit(train_x.to(device).float().div_(255.0))
+    whitening = InputWhitening.fit(train_x.to(device).float().div_(255.0))
+    if ctx.distributed:
+        for tensor in (whitening.mean, whitening.matrix):
+            torch.distributed.broadcast(tensor, src=0)
+    return whitening
 
 
 def _saved_model(run: _Run) -> nn.Module:
