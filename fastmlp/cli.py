@@ -148,7 +148,7 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands (exposed for documentation and tests)."""
-    from fastmlp.train import TrainConfig
+    from fastmlp.config import TrainConfig
 
     d = TrainConfig()
     p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastmlp.config import resume_ignores
-    from fastmlp.train import TrainConfig, fit
+    from fastmlp.config import TrainConfig, resume_ignores
+    from fastmlp.train import fit
 
     # Only the flags given are in args (SUPPRESS): a preset or the checkpoint fills the rest.
     given = {o.name: vars(args)[o.name] for o in OPTIONS if o.flag and o.name in vars(args)}
@@ -383,7 +383,7 @@ def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, t
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastmlp.train import evaluate, test_error_line
+    from fastmlp.loops import evaluate, test_error_line
 
     model, dev = _load_model(args.checkpoint, args.device, args.trust)
     images, labels = data.load_split(False, args.data)
