@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fastmlp.whitening import InputWhitening
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
@@ -309,11 +311,12 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
     if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
         raise CheckpointError(f"{path} cannot be resumed: its 'config' or 'epoch' is damaged")
     if state["config"].get("whiten"):
-        whitening = state.get("whitening")
-        if not isinstance(state.get("trained_model"), dict) or not (
-            isinstance(whitening, dict)
-            and all(isinstance(whitening.get(k), torch.Tensor) for k in ("mean", "matrix"))
-        ):
+        try:
+            InputWhitening.from_state_dict(state.get("whitening"))  # the check a resume uses
+            damaged = not isinstance(state.get("trained_model"), dict)
+        except ValueError:
+            damaged = True
+        if damaged:
             raise CheckpointError(
                 f"{path} cannot be resumed: its run whitened the inputs but its "
                 "'trained_model' or 'whitening' entry is missing or damaged"

@@ -88,16 +88,15 @@ class InputWhitening:
         """A copy of ``model`` (trained on whitened inputs) that takes raw pixels: its first
         Linear becomes ``W @ matrix`` with bias ``b - W @ matrix @ mean`` (computed in
         float64). ``model`` needs ``linears()`` (a :class:`fastmlp.MLP`)."""
+        if model.linears()[0].bias is None:  # nothing to absorb the mean: refuse, not fold wrong
+            raise ValueError("folding whitening into a first layer needs its bias")
         folded = copy.deepcopy(model)
         first = folded.linears()[0]
         with torch.no_grad():
             weight = first.weight.double() @ self.matrix.to(first.weight.device).double()
             shift = weight @ self.mean.to(first.weight.device).double()
             first.weight.copy_(weight)
-            if first.bias is not None:
-                first.bias.copy_(first.bias.double() - shift)
-            else:  # no bias to absorb the mean: refuse rather than save a wrong model
-                raise ValueError("folding whitening into a first layer needs its bias")
+            first.bias.copy_(first.bias.double() - shift)
         return folded
 
     def state_dict(self) -> dict[str, torch.Tensor]:
