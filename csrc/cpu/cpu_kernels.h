@@ -42,11 +42,17 @@ inline int64_t block_per_thread(int64_t n, int64_t align) {
                            ceil_div(ceil_div(n, threads), align) * align);
 }
 
-// at::parallel_for's workers start with default dispatch state; the tensors
-// handed to our kernel may require grad, and the *_out GEMM calls below must
-// not be recorded by autograd.
+// at::parallel_for's workers start with default dispatch state, not the
+// caller's. The tensors handed to our kernel may require grad, and the *_out
+// calls below write into them: they must neither be recorded by autograd nor
+// bump version counters. The latter matters under torch.inference_mode(),
+// whose tensors refuse in-place updates on a thread outside inference mode
+// ("Inplace update to inference tensor outside InferenceMode"), and a worker
+// does not carry the caller's mode. Every ATen call on a worker runs under
+// this guard (the calling op itself already runs below both keys).
 struct BelowAutograd {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset};
+  c10::impl::ExcludeDispatchKeyGuard guard{
+      c10::autograd_dispatch_keyset_with_ADInplaceOrView};
 };
 
 // ReLU that keeps NaN (like torch.relu): Vectorized::maximum propagates NaN.

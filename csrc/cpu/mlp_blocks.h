@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
@@ -18,6 +19,21 @@
 namespace fastmlp {
 namespace cpu {
 
+// `buffer` viewed as a tensor of `sizes`, reallocated only when too small or
+// of another dtype. A reallocation makes a normal tensor even under
+// torch.inference_mode(): an inference tensor kept for the next call would
+// refuse the in-place writes of a later call made outside inference mode.
+inline at::Tensor reuse_buffer(at::Tensor& buffer, at::IntArrayRef sizes,
+                               const at::TensorOptions& options) {
+  const int64_t n = c10::multiply_integers(sizes);
+  if (!buffer.defined() || buffer.numel() < n ||
+      buffer.scalar_type() != options.dtype().toScalarType()) {
+    c10::InferenceMode normal_tensor(false);
+    buffer = at::empty({n}, options);
+  }
+  return buffer.narrow(0, 0, n).view(sizes);
+}
+
 // A rows x cols matrix in memory this thread keeps from one call to the
 // next: a fresh allocation of this size (hundreds of KiB) would be new pages
 // from the OS at every step, and their faults cost as much as the GEMM
@@ -26,12 +42,7 @@ namespace cpu {
 inline at::Tensor scratch_matrix(int64_t rows, int64_t cols,
                                  const at::TensorOptions& options) {
   thread_local at::Tensor buffer;
-  const int64_t n = rows * cols;
-  if (!buffer.defined() || buffer.numel() < n ||
-      buffer.scalar_type() != options.dtype().toScalarType()) {
-    buffer = at::empty({n}, options);
-  }
-  return buffer.narrow(0, 0, n).view({rows, cols});
+  return reuse_buffer(buffer, {rows, cols}, options);
 }
 
 // The larger temporaries of one call (activations, gradient parts), kept by
@@ -47,13 +58,7 @@ class Workspace {
   }
   at::Tensor next(at::IntArrayRef sizes, const at::TensorOptions& options) {
     if (slot_ == buffers_.size()) buffers_.emplace_back();
-    at::Tensor& buf = buffers_[slot_++];
-    const int64_t n = c10::multiply_integers(sizes);
-    if (!buf.defined() || buf.numel() < n ||
-        buf.scalar_type() != options.dtype().toScalarType()) {
-      buf = at::empty({n}, options);
-    }
-    return buf.narrow(0, 0, n).view(sizes);
+    return reuse_buffer(buffers_[slot_++], sizes, options);
   }
 
  private:
