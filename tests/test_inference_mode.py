@@ -156,3 +156,59 @@ def test_training_after_inference_mode(dtype):
     nn.functional.cross_entropy(model(images), target).backward()  # the autograd path too
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         _close(p.detach(), q.detach(), dtype)
+
+
+def _lightning_style_flow(model: nn.Module, opt: torch.optim.Optimizer, batches) -> dict:
+    """What PyTorch Lightning's Trainer does with a model, without Lightning: a sanity
+    validation before training, training epochs each followed by validation, then
+    ``test`` and ``predict``; validation, test and predict run under inference_mode."""
+
+    def run_eval(stage: str) -> dict:
+        model.eval()
+        with torch.inference_mode():
+            losses, correct, n = [], 0, 0
+            for x, y in batches[stage]:
+                logits = model(x)
+                losses.append(nn.functional.cross_entropy(logits, y))
+                correct += int((logits.argmax(1) == y).sum())
+                n += len(y)
+        model.train()
+        return {"loss": torch.stack(losses).mean(), "accuracy": correct / n}
+
+    record = {"sanity": run_eval("val")}
+    for epoch in range(2):
+        for x, y in batches["train"]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        record[f"val{epoch}"] = run_eval("val")
+    record["test"] = run_eval("test")
+    model.eval()
+    with torch.inference_mode():
+        record["predict"] = [model(x).argmax(1) for x, _ in batches["test"]]
+    return record
+
+
+def test_lightning_style_fit_validate_test_predict():
+    g = torch.Generator().manual_seed(5)
+
+    def split(n_batches: int, size: int):
+        return [
+            (torch.rand(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g))
+            for _ in range(n_batches)
+        ]
+
+    batches = {"train": split(6, 64), "val": split(2, 100), "test": split(2, 77)}
+    torch.manual_seed(6)
+    ours = fastmlp.MLP()
+    plain = NeuralNetwork()
+    plain.load_state_dict(ours.state_dict())
+    got = _lightning_style_flow(ours, torch.optim.SGD(ours.parameters(), lr=0.1), batches)
+    want = _lightning_style_flow(plain, torch.optim.SGD(plain.parameters(), lr=0.1), batches)
+    for stage in ("sanity", "val0", "val1", "test"):
+        torch.testing.assert_close(got[stage]["loss"], want[stage]["loss"], rtol=1e-4, atol=0)
+        assert got[stage]["accuracy"] == pytest.approx(want[stage]["accuracy"], abs=0.02)
+    agree = torch.cat(got["predict"]) == torch.cat(want["predict"])
+    assert agree.float().mean() >= 0.98
+    for p, q in zip(ours.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
