@@ -234,7 +234,8 @@ class TrainConfig:
         "auto",
         "default {default}: bf16 where the CPU (AVX512-BF16/AMX) or GPU computes it natively, "
         "else fp32; bf16 elsewhere is emulated and several times slower (bf16 is autocast: "
-        "the master weights stay fp32)",
+        "the master weights stay fp32; the test-set evaluation after each epoch is fp32 "
+        "whatever trains, so it is what the saved checkpoint scores)",
         choices=hardware.PRECISIONS,
     )
     device: str = option("auto", "auto (GPU if present), cpu, cuda or cuda:N (default {default})")

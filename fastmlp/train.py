@@ -511,7 +511,7 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     train_loss = _mean_over_ranks(train_loss, ctx)
     _check_diverged(train_loss, epoch + 1, cfg, out if ctx.is_main else None)
-    run.last_eval = _evaluate(run.model, run.test_loader, precision, ctx)
+    run.last_eval = _evaluate(run.model, run.test_loader, ctx)
     say(test_error_line(run.last_eval))
     steps = len(train_loader)
     drop_last = train_loader.drop_last
@@ -566,7 +566,7 @@ def _finish(run: _Run, out: Path | None) -> FitResult:
         from fastmlp import plots
 
         if run.last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
-            run.last_eval = _evaluate(run.model, run.test_loader, run.precision, ctx)
+            run.last_eval = _evaluate(run.model, run.test_loader, ctx)
         if ctx.is_main:
             plots.save_curves(run.history, out / "curves.png")
             plots.save_confusion(run.last_eval.confusion, data.CLASSES, out / "confusion.png")
@@ -648,11 +648,13 @@ def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:
     return float(total[0]) / ctx.world_size
 
 
-def _evaluate(
-    model: nn.Module, loader: DeviceLoader, precision: str, ctx: distributed.Context
-) -> EvalResult:
-    """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere."""
-    r = evaluate(model, loader, precision)
+def _evaluate(model: nn.Module, loader: DeviceLoader, ctx: distributed.Context) -> EvalResult:
+    """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere.
+
+    Always in fp32, whatever precision trains: the weights are fp32 (bf16 training keeps
+    fp32 master weights), so the accuracy recorded for a checkpoint is the one a user gets
+    by loading it into the tutorial's fp32 model (``fastmlp evaluate``)."""
+    r = evaluate(model, loader, "fp32")
     if ctx.world_size == 1:
         return r
     n = int(r.confusion.sum())

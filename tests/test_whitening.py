@@ -98,6 +98,7 @@ def _cfg(**kw: object) -> TrainConfig:
         whiten=True,
         augment=False,
         seed=3,
+        precision="fp32",  # the comparisons are at fp32 rounding; auto is bf16 on some CPUs
     )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
