@@ -56,8 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The speedrun: 90% test accuracy in 5 epochs (~7 s of training on 2 CPU cores, fp32).
     # Whitened inputs are the lever (+0.8-1 point at 6 epochs over raw pixels), and they
-    # take a higher peak rate; flips cost accuracy in runs this short. The README's speedrun
-    # section has the sweep and the 5-seed table.
+    # take a higher peak rate; flips cost accuracy in runs this short. docs/benchmarks.md has
+    # the sweep and the 5-seed table.
     "fast": dict(epochs=5, lr=0.4, whiten=True, augment=False, precision="fp32"),
 }
 
@@ -147,19 +147,11 @@ def _show_hidden(sizes: tuple[int, ...]) -> str:
 
 @dataclass
 class TrainConfig:
-    """One experiment. The defaults are what ``fastmlp train`` runs.
-
-    Measured on Fashion-MNIST with 784-512-512-10, final-epoch test accuracy, 2-core CPU:
-    the defaults (40 epochs) reach 90.78%; the best recipe found is the same with
-    ``epochs=120``: 91.04% mean of seeds 0-2 (91.09, 90.87, 91.16); ``epochs=80`` gives
-    91.00% (91.14, 90.84, 91.02). A training epoch takes ~1.3-1.5 s. Fastest to 90%: the
-    ``"fast"`` preset (5 epochs on whitened inputs, fp32): 90.43% mean of seeds 0-4 after
-    7.3 s of training. bf16 is only fast where the CPU computes it natively (AVX512-BF16,
-    AMX); elsewhere it is emulated and several times slower, which is why the default
-    precision is ``"auto"``.
-    Tried and rejected on a GPU sweep: random shifts (1-2 px) and input dropout hurt this
-    MLP; weight decay 5e-4 or 1e-4, lr 0.05/0.2, batch 128/512, label smoothing 0/0.2,
-    cosine schedule and AdamW did no better; horizontal flips help only in long runs.
+    """One experiment. The defaults are what ``fastmlp train`` runs: the documented recipe
+    (40 epochs; ``epochs=120`` is the most accurate found). The ``"fast"`` preset reaches
+    90% in 5 epochs. The default precision is ``"auto"`` because bf16 is fast only where
+    the hardware computes it natively. Accuracies, timings and the sweeps behind these
+    choices: docs/benchmarks.md.
 
     Each field's help (``fastmlp train --help``) and accepted values are in its
     :func:`option`; :data:`OPTIONS` lists them.

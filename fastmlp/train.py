@@ -596,10 +596,9 @@ def flush_denormals() -> Any:
 
     Why: SGD's momentum buffer of a ReLU unit that stopped firing decays by the momentum
     every step and passes through the denormal range, where x86 arithmetic is many times
-    slower. With ``--preset fast`` (whitened inputs, peak rate 0.4) the fused step took
-    1.55-1.62 s per epoch instead of 1.40 (2-core AMD EPYC, AVX2); flushing brought it back
-    to 1.40. Values that small change no prediction. ``torch.set_flush_denormal`` has no
-    getter: a denormal that reads as zero shows the mode is already on.
+    slower (~12% on ``--preset fast``'s epochs: docs/benchmarks.md). Values that small
+    change no prediction. ``torch.set_flush_denormal`` has no getter: a denormal that reads
+    as zero shows the mode is already on.
     """
     was_on = bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
     torch.set_flush_denormal(True)

@@ -3,10 +3,10 @@
 Training an MLP on whitened pixels (decorrelated, unit variance in every direction but the
 weakest) makes the first layer's optimisation well conditioned, so SGD gets further per
 epoch: on Fashion-MNIST, 784-512-512-10, 6 epochs of one-cycle SGD reached ~89.4% on raw
-pixels and ~90.2% on whitened ones (seeds 0-1; the sweep is in the README's speedrun
-section). The transform is affine, ``x -> (x - mean) @ matrix`` with a symmetric
-``matrix``, so a first layer ``W x' + b`` trained on whitened inputs equals ``(W matrix) x +
-(b - W matrix mean)`` on raw ones: :meth:`InputWhitening.fold` writes that into a copy of
+pixels and ~90.2% on whitened ones (seeds 0-1; the sweep is in docs/benchmarks.md). The
+transform is affine, ``x -> (x - mean) @ matrix`` with a symmetric ``matrix``, so a first
+layer ``W x' + b`` trained on whitened inputs equals ``(W matrix) x + (b - W matrix mean)``
+on raw ones: :meth:`InputWhitening.fold` writes that into a copy of
 the model, which then takes the ``ToTensor`` pixels every other part of fastmlp (and the
 tutorial) feeds it. The architecture does not change.
 

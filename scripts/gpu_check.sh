@@ -15,7 +15,7 @@
 #
 # Promoting an engine afterwards: copy the printed entries into
 # validated_engines() in csrc/cuda_engines.cpp, and the measured table into
-# the README ("Supported GPUs and engines").
+# docs/benchmarks.md ("GPU") and docs/cuda.md ("Supported GPUs and engines").
 set -u -o pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
