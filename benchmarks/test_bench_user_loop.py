@@ -35,7 +35,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -44,9 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmlp
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from reference import NeuralNetwork  # noqa: E402  (the tutorial's model, verbatim)
+from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
 
 SIZES = (784, 512, 512, 10)
 MODELS = ["eager", "mlp", "fused", "floor"]
