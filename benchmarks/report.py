@@ -1,12 +1,15 @@
 """Renders pytest-benchmark JSON as markdown tables (all numbers from the one run):
-per-step times and ratios for benchmarks/test_bench_ops.py; seconds per epoch, ratios to
-each baseline and the fraction of the GEMM floor for benchmarks/test_bench_epoch.py;
-fused against eager, torch.compile and torch.mm for benchmarks/test_bench_gpu.py.
+per-step times and ratios for benchmarks/test_bench_ops.py; ms per training step and
+ratios to eager and the floor for benchmarks/test_bench_user_loop.py; seconds per epoch,
+ratios to each baseline and the fraction of the GEMM floor for
+benchmarks/test_bench_epoch.py; fused against eager, torch.compile and torch.mm for
+benchmarks/test_bench_gpu.py.
 
     python benchmarks/report.py bench.json [more.json ...] [--tests-log LOG] [--failed STAGES]
 
 Several files (e.g. the GPU suite and its max-autotune baseline, run separately) are
-rendered as one run.
+rendered as one run; a run of several suites (``pytest benchmarks/ --benchmark-json=...``)
+gets one table per suite.
 """
 
 from __future__ import annotations
@@ -27,14 +30,73 @@ def _cpu_name(data: dict) -> str:
     return hardware.describe_cpu(data.get("machine") or hardware.describe())
 
 
+def _suite(info: dict) -> str:
+    """Which suite recorded a benchmark, from its ``extra_info``."""
+    if "suite" in info:  # test_bench_epoch.py, test_bench_user_loop.py
+        return info["suite"]
+    if info.get("kind") in ("fwd_bwd", "fwd_large"):
+        return "gpu"
+    if "inner_steps" in info:
+        return "ops"
+    raise ValueError(f"a benchmark of no suite report.py knows: extra_info {info}")
+
+
 def render(data: dict) -> str:
-    """The table for whichever suite wrote ``data``."""
-    infos = [b["extra_info"] for b in data["benchmarks"]]
-    if any(i.get("suite") == "epoch" for i in infos):
-        return render_epoch(data)
-    if any(i.get("kind") in ("fwd_bwd", "fwd_large") for i in infos):
-        return render_gpu(data)
-    return render_ops(data)
+    """The tables of the suites that wrote ``data``, one per suite, in this file's order."""
+    by_suite: dict[str, list] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        by_suite[_suite(bench["extra_info"])].append(bench)
+    renderers = {
+        "ops": render_ops,
+        "user_loop": render_user_loop,
+        "epoch": render_epoch,
+        "gpu": render_gpu,
+    }
+    unknown = by_suite.keys() - renderers.keys()
+    if unknown:
+        raise ValueError(f"no table for suite(s) {sorted(unknown)}")
+    return "\n\n".join(
+        render_suite(dict(data, benchmarks=by_suite[name]))
+        for name, render_suite in renderers.items()
+        if name in by_suite
+    )
+
+
+LOOP_MODELS = ["eager", "mlp", "fused", "floor"]
+LOOP_OPTIMIZERS = ["sgd", "adamw-fused", "adamw"]  # the script's order; others after
+
+
+def render_user_loop(data: dict) -> str:
+    """ms per step of each model (median of the rounds, the fastest in parentheses) and the
+    ratios of medians, as benchmarks/test_bench_user_loop.py prints when run as a script."""
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)  # (batch, optimizer) -> model
+    threads = None
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        threads = info.get("threads", threads)
+        rows[(info["batch"], info["optimizer"])][info["variant"]] = bench["stats"]
+    lines = [
+        f"Machine: {_cpu_name(data)}, {threads} threads, torch {data.get('torch_version', '?')}",
+        "",
+        "| batch | optimizer | eager ms | MLP ms | fused tutorial ms | GEMMs+opt ms "
+        "| eager / MLP | eager / fused | MLP / floor |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def order(key: tuple) -> tuple:
+        batch, opt = key
+        return batch, LOOP_OPTIMIZERS.index(opt) if opt in LOOP_OPTIMIZERS else 99, opt
+
+    for (batch, opt), models in sorted(rows.items(), key=lambda item: order(item[0])):
+        med = {m: models[m]["median"] * 1e3 for m in LOOP_MODELS if m in models}
+        best = {m: models[m]["min"] * 1e3 for m in LOOP_MODELS if m in models}
+        cells = [f"{med[m]:.2f} ({best[m]:.2f})" if m in med else "–" for m in LOOP_MODELS]
+        cells += [
+            _ratio(med.get(a), med.get(b))
+            for a, b in (("eager", "mlp"), ("eager", "fused"), ("mlp", "floor"))
+        ]
+        lines.append(f"| {batch} | {opt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 EPOCH_VARIANTS = ["tutorial", "eager", "compile", "fastmlp", "fastmlp-bf16"]

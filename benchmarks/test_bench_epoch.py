@@ -21,6 +21,11 @@ happen on the GPU too. Render the table with ``benchmarks/report.py`` (README.md
 
     python -m pytest benchmarks/test_bench_epoch.py --benchmark-json=epoch.json
     python benchmarks/report.py epoch.json
+
+Knobs: FASTMLP_BENCH_ROUNDS (epochs per variant, default 3). FASTMLP_BENCH_SHORT=1 (CI's
+short mode) makes an "epoch" the first 672 images (10 full batches and a partial one of
+32, as 60,000 ends) and the rounds default to 1: it checks that every variant runs,
+torch.compile's compilation included, and times nothing worth reading.
 """
 
 from __future__ import annotations
@@ -42,7 +47,11 @@ from fastmlp.loader import DeviceLoader
 from fastmlp.optim import FusedSGD
 from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
 
-ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "3"))
+SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
+ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "1" if SHORT else "3"))
+# The training images an epoch covers: all of them, or in short mode 10 full batches and a
+# partial one like the full split's last (60,000 = 937 x 64 + 32).
+SAMPLES = 10 * BATCH + 32 if SHORT else None
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -65,7 +74,8 @@ def tutorial_train_loop(dataloader, model, loss_fn, optimizer, device):
 
 @pytest.fixture(scope="module")
 def train_split():
-    return data.load_split(train=True)
+    images, labels = data.load_split(train=True)
+    return images[:SAMPLES], labels[:SAMPLES]
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +120,15 @@ def _run(benchmark, epoch, device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tutorial(benchmark, torchvision_root, device):
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
     from torchvision import datasets
     from torchvision.transforms import ToTensor
 
     training_data = datasets.FashionMNIST(
         root=torchvision_root, train=True, download=False, transform=ToTensor()
     )
+    if SAMPLES is not None:
+        training_data = Subset(training_data, range(SAMPLES))
     train_dataloader = DataLoader(training_data, batch_size=BATCH, shuffle=True)
     torch.manual_seed(0)
     model = NeuralNetwork().to(device)
@@ -176,4 +188,5 @@ def test_gemm(benchmark, dtype, device):
         suite="epoch", variant="gemm", device=device, dtype=dtype, flops=2 * n**3
     )
 
-    benchmark.pedantic(mm, rounds=ROUNDS * 3, iterations=1, warmup_rounds=1)
+    rounds, warmup = (ROUNDS, 0) if SHORT else (ROUNDS * 3, 1)
+    benchmark.pedantic(mm, rounds=rounds, iterations=1, warmup_rounds=warmup)

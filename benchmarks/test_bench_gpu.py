@@ -18,7 +18,10 @@ What is timed:
 Each measurement's numbers are in its ``extra_info`` in the --benchmark-json
 file, which benchmarks/report.py renders; ratios come from one run.
 Inputs are random (never zeros). Set FASTMLP_BENCH_COMPILE=none|subset|all
-to choose which shapes get the (slow to compile) max-autotune baseline.
+to choose which shapes get the (slow to compile) max-autotune baseline, and
+FASTMLP_BENCH_ROUNDS (default 10) the rounds. FASTMLP_BENCH_SHORT=1 (CI's short mode)
+makes the defaults 1 round of 2 steps and no max-autotune baseline: it checks that every
+case runs and times nothing worth reading.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ SHAPES = [(784, 512), (512, 512)]
 BATCHES = [64, 256, 4096]
 PRECS = {"bf16": (torch.bfloat16, False), "tf32": (torch.float32, True)}
 ENGINES = ["custom", "cublaslt", "auto"]
-ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "10"))
-COMPILE_SET = os.environ.get("FASTMLP_BENCH_COMPILE", "subset")
+SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
+ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "1" if SHORT else "10"))
+COMPILE_SET = os.environ.get("FASTMLP_BENCH_COMPILE", "none" if SHORT else "subset")
 COMPILE_SUBSET = {
     ((784, 512), 64, "bf16"),
     ((784, 512), 4096, "bf16"),
@@ -56,6 +60,8 @@ COMPILE_SUBSET = {
 
 
 def _inner(batch: int) -> int:
+    if SHORT:
+        return 2
     return 50 if batch <= 256 else 20
 
 
@@ -173,7 +179,7 @@ def test_fwd_bwd(benchmark, shape, batch, prec, impl, mode):
 def test_fwd_large(benchmark, prec, impl):
     M, K, N = 16384, 4096, 4096
     dtype, tf32 = PRECS[prec]
-    inner = 5
+    inner = 2 if SHORT else 5
     with allow_tf32(tf32), torch.no_grad(), _engine(impl):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)

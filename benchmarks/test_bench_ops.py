@@ -15,6 +15,10 @@ other load on the machine). Ratios are computed from one run by
 ``python benchmarks/report.py BENCH.json`` (see README.md).
 
     python -m pytest benchmarks/test_bench_ops.py --benchmark-json=bench.json
+
+Knobs: FASTMLP_BENCH_ROUNDS (default 20), FASTMLP_BENCH_INNER (steps per round, default
+20); FASTMLP_BENCH_SHORT=1 makes both default to 1 and skips the warm-up, which checks
+that every case runs (CI) and times nothing worth reading.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from fastmlp.ops import linear_relu
 SHAPES = [(784, 512), (512, 512)]
 BATCHES = [64, 256, 1024]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-INNER = int(os.environ.get("FASTMLP_BENCH_INNER", "20"))
+SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
+INNER = int(os.environ.get("FASTMLP_BENCH_INNER", "1" if SHORT else "20"))
+ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "1" if SHORT else "20"))
 
 
 def _problem(batch, fan_in, fan_out, dtype):
@@ -109,6 +115,4 @@ def test_linear_relu_layer(benchmark, kind, prec, fan_in, fan_out, batch):
         flops_per_step=6 * batch * fan_in * fan_out,
         threads=torch.get_num_threads(),
     )
-    benchmark.pedantic(
-        run, rounds=int(os.environ.get("FASTMLP_BENCH_ROUNDS", "20")), warmup_rounds=2
-    )
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0 if SHORT else 2)

@@ -27,6 +27,11 @@ over tens of seconds; interleaving spreads that drift over all variants alike) a
 medians and fastest rounds with their ratios:
 
     python benchmarks/test_bench_user_loop.py [--rounds 15] [--steps 20]
+
+FASTMLP_BENCH_SHORT=1 (CI's short mode, for both ways of running) makes every variant run
+one step without warm-up: 1 round of 1 iteration under pytest (FASTMLP_BENCH_ROUNDS still
+sets the rounds), ``--rounds 1 --steps 1`` as a script. It checks that everything runs and
+times nothing worth reading.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -44,15 +48,16 @@ import torch
 import torch.nn.functional as F
 
 import fastmlp
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from reference import NeuralNetwork  # noqa: E402  (the tutorial's model, verbatim)
+from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
 
 SIZES = (784, 512, 512, 10)
 MODELS = ["eager", "mlp", "fused", "floor"]
 OPTIMIZERS = ["sgd", "adamw-fused", "adamw"]
 BATCHES = [64, 256, 1024]
-ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "10"))
+SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
+ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "1" if SHORT else "10"))
+ITERATIONS = 1 if SHORT else 10  # steps per round under pytest
+WARMUP_STEPS = 0 if SHORT else 5
 
 
 def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
@@ -129,7 +134,7 @@ def step_flops(batch: int, sizes=SIZES) -> int:
 @pytest.mark.parametrize("model_kind", MODELS)
 def test_user_loop(benchmark, model_kind, opt_kind, batch):
     step = make_step(model_kind, opt_kind, batch)
-    for _ in range(5):
+    for _ in range(WARMUP_STEPS):
         step()
     benchmark.extra_info.update(
         suite="user_loop",
@@ -140,7 +145,7 @@ def test_user_loop(benchmark, model_kind, opt_kind, batch):
         flops=step_flops(batch),
         threads=torch.get_num_threads(),
     )
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=10, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=ITERATIONS, warmup_rounds=0 if SHORT else 1)
 
 
 def _cpu_description() -> str:
@@ -160,8 +165,10 @@ def _cpu_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=20, help="steps per round and variant")
+    parser.add_argument("--rounds", type=int, default=1 if SHORT else 15)
+    parser.add_argument(
+        "--steps", type=int, default=1 if SHORT else 20, help="steps per round and variant"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS)
     args = parser.parse_args()
@@ -177,7 +184,7 @@ def main() -> None:
         for opt_kind in args.optimizers:
             steps = {m: make_step(m, opt_kind, batch) for m in MODELS}
             for step in steps.values():
-                for _ in range(5):
+                for _ in range(WARMUP_STEPS):
                     step()
             times: dict[str, list[float]] = {m: [] for m in MODELS}
             for _ in range(args.rounds):
