@@ -1,8 +1,8 @@
 """torch.func transforms of fastmlp's ops and modules (fastmlp.transforms): grad over the
 parameters, jacrev, jacfwd, vmap of the forward, per-sample gradients vmap(grad(...)),
 vmap over stacked parameters and grad of vmap, each against plain PyTorch (nn.Linear and
-nn.ReLU with the same weights, under the same transform); and that the normal path and
-vmap with shared weights still run the fused ops."""
+nn.ReLU with the same weights, under the same transform); that the normal path and vmap
+with shared weights still run the fused ops; and torch.jit.script's clear refusal."""
 
 from __future__ import annotations
 
@@ -260,3 +260,41 @@ def test_under_grad_the_decomposition_runs():
     with _OpLog() as log:
         grad(lambda p: functional_call(model, p, (x,)).sum())(_params(model))
     assert not any(op.startswith("fastmlp.") for op in log.ops)
+
+
+# --- torch.jit.script --------------------------------------------------------------------
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = FusedLinearReLU(WIDTHS[0], WIDTHS[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastmlp.MLP(WIDTHS),
+        lambda: FusedLinearReLU(WIDTHS[0], WIDTHS[1]),
+        lambda: fastmlp.fuse(_tutorial_stack(bias=True)),
+        lambda: fastmlp.fuse(nn.Sequential(_tutorial_stack(bias=True), nn.Tanh())),
+        _Holder,
+    ],
+    ids=["MLP", "FusedLinearReLU", "fuse", "fuse-nested", "inside-a-module"],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+def test_jit_script_refuses_with_the_ways_that_work(make):
+    model = make()
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError) as info:  # script is deprecated
+        torch.jit.script(model)
+    message = str(info.value)
+    assert "\n" not in message and "torch.jit.script cannot compile fastmlp's" in message
+    assert "torch.jit.trace" in message and "torch.export" in message
+    # What it points to works: trace records the fused ops.
+    x = torch.randn(5, WIDTHS[0])
+    traced = torch.jit.trace(model, x)
+    assert "fastmlp::" in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), model(x))
