@@ -4,18 +4,19 @@ Fused Linear+ReLU kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
 registered as PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
 and ``fuse()`` for existing models (``fastmlp.nn``), ``FusedSGD`` that runs a whole
 training step as one kernel (``fastmlp.optim``), export to ONNX and portable ``.pt2``
-(``fastmlp.export``), and a fast FashionMNIST workflow (``fastmlp.data``,
-``fastmlp.train``, ``fastmlp.checkpoint``, the ``fastmlp`` command).
+(``fastmlp.export``), ``torch.func`` transforms of the ops (``fastmlp.transforms``), and a
+fast FashionMNIST workflow (``fastmlp.data``, ``fastmlp.train``, ``fastmlp.checkpoint``,
+the ``fastmlp`` command).
 
-Two layers. The library (``ops``, ``nn``, ``optim``, ``export``, ``engines``) needs the
-compiled extension, ``fastmlp._C``; ``import fastmlp`` loads it, which registers the
-``torch.ops.fastmlp.*`` ops and their export rules. The workflow (``data``, ``loader``,
-``checkpoint``, ``train``, ``cli``, ...) imports the library only inside the functions
-that build or run a model. Where the extension is missing or broken, ``import fastmlp``
-still succeeds, so the workflow's other parts (``fastmlp --help``, ``fastmlp samples``,
-the data checks, reading checkpoints) keep working, and the first use of a library name
-(``fastmlp.MLP``, ``import fastmlp.ops``, ``fastmlp.train.build_model``) raises the
-ImportError with the build instructions.
+Two layers. The library (``ops``, ``nn``, ``optim``, ``export``, ``transforms``,
+``engines``) needs the compiled extension, ``fastmlp._C``; ``import fastmlp`` loads it,
+which registers the ``torch.ops.fastmlp.*`` ops and their export and transform rules.
+The workflow (``data``, ``loader``, ``checkpoint``, ``train``, ``cli``, ...) imports the
+library only inside the functions that build or run a model. Where the extension is
+missing or broken, ``import fastmlp`` still succeeds, so the workflow's other parts
+(``fastmlp --help``, ``fastmlp samples``, the data checks, reading checkpoints) keep
+working, and the first use of a library name (``fastmlp.MLP``, ``import fastmlp.ops``,
+``fastmlp.train.build_model``) raises the ImportError with the build instructions.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "nn",
     "ops",
     "optim",
+    "transforms",
     "__version__",
 ]
 
@@ -52,7 +54,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     _extension_error = exc
 else:
-    from fastmlp import engines, export, nn, ops, optim
+    from fastmlp import engines, export, nn, ops, optim, transforms
     from fastmlp.engines import cuda_engine_report
     from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
     from fastmlp.ops import linear_relu, mlp

@@ -25,15 +25,30 @@ __all__ = ["FusedLinearReLU", "FusedSequential", "MLP", "describe_fusion", "fuse
 logger = logging.getLogger(__name__)
 
 
+def _refuse_script(module: nn.Module) -> None:
+    """torch.jit.script calls ``__prepare_scriptable__`` on every module it compiles: fail
+    there with one clear line instead of a TorchScript error deep in fastmlp's code."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile fastmlp's {type(module).__name__} (TorchScript does "
+        "not support its forward); use torch.export.export (fastmlp.export.portable makes the "
+        "program load without fastmlp) or torch.jit.trace(model, example_input)"
+    )
+
+
 class FusedLinearReLU(nn.Linear):
     """``nn.Linear`` followed by ReLU, computed by one fused kernel.
 
     Same constructor, parameters, initialisation and state_dict keys as
-    ``nn.Linear``; ``forward`` returns ``relu(x @ weight.T + bias)``.
+    ``nn.Linear``; ``forward`` returns ``relu(x @ weight.T + bias)``. Works under
+    ``torch.func`` transforms (:mod:`fastmlp.transforms`). ``torch.jit.script`` refuses
+    it with a clear error; ``torch.jit.trace`` and ``torch.export`` work.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return linear_relu(input, self.weight, self.bias)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _refuse_script(self)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", activation=relu (fused)"
@@ -152,6 +167,8 @@ class FusedSequential(nn.Sequential):
     Its children, their names and so the state_dict keys are those of the Sequential it
     was made from: :func:`fuse` turns an ``nn.Sequential`` into one in place and
     :func:`unfuse` turns it back. Forward hooks of the fused children do not run.
+    ``torch.func`` transforms work (:mod:`fastmlp.transforms`); ``torch.jit.script``
+    refuses it with a clear error (``torch.jit.trace`` and ``torch.export`` work).
     """
 
     _plan_key: tuple[nn.Module, ...] | None = None
@@ -169,6 +186,9 @@ class FusedSequential(nn.Sequential):
         for step in plan:
             input = step(input)
         return input
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _refuse_script(self)
 
     def runs(self) -> list[_Run]:
         """The runs of children computed as one op each."""
@@ -217,6 +237,11 @@ class MLP(nn.Module):
     and the other way round; the stack is a :class:`FusedSequential`, so forward and
     backward run as one op each (:func:`fastmlp.ops.mlp`). :meth:`linears` lists the
     Linear layers.
+
+    ``torch.func`` transforms (grad, jacrev, jacfwd, vmap, per-sample gradients
+    ``vmap(grad(...))``) work and match plain PyTorch (:mod:`fastmlp.transforms`).
+    ``torch.jit.script`` raises a clear error; ``torch.jit.trace``, ``torch.export`` and
+    :mod:`fastmlp.export` work.
     """
 
     def __init__(
@@ -239,6 +264,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_relu_stack(self.flatten(x))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _refuse_script(self)
 
     def linears(self) -> list[nn.Linear]:
         """The Linear layers in order (their weights and biases are the MLP's parameters)."""

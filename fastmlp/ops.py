@@ -7,7 +7,8 @@ them: a ``register_fake`` for each op, so that ``torch.compile`` traces them
 without graph breaks, and autocast handling. Autograd of the forward op is
 registered in C++ (csrc/autograd.cpp); its backward is the
 ``linear_relu_backward`` op. The same holds for the whole-MLP op ``mlp`` and its
-backward ``mlp_backward``.
+backward ``mlp_backward``. ``torch.func`` transforms, which cannot use that C++ autograd,
+get the ops' kernels of :mod:`fastmlp.transforms`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def linear_relu(
         NaN included.
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
-    ``F.linear`` would be.
+    ``F.linear`` would be. Under ``torch.func`` transforms (grad, jacrev, jacfwd, vmap,
+    ``vmap(grad(...))``) it computes as plain PyTorch does, see :mod:`fastmlp.transforms`.
     """
     dtype = _autocast_dtype(x)
     if dtype is not None:
@@ -103,7 +105,8 @@ def mlp(
 
     Backward (the ``mlp_backward`` op) computes, in one call, only the gradients asked
     for. Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
-    ``F.linear`` would be.
+    ``F.linear`` would be. Under ``torch.func`` transforms (grad, jacrev, jacfwd, vmap,
+    ``vmap(grad(...))``) it computes as plain PyTorch does, see :mod:`fastmlp.transforms`.
     """
     biases = [] if biases is None else list(biases)
     weights = list(weights)

@@ -35,7 +35,7 @@ sys.meta_path.insert(0, _NoExtension())
 # The library: modules that need the extension. The workflow must not import them at
 # module level.
 LIBRARY = ("fastmlp._C", "fastmlp.ops", "fastmlp.nn", "fastmlp.optim", "fastmlp.export")
-LIBRARY += ("fastmlp.engines",)
+LIBRARY += ("fastmlp.engines", "fastmlp.transforms")
 
 WORKFLOW = (
     "fastmlp.data",
