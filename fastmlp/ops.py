@@ -1,7 +1,7 @@
 """Typed Python wrappers over the ``torch.ops.fastmlp`` ops, with their fake
 (meta) implementations.
 
-The ops themselves are defined in C++ (csrc/linear_relu.cpp) and implemented
+The ops themselves are defined in C++ (csrc/schemas.cpp) and implemented
 per backend (csrc/cpu, csrc/cuda). This module adds what PyTorch needs around
 them: a ``register_fake`` for each op, so that ``torch.compile`` traces them
 without graph breaks, and autocast handling. Autograd of the forward op is

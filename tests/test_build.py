@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_impossible_cuda_request_fails_clearly(
 def test_cuda_sources_are_built_only_with_cuda(setup_py):
     cpu = setup_py.kernel_sources(with_cuda=False)
     cuda = setup_py.kernel_sources(with_cuda=True)
-    assert "csrc/cpu/mlp_cpu.cpp" in cpu and "csrc/linear_relu.cpp" in cpu
+    assert "csrc/cpu/mlp_cpu.cpp" in cpu and "csrc/schemas.cpp" in cpu
     assert not [p for p in cpu if p.startswith("csrc/cuda/")]
     assert {
         "csrc/cuda/gemm_kernels.cu",
@@ -118,3 +119,17 @@ def test_cuda_sources_are_built_only_with_cuda(setup_py):
         "csrc/cuda/mlp_cuda.cpp",
     } <= set(cuda)
     assert set(cpu) < set(cuda)
+
+
+def test_cmake_builds_the_same_kernel_sources_as_setup_py(setup_py):
+    """Two builds, two source lists: CMakeLists.txt (the C++ tests under sanitizers)
+    must compile every CPU source setup.py compiles, but the Python module glue."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(FASTMLP_KERNEL_SOURCES\s+(.*?)\)", text, re.S)
+    assert block, "CMakeLists.txt has no set(FASTMLP_KERNEL_SOURCES ...)"
+    cmake = set(block.group(1).split())
+    setup = set(setup_py.kernel_sources(with_cuda=False)) - {"csrc/python_module.cpp"}
+    assert cmake == setup, (
+        f"only in CMakeLists.txt: {sorted(cmake - setup)}; "
+        f"only in setup.py: {sorted(setup - cmake)}"
+    )
