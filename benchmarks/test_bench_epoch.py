@@ -17,7 +17,7 @@ lr 1e-3, batch 64, all 60,000 training images, one epoch per round. Timed in one
 ``gemm`` measures the machine's matrix-multiply rate in each dtype (a 2048^3 ``torch.mm``),
 which turns the epoch's FLOPs into a floor. Data loading is inside every epoch's time,
 compilation and the one-off load of the files are not. On a CUDA machine the same runs
-happen on the GPU too. Render the table with ``benchmarks/report.py`` (README.md).
+happen on the GPU too. Render the table with ``benchmarks/report.py`` (docs/benchmarks.md).
 
     python -m pytest benchmarks/test_bench_epoch.py --benchmark-json=epoch.json
     python benchmarks/report.py epoch.json

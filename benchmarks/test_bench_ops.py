@@ -12,7 +12,7 @@ Eager float32 is also timed for the bfloat16 shapes, since that is what a
 user runs without fastmlp. Inputs are random (never zeros); each round runs
 ``INNER`` steps; the report uses the fastest round (the least disturbed by
 other load on the machine). Ratios are computed from one run by
-``python benchmarks/report.py BENCH.json`` (see README.md).
+``python benchmarks/report.py BENCH.json`` (see docs/benchmarks.md).
 
     python -m pytest benchmarks/test_bench_ops.py --benchmark-json=bench.json
 

@@ -21,7 +21,7 @@ Optimizers: ``sgd`` (``torch.optim.SGD``, lr 1e-3), ``adamw-fused``
 
     python -m pytest benchmarks/test_bench_user_loop.py --benchmark-json=loop.json
 
-The README's table comes from running this file as a script, which interleaves the
+docs/benchmarks.md's table comes from running this file as a script, which interleaves the
 variants round by round in one process (this machine is shared, and its speed drifts
 over tens of seconds; interleaving spreads that drift over all variants alike) and prints
 medians and fastest rounds with their ratios:
