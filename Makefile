@@ -2,6 +2,8 @@
 #
 #   make train    set up what is missing, then `fastmlp train` (extra flags: ARGS="--epochs 3")
 #   make test     set up what is missing, then the test suite   (extra flags: ARGS="-x tests/test_cli.py")
+#   make check    the quick loop for day-to-day work: the suite without the tests marked slow
+#                 (those that start processes or train on the real data), about 2 minutes on 2 cores
 #
 # Setting up means, each step only when it is not done yet: a virtual environment in $(VENV),
 # the pinned torch/torchvision, the build tools, one build of the kernels together with the
@@ -26,13 +28,16 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.txt csrc/*.cpp csrc/*.h csr
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: train test install data
+.PHONY: train test check install data
 
 train: install data
 	$(BIN)/fastmlp train $(ARGS)
 
 test: install data
 	$(BIN)/python -m pytest $(ARGS)
+
+check: install data
+	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
 
 install: $(STAMP)
 
