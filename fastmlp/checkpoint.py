@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fastmlp.data import CLASSES, IMAGE_SIZE
 from fastmlp.whitening import InputWhitening
 
 __all__ = [
@@ -32,9 +33,11 @@ __all__ = [
     "CheckpointWriteError",
     "TRAINING_KEYS",
     "UnsafeCheckpointError",
+    "check_model_state",
     "check_training_checkpoint",
     "extract_state_dict",
     "load_checkpoint",
+    "load_error",
     "load_training_checkpoint",
     "restore_training",
     "rng_state",
@@ -276,9 +279,8 @@ def restore_training(
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{path} cannot be resumed: its state does not fit its config ({first})"
+            f"{path} cannot be resumed: its state does not fit its config ({load_error(e)})"
         ) from None
     set_rng_state(state["rng"])
 
@@ -310,6 +312,16 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"{path} cannot be resumed: its 'rng' entry is damaged")
     if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
         raise CheckpointError(f"{path} cannot be resumed: its 'config' or 'epoch' is damaged")
+    # The model's own faults (meta tensors, other classes) named before any training starts.
+    saved_sizes = state["config"].get("sizes")
+    if not isinstance(saved_sizes, list | tuple):
+        saved_sizes = None
+    for key in ("model", "trained_model"):
+        if key not in state:
+            continue
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path} cannot be resumed: its {key!r} entry is damaged")
+        check_model_state(extract_state_dict(state[key]), path, saved_sizes, key=key)
     if state["config"].get("whiten"):
         try:
             InputWhitening.from_state_dict(state.get("whitening"))  # the check a resume uses
@@ -321,6 +333,56 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
                 f"{path} cannot be resumed: its run whitened the inputs but its "
                 "'trained_model' or 'whitening' entry is missing or damaged"
             )
+
+
+def load_error(e: BaseException) -> str:
+    """The reason in a ``load_state_dict`` error, on one line: its first detail (``size
+    mismatch for linear_relu_stack.4.weight: ...``), not the header ``Error(s) in loading
+    state_dict for MLP:`` that comes before it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return lines[1].rstrip(".") + more
+    return lines[0] if lines else type(e).__name__
+
+
+def check_model_state(
+    state: dict[str, Any],
+    path: str | os.PathLike[str],
+    sizes: Any = None,
+    *,
+    key: str = "model",
+) -> tuple[int, ...]:
+    """The layer widths of the Fashion-MNIST MLP ``state`` (a ``state_dict`` read from
+    ``path``), checked before any weights are copied: :class:`CheckpointError` names the
+    problem when it holds meta tensors (shapes without values), is not an MLP in the
+    tutorial's layout, does not take 784 inputs to 10 outputs, or (for ``sizes``, the widths
+    its config records; ``key`` is its entry) has other widths than its config says."""
+    meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds meta tensors ({meta[0]}{more}): shapes without values, saved from "
+            "a model that never had weights (built on device='meta'); save the state_dict of "
+            "a model with real weights"
+        )
+    try:
+        found = sizes_from_state_dict(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    inputs, outputs = IMAGE_SIZE * IMAGE_SIZE, len(CLASSES)
+    if found[0] != inputs or found[-1] != outputs:
+        raise CheckpointError(
+            f"{path} holds a {found[0]}-input, {found[-1]}-output model; Fashion-MNIST needs "
+            f"{inputs} inputs ({IMAGE_SIZE}x{IMAGE_SIZE}) and {outputs} outputs (its classes): "
+            "use a checkpoint of a Fashion-MNIST model"
+        )
+    if sizes is not None and tuple(sizes) != found:
+        raise CheckpointError(
+            f"{path} cannot be resumed: its {key!r} has layer sizes {'-'.join(map(str, found))} "
+            f"but its config says {'-'.join(map(str, sizes))}"
+        )
+    return found
 
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers

@@ -367,18 +367,12 @@ def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, t
 
     dev = resolve_device(device)
     state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
-    sizes = ckpt.sizes_from_state_dict(state)
-    if sizes[0] != 28 * 28 or sizes[-1] != len(data.CLASSES):
-        raise ckpt.CheckpointError(
-            f"{path} holds a {sizes[0]}-input, {sizes[-1]}-output model; Fashion-MNIST needs "
-            f"784 inputs (28x28) and {len(data.CLASSES)} outputs (its classes): use a "
-            "checkpoint of a Fashion-MNIST model"
-        )
-    model = build_model(sizes, dev)
+    model = build_model(ckpt.check_model_state(state, path), dev)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {e}") from None
+        reason = ckpt.load_error(e)
+        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {reason}") from None
     return model.eval(), dev
 
 

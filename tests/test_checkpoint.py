@@ -236,8 +236,13 @@ def test_training_state_saves_and_restores_everything_a_resume_needs(tmp_path: P
 def test_training_checkpoints_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     state = _train_state(*_objects(hidden=8))
-    with pytest.raises(ckpt.CheckpointError, match="last.pt cannot be resumed: its state does"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="last.pt cannot be resumed: its state does"
+    ) as e:
         ckpt.restore_training(state, *_objects(hidden=16), path)  # type: ignore[arg-type]
+    # The reason itself, not load_state_dict's header line ("Error(s) in loading ...:").
+    assert "size mismatch for linear_relu_stack.0.weight" in str(e.value)
+    assert "\n" not in str(e.value)
     ckpt.save_checkpoint({**state, "format": "fastmlp-checkpoint-2"}, path)
     with pytest.raises(ckpt.CheckpointError, match="'fastmlp-checkpoint-2' checkpoint and this"):
         ckpt.load_training_checkpoint(path)

@@ -3,6 +3,7 @@ exit 1 (2 for a bad command line), no traceback, nothing lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from fastmlp import checkpoint as ckpt
 from fastmlp import data, rundir
 from fastmlp import train as train_mod
 from fastmlp.cli import main
+from fastmlp.config import TrainConfig
 from fastmlp.nn import MLP
 
 QUICK = ["--data", str(REAL_DATA), "--device", "cpu", "--quiet", "--train-samples", "1000"]
@@ -107,6 +109,56 @@ def test_checkpoint_with_other_than_10_outputs(
     extra = ["image.png"] if command == "predict" else []
     code, _, err = run(capsys, command, str(path), *extra)
     assert code == 1 and f"{outputs}-output model" in one_line(err) and "10 outputs" in err
+
+
+def _training_checkpoint(path: Path, model_state: dict[str, torch.Tensor]) -> Path:
+    """A training checkpoint as fastmlp train writes it, with ``model_state`` as its model."""
+    model = MLP()
+    state = ckpt.training_state(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        scheduler=None,
+        epoch=1,
+        config={**dataclasses.asdict(TrainConfig(epochs=2)), "sizes": [784, 512, 512, 10]},
+        metrics=[],
+        best_accuracy=0.5,
+        versions={},
+    )
+    return ckpt.save_checkpoint({**state, "model": model_state}, path)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "resume"])
+def test_checkpoint_of_meta_tensors(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    command: str,
+) -> None:
+    monkeypatch.setattr(data, "load_split", no_data)
+    meta = MLP().to("meta").state_dict()
+    if command == "resume":
+        path = _training_checkpoint(tmp_path / "last.pt", meta)
+        argv = ["train", "--resume", str(path)]
+    else:
+        path = tmp_path / "model.pt"
+        torch.save(meta, path)
+        argv = [command, str(path), *(["image.png"] if command == "predict" else [])]
+    code, _, err = run(capsys, *argv)
+    line = one_line(err)
+    assert code == 1 and f"{path} holds meta tensors (linear_relu_stack.0.weight" in line
+    assert "save the state_dict of a model with real weights" in line
+
+
+def test_resume_of_a_checkpoint_with_7_classes_says_so_like_evaluate(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(data, "load_split", no_data)
+    path = _training_checkpoint(tmp_path / "last.pt", MLP((784, 512, 512, 7)).state_dict())
+    code, _, err = run(capsys, "train", "--resume", str(path))
+    assert code == 1 and f"{path} holds a 784-input, 7-output model" in one_line(err)
+    assert "10 outputs (its classes)" in err
+    code, _, evaluate_err = run(capsys, "evaluate", str(path))
+    assert code == 1 and evaluate_err == err.replace("fastmlp train", "fastmlp evaluate")
 
 
 def test_resume_of_a_checkpoint_without_rng(
