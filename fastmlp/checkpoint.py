@@ -104,20 +104,25 @@ def _atomic_write(path: Path, write: Callable[[Any], object]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # The reason first, while the partial file still takes its space on the disk.
+        error = _write_error(path, e) if isinstance(e, OSError | RuntimeError) else None
         # Also on KeyboardInterrupt: never leave half-written temporaries behind.
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError | RuntimeError):
-            raise _write_error(path, e) from None
+        if error is not None:
+            raise error from None
         raise
     _fsync_dir(path.parent)
     return path
 
 
 def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
-    # torch.save reports a full disk from its zip writer as a RuntimeError ("[enforce fail
-    # at inline_container.cc] . unexpected pos ..."); name the likely cause instead.
-    if isinstance(e, OSError) and e.strerror:
-        reason = e.strerror
+    # torch.save reports a failed write of its zip writer as a RuntimeError ("[enforce fail
+    # at inline_container.cc:672] . unexpected pos ..."): the OSError that the file object's
+    # write raised (ENOSPC on a full disk) is its __context__. Name that cause; without one,
+    # a disk with (almost) no space left is the likely cause.
+    cause = _os_error(e)
+    if cause is not None and cause.strerror:
+        reason = cause.strerror
     else:
         try:
             free = shutil.disk_usage(path.parent).free
@@ -127,6 +132,17 @@ def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
         reason = f"no space left on device ({free} bytes free)" if 0 <= free < 2**20 else first
     kept = "the previous version is unchanged" if path.exists() else "nothing was written"
     return CheckpointWriteError(f"cannot write {path}: {reason}; {kept}")
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """``e`` or the first OSError it was raised from or while handling."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +45,56 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(ckpt.CheckpointWriteError, match="disk full; the previous version"):
         ckpt.save_checkpoint(state(2.0), p)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(p)["epoch"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+_fdopen = os.fdopen
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: a longer write fails with ENOSPC, as
+    write(2) does on a full disk."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        self.file = _fdopen(fd, "wb", buffering=0)
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: object) -> int:
+        data = bytes(b)  # type: ignore[call-overload]
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data) or 0
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+@pytest.mark.parametrize("room", [100, 5000])  # inside the zip header; in the data
+def test_full_disk_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    # torch.save's zip writer turns the write's OSError into "[enforce fail at
+    # inline_container.cc:672] . unexpected pos ..."; the message names the real cause,
+    # whatever the free space reads once the partial file is gone.
+    p = ckpt.save_checkpoint(state(1.0), tmp_path / "last.pt")
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: _FullDisk(fd, room))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=10**12))
+    big = {"model": {"w": torch.zeros(10_000)}, "epoch": 2}
+    with pytest.raises(ckpt.CheckpointWriteError) as e:
+        ckpt.save_checkpoint(big, p)
+    assert str(e.value) == (
+        f"cannot write {p}: No space left on device; the previous version is unchanged"
+    )
     monkeypatch.undo()
     assert ckpt.load_checkpoint(p)["epoch"] == 1
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
