@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,14 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # Python 3.11's argparse takes only "-5" or "-.5" for a negative number, so in
+        # "--hidden -5,5" the value looked like a flag ("expected one argument"). Any word
+        # that starts with "-" and a digit is a value (what Python 3.13's argparse does):
+        # no flag of ours starts so. (An argparse without this attribute just ignores it.)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
     # argparse prints the whole usage block and exits; we want one line and an exit code
     # that main() returns, so tests and callers can run main() in-process.
     def error(self, message: str) -> NoReturn:
@@ -469,9 +478,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError) as e:
         if os.environ.get("FASTMLP_DEBUG"):
             raise
+        asked = hardware.allocation_bytes(e)
+        if asked is not None:  # PyTorch's own out-of-memory error, several lines long
+            size = f" of {hardware.format_bytes(asked)} ({asked} bytes)" if asked else ""
+            print(
+                f"{prog}: error: out of memory: an allocation{size} failed; use a smaller "
+                "--batch-size or smaller --hidden widths",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         # data/checkpoint errors are ValueError/OSError/RuntimeError subclasses and carry
         # complete messages; others get their type name for context.
         from fastmlp.train import TrainingDiverged
@@ -485,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileNotFoundError,
             ValueError,
             ImportError,
+            MemoryError,  # build_model's, naming the layer
         )
         text = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
         print(f"{prog}: error: {text}", file=sys.stderr)

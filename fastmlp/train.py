@@ -85,10 +85,38 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
-    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``."""
+    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``.
+
+    A model that does not fit in memory raises :class:`MemoryError` naming the layer that
+    did not fit, its size and what the whole model's weights take."""
     from fastmlp.nn import MLP  # needs the compiled extension; fastmlp.train does not
 
-    return MLP(sizes=tuple(sizes)).to(device)
+    sizes = tuple(sizes)
+    try:
+        return MLP(sizes=sizes).to(device)
+    except RuntimeError as e:  # CUDA's torch.OutOfMemoryError is a RuntimeError too
+        asked = hardware.allocation_bytes(e)
+        if asked is None:
+            raise
+        where = "cpu" if "CPUAllocator" in str(e) else str(device)
+        raise MemoryError(_too_big(sizes, where, asked)) from None
+
+
+def _too_big(sizes: tuple[int, ...], where: str, asked: int) -> str:
+    """Which layer of the ``sizes`` MLP an allocation of ``asked`` bytes on ``where`` was for
+    (fp32 weights, out x in), and what to do."""
+    shapes = list(zip(sizes[1:], sizes[:-1], strict=True))
+    total = sum(o * i + o for o, i in shapes) * 4  # weights and biases
+    what = f"an allocation of {hardware.format_bytes(asked)} ({asked} bytes)"
+    for k, (o, i) in enumerate(shapes, start=1):
+        if o * i * 4 == asked:
+            what = f"layer {k}'s {o}x{i} weights ({hardware.format_bytes(asked)}, {asked} bytes)"
+            break
+    return (
+        f"not enough memory on {where} for the {'-'.join(map(str, sizes))} MLP: {what} did "
+        f"not fit; its weights alone take {hardware.format_bytes(total)}, and training needs "
+        "several times that (gradients, optimizer state); use smaller --hidden widths"
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -63,6 +63,63 @@ def test_bad_values_are_usage_errors(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("hidden", "expected"),
+    [
+        (str(2**70), "hidden layer widths must be at most 16777216 (2**24: two such layers"),
+        ("-5,5", "hidden layer widths must be positive, got -5 (in '-5,5')"),
+    ],
+)
+def test_hidden_widths_out_of_bounds_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    hidden: str,
+    expected: str,
+) -> None:
+    monkeypatch.setattr(data, "load_split", no_data)
+    code, out, err = run(capsys, "train", "--hidden", hidden, "--out", str(tmp_path / "run"))
+    line = one_line(err)
+    assert code == 2 and f"argument --hidden: {expected}" in line and out == ""
+
+
+def tiny_data(train: bool = True, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+    n = 1000 if train else 100
+    return torch.zeros(n, 28, 28, dtype=torch.uint8), torch.arange(n) % 10
+
+
+def test_a_model_too_large_for_memory_names_its_layer(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Layer 3 would hold 2**48 fp32 weights (1 PiB): more than any address space, so the
+    # allocation fails on every machine, after layer 2's 64 MiB were allocated.
+    monkeypatch.setattr(data, "load_split", tiny_data)
+    argv = ["train", "--hidden", "1,16777216,16777216", "--out", str(tmp_path / "run")]
+    code, _, err = run(capsys, *argv, "--device", "cpu", "--quiet")
+    line = one_line(err)
+    assert code == 1 and "not enough memory on cpu for the 784-1-16777216-16777216-10 MLP" in line
+    assert "layer 3's 16777216x16777216 weights (1.0 PiB, 1125899906842624 bytes)" in line
+    assert "use smaller --hidden widths" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_elsewhere_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_memory(*args: object, **kw: object) -> None:
+        raise RuntimeError(  # what PyTorch's CPU allocator raises
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate "
+            "memory)"
+        )
+
+    monkeypatch.setattr(train_mod, "fit", no_memory)
+    code, _, err = run(capsys, "train", "--device", "cpu", "--out", str(tmp_path / "run"))
+    line = one_line(err)
+    assert code == 1 and "out of memory: an allocation of 37.3 GiB (40000000000 bytes)" in line
+    assert "use a smaller --batch-size or smaller --hidden widths" in line
+
+
 def test_out_is_an_existing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     f = tmp_path / "notes.txt"
     f.write_text("keep")
