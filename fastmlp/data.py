@@ -384,6 +384,8 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
     Converted to grayscale, padded to a square with its border colour (so the aspect ratio
     survives), resized to 28x28, and inverted when it is dark-on-light (Fashion-MNIST has
     light objects on black) if ``invert`` is ``auto`` and the border is light, or ``yes``.
+    A missing file raises :class:`FileNotFoundError`; one that is no image, damaged, or too
+    large to decode (PIL's decompression-bomb limit) :class:`ValueError`, naming it.
     """
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -402,6 +404,12 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
         raise FileNotFoundError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+    except (Image.DecompressionBombError, MemoryError) as e:
+        # PIL refuses images of more than 2 * Image.MAX_IMAGE_PIXELS pixels (179M) at open.
+        raise ValueError(
+            f"cannot read image {path}: too large to decode ({e or 'out of memory'}); "
+            "scale it down first"
+        ) from None
     x = torch.from_numpy(np.array(gray, dtype=np.uint8)).float()
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
     fill = int(border.median())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import struct
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -270,6 +272,34 @@ def test_predict_reports_the_bad_image_and_still_answers_for_the_good(
     assert code == 1
     assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
     assert "cannot read image" in one_line(err) and str(bad) in err
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that says it is ``width`` x ``height`` (1-bit gray) and holds no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_predict_reports_an_image_too_large_and_answers_the_others(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / "model.pt"
+    torch.save(MLP().state_dict(), path)
+    bomb = _png_header(tmp_path / "bomb.png", 20000, 20000)  # 400M pixels: PIL refuses it
+    gray = tmp_path / "gray.png"
+    Image.new("L", (40, 40), 30).save(gray)
+    code, out, err = run(capsys, "predict", str(path), str(bomb), str(gray))
+    assert code == 1 and out.startswith(f"{gray}: ") and len(out.strip().splitlines()) == 1
+    line = one_line(err)
+    assert f"cannot read image {bomb}: too large to decode" in line and "scale it down" in line
 
 
 @needs_real_data
