@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fastmlp.data import CLASSES, IMAGE_SIZE
+from fastmlp.data import CLASSES, IMAGE_SIZE, file_problem
 from fastmlp.whitening import InputWhitening
 
 __all__ = [
@@ -173,8 +173,13 @@ def load_checkpoint(
     files raise :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "not found":
         raise CheckpointError(f"checkpoint not found: {path}")
+    if problem is not None:
+        inside = path / "last.pt"
+        hint = f"; did you mean {inside}?" if path.is_dir() and inside.is_file() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {problem}{hint}")
     # torch.save has written zip archives since PyTorch 1.6; anything else is either an
     # ancient legacy file or damage, and torch's own error for it talks about pickles.
     if not zipfile.is_zipfile(path):

@@ -497,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = (
             data.DataNotFoundError,
             data.DataFormatError,
+            data.DataReadError,
             ckpt.CheckpointError,
             rundir.RunDirError,
             TrainingDiverged,

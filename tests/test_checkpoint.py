@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from workflow_fixtures import NeuralNetwork
+from workflow_fixtures import NeuralNetwork, deny_reading
 
 from fastmlp import checkpoint as ckpt
 from fastmlp.nn import MLP
@@ -202,6 +202,32 @@ def test_damaged_files_give_clear_errors(tmp_path: Path, content, message: str) 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
         ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("case", ["folder", "symlink-loop", "broken-symlink", "unreadable"])
+def test_checkpoints_that_cannot_be_read_say_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(state(1.0), run / "last.pt")
+    path, expected = {
+        "folder": (run, f"it is a folder, not a file; did you mean {run / 'last.pt'}?"),
+        "symlink-loop": (
+            tmp_path / "loop.pt",
+            "it is a symlink loop (too many levels of symbolic links)",
+        ),
+        "broken-symlink": (tmp_path / "gone.pt", "it is a broken symlink to nowhere.pt"),
+        "unreadable": (run / "last.pt", "permission denied"),
+    }[case]
+    if case == "symlink-loop":
+        path.symlink_to(path.name)  # loop.pt -> loop.pt
+    elif case == "broken-symlink":
+        path.symlink_to("nowhere.pt")
+    elif case == "unreadable":
+        deny_reading(monkeypatch, path)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(path)
+    assert str(e.value) == f"cannot read checkpoint {path}: {expected}"
 
 
 def test_tutorial_model_loads_fastmlp_state_and_back(tmp_path: Path) -> None:

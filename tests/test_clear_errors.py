@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from workflow_fixtures import REAL_DATA, needs_real_data
+from workflow_fixtures import REAL_DATA, deny_reading, needs_real_data, write_fake_dataset
 
 import fastmlp
 from fastmlp import checkpoint as ckpt
@@ -146,6 +146,21 @@ def test_read_only_out_is_found_before_training(
     monkeypatch.setattr(data, "load_split", no_data)
     code, _, err = run(capsys, "train", "--out", str(out), "--device", "cpu")
     assert code == 1 and "is not writable (Read-only file system)" in one_line(err)
+
+
+def test_unreadable_data_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    folder = tmp_path / "data"
+    write_fake_dataset(folder)
+    deny_reading(monkeypatch, folder / "t10k-labels-idx1-ubyte")
+    code, _, err = run(capsys, "samples", "--test", "--data", str(folder), "--out", "x.png")
+    line = one_line(err)
+    assert code == 1
+    assert line == (
+        f"fastmlp samples: error: cannot read {folder / 't10k-labels-idx1-ubyte'}: "
+        "permission denied"
+    )
 
 
 def test_fastmlp_data_that_does_not_exist(
