@@ -78,7 +78,14 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+            raise ValueError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
+            )
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
     return dev
