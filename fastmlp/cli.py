@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from fastmlp import checkpoint as ckpt
-from fastmlp import data, hardware, rundir
+from fastmlp import data, distributed, hardware, rundir
 from fastmlp.config import OPTIONS, PRESETS, Option, Range
 from fastmlp.loader import DeviceLoader
 
@@ -337,12 +338,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             log=log,
             progress=None if log else False,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        # Ctrl-C, or SIGTERM (fit turns it into Terminated): exit 128 + the signal's number.
+        terminated = isinstance(e, distributed.Terminated)
         if _rank() == 0:
             saved = Path(out) / "last.pt"
+            how = " by SIGTERM" if terminated else ""
             hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
-            print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
-        return 130
+            print(f"fastmlp train: interrupted{how}{hint}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if made_default:
             rundir.remove_if_unused(out)

@@ -251,6 +251,11 @@ def fit(
     samples, test results are summed over ranks, and rank 0 alone logs and writes
     ``out_dir``. Every rank reads ``resume`` itself, so it must be reachable from all of
     them. The returned ``model`` is the plain (unwrapped) module on every rank.
+
+    Ctrl-C raises ``KeyboardInterrupt`` and, while ``fit`` runs in the main thread where
+    SIGTERM has its default handler, SIGTERM raises
+    :class:`fastmlp.distributed.Terminated` (a ``KeyboardInterrupt``): the checkpoints
+    already saved stay whole, no temporary file is left, and ``resume`` continues the run.
     """
     state: dict[str, Any] | None = None
     extended = False
@@ -270,7 +275,12 @@ def fit(
     claim: Any = contextlib.nullcontext()
     if out_dir is not None and main:
         claim = RunDir(out_dir, resume=resume, overwrite=overwrite)
-    with claim, distributed.process_group(cfg.backend, device) as ctx:
+    # SIGTERM (kill, a job scheduler, torchrun) stops the run like Ctrl-C: cleanly, resumable.
+    with (
+        distributed.sigterm_raises_interrupt(),
+        claim,
+        distributed.process_group(cfg.backend, device) as ctx,
+    ):
         return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log, extended)
 
 
