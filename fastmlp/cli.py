@@ -486,11 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTMLP_DEBUG"):
             raise
         asked = hardware.allocation_bytes(e)
-        if asked is not None:  # PyTorch's own out-of-memory error, several lines long
+        if asked is None and isinstance(e, MemoryError) and not str(e):
+            asked = 0  # Python's own, without a size
+        if asked is not None:  # PyTorch's out-of-memory error is several lines long
             size = f" of {hardware.format_bytes(asked)} ({asked} bytes)" if asked else ""
+            what = " or smaller --hidden widths" if prog == "fastmlp train" else ""
             print(
                 f"{prog}: error: out of memory: an allocation{size} failed; use a smaller "
-                "--batch-size or smaller --hidden widths",
+                f"--batch-size{what}",
                 file=sys.stderr,
             )
             return EXIT_FAILURE

@@ -17,7 +17,7 @@ from workflow_fixtures import REAL_DATA, deny_reading, needs_real_data, write_fa
 
 import fastmlp
 from fastmlp import checkpoint as ckpt
-from fastmlp import data, rundir
+from fastmlp import cli, data, rundir
 from fastmlp import train as train_mod
 from fastmlp.cli import main
 from fastmlp.config import TrainConfig
@@ -120,6 +120,16 @@ def test_out_of_memory_elsewhere_is_one_line(
     line = one_line(err)
     assert code == 1 and "out of memory: an allocation of 37.3 GiB (40000000000 bytes)" in line
     assert "use a smaller --batch-size or smaller --hidden widths" in line
+
+    # evaluate has no --hidden; Python's own MemoryError carries no size.
+    def python_out_of_memory(*args: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "_load_model", python_out_of_memory)
+    code, _, err = run(capsys, "evaluate", "model.pt")
+    assert code == 1 and one_line(err) == (
+        "fastmlp evaluate: error: out of memory: an allocation failed; use a smaller --batch-size"
+    )
 
 
 def test_out_is_an_existing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
