@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fastmlp.data import CLASSES, IMAGE_SIZE, file_problem
 from fastmlp.whitening import InputWhitening
 
 __all__ = [
@@ -32,9 +33,11 @@ __all__ = [
     "CheckpointWriteError",
     "TRAINING_KEYS",
     "UnsafeCheckpointError",
+    "check_model_state",
     "check_training_checkpoint",
     "extract_state_dict",
     "load_checkpoint",
+    "load_error",
     "load_training_checkpoint",
     "restore_training",
     "rng_state",
@@ -101,20 +104,25 @@ def _atomic_write(path: Path, write: Callable[[Any], object]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # The reason first, while the partial file still takes its space on the disk.
+        error = _write_error(path, e) if isinstance(e, OSError | RuntimeError) else None
         # Also on KeyboardInterrupt: never leave half-written temporaries behind.
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError | RuntimeError):
-            raise _write_error(path, e) from None
+        if error is not None:
+            raise error from None
         raise
     _fsync_dir(path.parent)
     return path
 
 
 def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
-    # torch.save reports a full disk from its zip writer as a RuntimeError ("[enforce fail
-    # at inline_container.cc] . unexpected pos ..."); name the likely cause instead.
-    if isinstance(e, OSError) and e.strerror:
-        reason = e.strerror
+    # torch.save reports a failed write of its zip writer as a RuntimeError ("[enforce fail
+    # at inline_container.cc:672] . unexpected pos ..."): the OSError that the file object's
+    # write raised (ENOSPC on a full disk) is its __context__. Name that cause; without one,
+    # a disk with (almost) no space left is the likely cause.
+    cause = _os_error(e)
+    if cause is not None and cause.strerror:
+        reason = cause.strerror
     else:
         try:
             free = shutil.disk_usage(path.parent).free
@@ -124,6 +132,17 @@ def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
         reason = f"no space left on device ({free} bytes free)" if 0 <= free < 2**20 else first
     kept = "the previous version is unchanged" if path.exists() else "nothing was written"
     return CheckpointWriteError(f"cannot write {path}: {reason}; {kept}")
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """``e`` or the first OSError it was raised from or while handling."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -154,8 +173,13 @@ def load_checkpoint(
     files raise :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "not found":
         raise CheckpointError(f"checkpoint not found: {path}")
+    if problem is not None:
+        inside = path / "last.pt"
+        hint = f"; did you mean {inside}?" if path.is_dir() and inside.is_file() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {problem}{hint}")
     # torch.save has written zip archives since PyTorch 1.6; anything else is either an
     # ancient legacy file or damage, and torch's own error for it talks about pickles.
     if not zipfile.is_zipfile(path):
@@ -276,9 +300,8 @@ def restore_training(
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{path} cannot be resumed: its state does not fit its config ({first})"
+            f"{path} cannot be resumed: its state does not fit its config ({load_error(e)})"
         ) from None
     set_rng_state(state["rng"])
 
@@ -310,6 +333,16 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"{path} cannot be resumed: its 'rng' entry is damaged")
     if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
         raise CheckpointError(f"{path} cannot be resumed: its 'config' or 'epoch' is damaged")
+    # The model's own faults (meta tensors, other classes) named before any training starts.
+    saved_sizes = state["config"].get("sizes")
+    if not isinstance(saved_sizes, list | tuple):
+        saved_sizes = None
+    for key in ("model", "trained_model"):
+        if key not in state:
+            continue
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path} cannot be resumed: its {key!r} entry is damaged")
+        check_model_state(extract_state_dict(state[key]), path, saved_sizes, key=key)
     if state["config"].get("whiten"):
         try:
             InputWhitening.from_state_dict(state.get("whitening"))  # the check a resume uses
@@ -321,6 +354,56 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
                 f"{path} cannot be resumed: its run whitened the inputs but its "
                 "'trained_model' or 'whitening' entry is missing or damaged"
             )
+
+
+def load_error(e: BaseException) -> str:
+    """The reason in a ``load_state_dict`` error, on one line: its first detail (``size
+    mismatch for linear_relu_stack.4.weight: ...``), not the header ``Error(s) in loading
+    state_dict for MLP:`` that comes before it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return lines[1].rstrip(".") + more
+    return lines[0] if lines else type(e).__name__
+
+
+def check_model_state(
+    state: dict[str, Any],
+    path: str | os.PathLike[str],
+    sizes: Any = None,
+    *,
+    key: str = "model",
+) -> tuple[int, ...]:
+    """The layer widths of the Fashion-MNIST MLP ``state`` (a ``state_dict`` read from
+    ``path``), checked before any weights are copied: :class:`CheckpointError` names the
+    problem when it holds meta tensors (shapes without values), is not an MLP in the
+    tutorial's layout, does not take 784 inputs to 10 outputs, or (for ``sizes``, the widths
+    its config records; ``key`` is its entry) has other widths than its config says."""
+    meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds meta tensors ({meta[0]}{more}): shapes without values, saved from "
+            "a model that never had weights (built on device='meta'); save the state_dict of "
+            "a model with real weights"
+        )
+    try:
+        found = sizes_from_state_dict(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    inputs, outputs = IMAGE_SIZE * IMAGE_SIZE, len(CLASSES)
+    if found[0] != inputs or found[-1] != outputs:
+        raise CheckpointError(
+            f"{path} holds a {found[0]}-input, {found[-1]}-output model; Fashion-MNIST needs "
+            f"{inputs} inputs ({IMAGE_SIZE}x{IMAGE_SIZE}) and {outputs} outputs (its classes): "
+            "use a checkpoint of a Fashion-MNIST model"
+        )
+    if sizes is not None and tuple(sizes) != found:
+        raise CheckpointError(
+            f"{path} cannot be resumed: its {key!r} has layer sizes {'-'.join(map(str, found))} "
+            f"but its config says {'-'.join(map(str, sizes))}"
+        )
+    return found
 
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from fastmlp import checkpoint as ckpt
-from fastmlp import data, hardware, rundir
+from fastmlp import data, distributed, hardware, rundir
 from fastmlp.config import OPTIONS, PRESETS, Option, Range
 from fastmlp.loader import DeviceLoader
 
@@ -34,6 +36,14 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # Python 3.11's argparse takes only "-5" or "-.5" for a negative number, so in
+        # "--hidden -5,5" the value looked like a flag ("expected one argument"). Any word
+        # that starts with "-" and a digit is a value (what Python 3.13's argparse does):
+        # no flag of ours starts so. (An argparse without this attribute just ignores it.)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
     # argparse prints the whole usage block and exits; we want one line and an exit code
     # that main() returns, so tests and callers can run main() in-process.
     def error(self, message: str) -> NoReturn:
@@ -328,12 +338,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             log=log,
             progress=None if log else False,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        # Ctrl-C, or SIGTERM (fit turns it into Terminated): exit 128 + the signal's number.
+        terminated = isinstance(e, distributed.Terminated)
         if _rank() == 0:
             saved = Path(out) / "last.pt"
+            how = " by SIGTERM" if terminated else ""
             hint = f"; continue with: fastmlp train --resume {saved}" if saved.is_file() else ""
-            print(f"fastmlp train: interrupted{hint}", file=sys.stderr)
-        return 130
+            print(f"fastmlp train: interrupted{how}{hint}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if made_default:
             rundir.remove_if_unused(out)
@@ -367,18 +380,12 @@ def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, t
 
     dev = resolve_device(device)
     state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
-    sizes = ckpt.sizes_from_state_dict(state)
-    if sizes[0] != 28 * 28 or sizes[-1] != len(data.CLASSES):
-        raise ckpt.CheckpointError(
-            f"{path} holds a {sizes[0]}-input, {sizes[-1]}-output model; Fashion-MNIST needs "
-            f"784 inputs (28x28) and {len(data.CLASSES)} outputs (its classes): use a "
-            "checkpoint of a Fashion-MNIST model"
-        )
-    model = build_model(sizes, dev)
+    model = build_model(ckpt.check_model_state(state, path), dev)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {e}") from None
+        reason = ckpt.load_error(e)
+        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {reason}") from None
     return model.eval(), dev
 
 
@@ -475,9 +482,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError) as e:
         if os.environ.get("FASTMLP_DEBUG"):
             raise
+        asked = hardware.allocation_bytes(e)
+        if asked is None and isinstance(e, MemoryError) and not str(e):
+            asked = 0  # Python's own, without a size
+        if asked is not None:  # PyTorch's out-of-memory error is several lines long
+            size = f" of {hardware.format_bytes(asked)} ({asked} bytes)" if asked else ""
+            what = " or smaller --hidden widths" if prog == "fastmlp train" else ""
+            print(
+                f"{prog}: error: out of memory: an allocation{size} failed; use a smaller "
+                f"--batch-size{what}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         # data/checkpoint errors are ValueError/OSError/RuntimeError subclasses and carry
         # complete messages; others get their type name for context.
         from fastmlp.train import TrainingDiverged
@@ -485,12 +504,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = (
             data.DataNotFoundError,
             data.DataFormatError,
+            data.DataReadError,
             ckpt.CheckpointError,
             rundir.RunDirError,
             TrainingDiverged,
             FileNotFoundError,
             ValueError,
             ImportError,
+            MemoryError,  # build_model's, naming the layer
         )
         text = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
         print(f"{prog}: error: {text}", file=sys.stderr)

@@ -23,6 +23,7 @@ from fastmlp import distributed, hardware
 from fastmlp.data import CLASSES, IMAGE_SIZE, TRAIN_SIZE
 
 __all__ = [
+    "MAX_WIDTH",
     "OPTIONS",
     "PRESETS",
     "RESUME_MAY_CHANGE",
@@ -105,16 +106,18 @@ def option(
     metavar: str | None = None,
     parse: Callable[[str], Any] | None = None,
     show: Callable[[Any], str] | None = None,
+    check: Callable[[Any], str | None] | None = None,
     cli: bool = True,
 ) -> Any:
     """A :class:`TrainConfig` field with what validation and the command line need.
 
     ``help`` is the flag's help; ``{default}`` in it becomes the default as the command line
     writes it. ``choices`` or ``range`` are the accepted values, ``unit`` their unit in
-    messages, ``what`` the field's name in messages (default: its name with spaces).
-    ``flag`` (default ``--field-name``), ``metavar``, ``parse`` (text to value; raises
-    ``ValueError`` with the message) and ``show`` (value to text) shape the flag; ``cli=False``
-    keeps the field off the command line.
+    messages, ``what`` the field's name in messages (default: its name with spaces), ``check``
+    any further rule (value to the reason it is refused, or ``None``); the config and its
+    flag both apply them. ``flag`` (default ``--field-name``), ``metavar``, ``parse`` (text
+    to value; raises ``ValueError`` with the message) and ``show`` (value to text) shape the
+    flag; ``cli=False`` keeps the field off the command line.
     """
     spec = dict(
         help=help,
@@ -126,9 +129,38 @@ def option(
         metavar=metavar,
         parse=parse,
         show=show,
+        check=check,
         cli=cli,
     )
     return field(default=default, metadata={"option": spec})
+
+
+#: The widest hidden layer a config accepts: 2**24. Two such layers in a row hold 2**48
+#: weights (1 PiB in fp32), so every layer's size stays far inside int64 and what does not
+#: fit in memory fails as a memory error naming the layer (fastmlp.train.build_model), not as
+#: an overflow deep inside PyTorch.
+MAX_WIDTH = 2**24
+
+
+def _sizes_problem(sizes: tuple[int, ...]) -> str | None:
+    """Why ``sizes`` are not the layer widths of a Fashion-MNIST MLP, or ``None``: the one
+    check of both ``TrainConfig.sizes`` and ``--hidden``."""
+    if len(sizes) < 2:
+        return f"bad layer sizes {sizes}"
+    if sizes[0] != INPUTS or sizes[-1] != OUTPUTS:
+        return (
+            f"layer sizes must run from {INPUTS} inputs ({IMAGE_SIZE}x{IMAGE_SIZE} pixels) "
+            f"to {OUTPUTS} outputs (the Fashion-MNIST classes), got {sizes}"
+        )
+    for width in sizes[1:-1]:
+        if width < 1:
+            return f"hidden layer widths must be positive, got {width}"
+        if width > MAX_WIDTH:
+            return (
+                f"hidden layer widths must be at most {MAX_WIDTH} (2**24: two such layers "
+                f"hold 2**48 weights, 1 PiB in fp32), got {width}"
+            )
+    return None
 
 
 def _parse_hidden(text: str) -> tuple[int, ...]:
@@ -136,9 +168,13 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
         hidden = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"expected widths like 512,512, got {text!r}") from None
-    if not hidden or min(hidden) < 1:
+    if not hidden:
         raise ValueError(f"expected positive widths like 512,512, got {text!r}")
-    return (INPUTS, *hidden, OUTPUTS)
+    sizes = (INPUTS, *hidden, OUTPUTS)
+    problem = _sizes_problem(sizes)
+    if problem is not None:
+        raise ValueError(f"{problem} (in {text!r})" if len(hidden) > 1 else problem)
+    return sizes
 
 
 def _show_hidden(sizes: tuple[int, ...]) -> str:
@@ -238,11 +274,12 @@ class TrainConfig:
     )
     sizes: tuple[int, ...] = option(
         (INPUTS, 512, 512, OUTPUTS),
-        "hidden layer widths (default {default})",
+        f"hidden layer widths, each from 1 to {MAX_WIDTH} (default {{default}})",
         flag="--hidden",
         metavar="W,W",
         parse=_parse_hidden,
         show=_show_hidden,
+        check=_sizes_problem,
     )
     eval_batch_size: int = option(2000, "samples per evaluation batch", range=Range(1), cli=False)
     data: str | None = option(
@@ -284,13 +321,6 @@ class TrainConfig:
             problem = opt.check(getattr(self, opt.name))
             if problem is not None:
                 raise ValueError(problem)
-        if len(self.sizes) < 2 or min(self.sizes) < 1:
-            raise ValueError(f"bad layer sizes {self.sizes}")
-        if self.sizes[:1] != (INPUTS,) or self.sizes[-1:] != (OUTPUTS,):
-            raise ValueError(
-                f"layer sizes must run from {INPUTS} inputs ({IMAGE_SIZE}x{IMAGE_SIZE}"
-                f" pixels) to {OUTPUTS} outputs (the Fashion-MNIST classes), got {self.sizes}"
-            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -324,11 +354,16 @@ class Option:
     metavar: str | None
     parse: Callable[[str], Any] | None
     show: Callable[[Any], str] | None
+    validate: Callable[[Any], str | None] | None  # a check of its own (the layer sizes)
 
     def check(self, value: Any) -> str | None:
         """Why ``value`` is not valid for this field, or ``None`` when it is."""
         if value is None:
             return None if self.optional else f"{self.what} must be given, got None"
+        if self.validate is not None:
+            problem = self.validate(value)
+            if problem is not None:
+                return problem
         if self.choices is not None and value not in self.choices:
             return f"unknown {self.what} {value!r} (choose from {', '.join(self.choices)})"
         if self.range is not None and value not in self.range:
@@ -377,6 +412,7 @@ def _options(cls: type) -> tuple[Option, ...]:
                 metavar=spec["metavar"],
                 parse=spec["parse"],
                 show=spec["show"],
+                validate=spec["check"],
             )
         )
     return tuple(out)

@@ -19,6 +19,7 @@ names then fail), so data problems can be diagnosed on a machine where the build
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import os
 import struct
@@ -38,10 +39,12 @@ __all__ = [
     "CustomImageDataset",
     "DataFormatError",
     "DataNotFoundError",
+    "DataReadError",
     "FashionMNIST",
     "TRAIN_SIZE",
     "cache_dir",
     "candidate_dirs",
+    "file_problem",
     "find_data_dir",
     "load_image",
     "labels_map",
@@ -95,6 +98,33 @@ class DataFormatError(ValueError):
     """A data file exists but its content is not what it must be (names the file)."""
 
 
+class DataReadError(OSError):
+    """A data file is there but cannot be read: permission denied, a symlink loop, an I/O
+    error (names the file and the reason)."""
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a file, in words, or ``None`` when it can: ``not
+    found``, ``it is a broken symlink to X``, ``it is a folder, not a file``, ``permission
+    denied``, ``it is a symlink loop (...)`` or the system's own reason."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return "it is a folder, not a file"
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"it is a broken symlink to {os.readlink(path)}"
+        return "not found"
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "it is a symlink loop (too many levels of symbolic links)"
+        return e.strerror or str(e)
+
+
 def cache_dir() -> Path:
     """The per-user cache folder: ``$XDG_CACHE_HOME/fastmlp`` or ``~/.cache/fastmlp``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -132,8 +162,15 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def _missing(folder: Path) -> list[str]:
+    """The files not in ``folder``; one that is there as a link that leads nowhere says so."""
     stems = [s for split in _SPLITS.values() for s in split[:2]]
-    return [s for s in stems if _find_file(folder, s) is None]
+    missing = []
+    for stem in stems:
+        if _find_file(folder, stem) is not None:
+            continue
+        links = [folder / n for n in (stem, stem + ".gz") if (folder / n).is_symlink()]
+        missing.append(f"{stem} ({links[0].name}: {file_problem(links[0])})" if links else stem)
+    return missing
 
 
 def find_data_dir(root: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
@@ -197,7 +234,12 @@ def _download(target: Path) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        reason = file_problem(path) or e.strerror or str(e)
+        raise DataReadError(f"cannot read {path}: {reason}") from None
     # Decide by content, not by file name: Debian recompresses, users gunzip by hand.
     if raw[:2] != b"\x1f\x8b":
         return raw
@@ -384,6 +426,8 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
     Converted to grayscale, padded to a square with its border colour (so the aspect ratio
     survives), resized to 28x28, and inverted when it is dark-on-light (Fashion-MNIST has
     light objects on black) if ``invert`` is ``auto`` and the border is light, or ``yes``.
+    A missing file raises :class:`FileNotFoundError`; one that is no image, damaged, or too
+    large to decode (PIL's decompression-bomb limit) :class:`ValueError`, naming it.
     """
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -400,8 +444,16 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
             gray = im.convert("L")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+    except OSError as e:  # the file's own problem (permission, a folder) before PIL's words
+        raise ValueError(f"cannot read image {path}: {file_problem(path) or e}") from None
+    except (Image.DecompressionBombError, MemoryError) as e:
+        # PIL refuses images of more than 2 * Image.MAX_IMAGE_PIXELS pixels (179M) at open.
+        raise ValueError(
+            f"cannot read image {path}: too large to decode ({e or 'out of memory'}); "
+            "scale it down first"
+        ) from None
     x = torch.from_numpy(np.array(gray, dtype=np.uint8)).float()
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
     fill = int(border.median())

@@ -33,11 +33,13 @@ __all__ = [
     "ENV_VARS",
     "Context",
     "DistEnv",
+    "Terminated",
     "all_reduce_sum",
     "detect_env",
     "device_for_rank",
     "process_group",
     "resolve_backend",
+    "sigterm_raises_interrupt",
     "split_cpu_threads",
 ]
 
@@ -170,25 +172,38 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return name
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised inside :func:`sigterm_raises_interrupt` as an interrupt (Ctrl-C)."""
+
+
 @contextmanager
-def _sigterm_raises_interrupt() -> Iterator[None]:
-    # torchrun starts workers in their own sessions: Ctrl-C reaches only the launcher,
-    # which passes SIGINT on, but it stops the survivors of a failed rank (and the whole
-    # job when it is itself terminated) with SIGTERM. Python's default for SIGTERM is to
-    # die on the spot, skipping every `finally`; as KeyboardInterrupt it takes the same
-    # clean way out as Ctrl-C.
-    if threading.current_thread() is not threading.main_thread():
+def sigterm_raises_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``), so it
+    takes the same clean way out as Ctrl-C: ``finally`` blocks run, a checkpoint being
+    written is abandoned without leaving its temporary file, the output folder is released.
+
+    Python's default for SIGTERM is to die on the spot, skipping all of that. ``kill``, job
+    schedulers and torchrun send it (torchrun starts workers in their own sessions: Ctrl-C
+    reaches only the launcher, which passes SIGINT on, but it stops the survivors of a failed
+    rank, and the whole job when it is itself terminated, with SIGTERM). The handler is
+    installed only in the main thread and only over the default one, so a handler of the
+    caller's own is untouched; the previous one is back when the block ends.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"received signal {signum}")
+        raise Terminated(f"received signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -208,7 +223,7 @@ def process_group(backend: str = "auto", device: torch.device | str = "cpu") -> 
       which also joins torchrun's own store) with ``backend`` (see
       :func:`resolve_backend`) and destroyed when the block ends: on success, on an
       exception, on Ctrl-C, and on SIGTERM, which is turned into ``KeyboardInterrupt``
-      inside the block.
+      inside the block (:func:`sigterm_raises_interrupt`).
     """
     device = torch.device(device)
     if dist.is_available() and dist.is_initialized():
@@ -226,7 +241,7 @@ def process_group(backend: str = "auto", device: torch.device | str = "cpu") -> 
         yield Context()
         return
     name = resolve_backend(backend, device)
-    with _sigterm_raises_interrupt():
+    with sigterm_raises_interrupt():
         # NCCL binds the process to its GPU at init (device_id) instead of guessing later.
         extra: dict[str, Any] = {"device_id": device} if name == "nccl" else {}
         dist.init_process_group(

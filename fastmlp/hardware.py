@@ -13,6 +13,7 @@ nothing without knowing which kind of CPU made them.
 from __future__ import annotations
 
 import platform
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -22,11 +23,13 @@ import torch
 __all__ = [
     "PRECISIONS",
     "CpuInfo",
+    "allocation_bytes",
     "cpu_info",
     "cpu_has_native_bf16",
     "cuda_has_bf16",
     "describe",
     "describe_cpu",
+    "format_bytes",
     "resolve_precision",
 ]
 
@@ -142,3 +145,30 @@ def describe(device: torch.device | str = "cpu") -> dict:
         out["gpu"] = torch.cuda.get_device_name(index)
         out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
     return out
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+
+
+def allocation_bytes(e: BaseException) -> int | None:
+    """The bytes a failed allocation asked for, when ``e`` is PyTorch's out-of-memory error
+    (the CPU allocator's ``can't allocate memory: you tried to allocate N bytes``, or CUDA's
+    ``torch.OutOfMemoryError``: ``Tried to allocate 1.5 GiB``); ``None`` for other errors."""
+    text = str(e)
+    exact = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if exact:
+        return int(exact.group(1))
+    cuda = re.search(r"Tried to allocate ([\d.]+) ([KMGTP]?i?B)", text)
+    if cuda and cuda.group(2) in _UNITS:
+        return round(float(cuda.group(1)) * _UNITS[cuda.group(2)])
+    if isinstance(e, torch.OutOfMemoryError):
+        return 0  # out of memory, size not stated
+    return None
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps a number >= 1: ``37.3 GiB``."""
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f} {unit}"
+    return f"{n} bytes"

@@ -334,6 +334,12 @@ def describe_fusion(module: nn.Module) -> list[str]:
                 )
     for prefix, seq in module.named_modules():
         children = list(seq._modules.items())
+        # What fuse() would fuse in a Sequential it has not been applied to.
+        fusable: set[int] = set()
+        if isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward:
+            for step in _plan(seq):
+                if isinstance(step, _Run):
+                    fusable.update(id(lin) for lin in step.linears)
         for i, (name, child) in enumerate(children):
             if not isinstance(child, nn.Linear) or id(child) in fused:
                 continue
@@ -347,6 +353,8 @@ def describe_fusion(module: nn.Module) -> list[str]:
                 and type(seq).forward is not nn.Sequential.forward
             ):
                 why = f"inside {type(seq).__name__}, which has its own forward"
+            elif id(child) in fusable:
+                why = "fusable, but fuse() has not been applied to it"
             elif i + 1 < len(children):
                 why = f"followed by {type(children[i + 1][1]).__name__}, not ReLU"
             else:

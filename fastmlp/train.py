@@ -78,17 +78,52 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+            raise ValueError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
+            )
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
     return dev
 
 
 def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
-    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``."""
+    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``.
+
+    A model that does not fit in memory raises :class:`MemoryError` naming the layer that
+    did not fit, its size and what the whole model's weights take."""
     from fastmlp.nn import MLP  # needs the compiled extension; fastmlp.train does not
 
-    return MLP(sizes=tuple(sizes)).to(device)
+    sizes = tuple(sizes)
+    try:
+        return MLP(sizes=sizes).to(device)
+    except RuntimeError as e:  # CUDA's torch.OutOfMemoryError is a RuntimeError too
+        asked = hardware.allocation_bytes(e)
+        if asked is None:
+            raise
+        where = "cpu" if "CPUAllocator" in str(e) else str(device)
+        raise MemoryError(_too_big(sizes, where, asked)) from None
+
+
+def _too_big(sizes: tuple[int, ...], where: str, asked: int) -> str:
+    """Which layer of the ``sizes`` MLP an allocation of ``asked`` bytes on ``where`` was for
+    (fp32 weights, out x in), and what to do."""
+    shapes = list(zip(sizes[1:], sizes[:-1], strict=True))
+    total = sum(o * i + o for o, i in shapes) * 4  # weights and biases
+    what = f"an allocation of {hardware.format_bytes(asked)} ({asked} bytes)"
+    for k, (o, i) in enumerate(shapes, start=1):
+        if o * i * 4 == asked:
+            what = f"layer {k}'s {o}x{i} weights ({hardware.format_bytes(asked)}, {asked} bytes)"
+            break
+    return (
+        f"not enough memory on {where} for the {'-'.join(map(str, sizes))} MLP: {what} did "
+        f"not fit; its weights alone take {hardware.format_bytes(total)}, and training needs "
+        "several times that (gradients, optimizer state); use smaller --hidden widths"
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -216,6 +251,11 @@ def fit(
     samples, test results are summed over ranks, and rank 0 alone logs and writes
     ``out_dir``. Every rank reads ``resume`` itself, so it must be reachable from all of
     them. The returned ``model`` is the plain (unwrapped) module on every rank.
+
+    Ctrl-C raises ``KeyboardInterrupt`` and, while ``fit`` runs in the main thread where
+    SIGTERM has its default handler, SIGTERM raises
+    :class:`fastmlp.distributed.Terminated` (a ``KeyboardInterrupt``): the checkpoints
+    already saved stay whole, no temporary file is left, and ``resume`` continues the run.
     """
     state: dict[str, Any] | None = None
     extended = False
@@ -235,7 +275,12 @@ def fit(
     claim: Any = contextlib.nullcontext()
     if out_dir is not None and main:
         claim = RunDir(out_dir, resume=resume, overwrite=overwrite)
-    with claim, distributed.process_group(cfg.backend, device) as ctx:
+    # SIGTERM (kill, a job scheduler, torchrun) stops the run like Ctrl-C: cleanly, resumable.
+    with (
+        distributed.sigterm_raises_interrupt(),
+        claim,
+        distributed.process_group(cfg.backend, device) as ctx,
+    ):
         return _fit(cfg, ctx, device, out_dir, state, resume, stop_after, progress, log, extended)
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from workflow_fixtures import NeuralNetwork
+from workflow_fixtures import NeuralNetwork, deny_reading
 
 from fastmlp import checkpoint as ckpt
 from fastmlp.nn import MLP
@@ -42,6 +45,56 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(ckpt.CheckpointWriteError, match="disk full; the previous version"):
         ckpt.save_checkpoint(state(2.0), p)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(p)["epoch"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+_fdopen = os.fdopen
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk with ``room`` bytes left: a longer write fails with ENOSPC, as
+    write(2) does on a full disk."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        self.file = _fdopen(fd, "wb", buffering=0)
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: object) -> int:
+        data = bytes(b)  # type: ignore[call-overload]
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data) or 0
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+@pytest.mark.parametrize("room", [100, 5000])  # inside the zip header; in the data
+def test_full_disk_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    # torch.save's zip writer turns the write's OSError into "[enforce fail at
+    # inline_container.cc:672] . unexpected pos ..."; the message names the real cause,
+    # whatever the free space reads once the partial file is gone.
+    p = ckpt.save_checkpoint(state(1.0), tmp_path / "last.pt")
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: _FullDisk(fd, room))
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=10**12))
+    big = {"model": {"w": torch.zeros(10_000)}, "epoch": 2}
+    with pytest.raises(ckpt.CheckpointWriteError) as e:
+        ckpt.save_checkpoint(big, p)
+    assert str(e.value) == (
+        f"cannot write {p}: No space left on device; the previous version is unchanged"
+    )
     monkeypatch.undo()
     assert ckpt.load_checkpoint(p)["epoch"] == 1
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
@@ -151,6 +204,32 @@ def test_missing_file(tmp_path: Path) -> None:
         ckpt.load_checkpoint(tmp_path / "nope.pt")
 
 
+@pytest.mark.parametrize("case", ["folder", "symlink-loop", "broken-symlink", "unreadable"])
+def test_checkpoints_that_cannot_be_read_say_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(state(1.0), run / "last.pt")
+    path, expected = {
+        "folder": (run, f"it is a folder, not a file; did you mean {run / 'last.pt'}?"),
+        "symlink-loop": (
+            tmp_path / "loop.pt",
+            "it is a symlink loop (too many levels of symbolic links)",
+        ),
+        "broken-symlink": (tmp_path / "gone.pt", "it is a broken symlink to nowhere.pt"),
+        "unreadable": (run / "last.pt", "permission denied"),
+    }[case]
+    if case == "symlink-loop":
+        path.symlink_to(path.name)  # loop.pt -> loop.pt
+    elif case == "broken-symlink":
+        path.symlink_to("nowhere.pt")
+    elif case == "unreadable":
+        deny_reading(monkeypatch, path)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(path)
+    assert str(e.value) == f"cannot read checkpoint {path}: {expected}"
+
+
 def test_tutorial_model_loads_fastmlp_state_and_back(tmp_path: Path) -> None:
     torch.manual_seed(0)
     fused = MLP()
@@ -236,8 +315,13 @@ def test_training_state_saves_and_restores_everything_a_resume_needs(tmp_path: P
 def test_training_checkpoints_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     state = _train_state(*_objects(hidden=8))
-    with pytest.raises(ckpt.CheckpointError, match="last.pt cannot be resumed: its state does"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="last.pt cannot be resumed: its state does"
+    ) as e:
         ckpt.restore_training(state, *_objects(hidden=16), path)  # type: ignore[arg-type]
+    # The reason itself, not load_state_dict's header line ("Error(s) in loading ...:").
+    assert "size mismatch for linear_relu_stack.0.weight" in str(e.value)
+    assert "\n" not in str(e.value)
     ckpt.save_checkpoint({**state, "format": "fastmlp-checkpoint-2"}, path)
     with pytest.raises(ckpt.CheckpointError, match="'fastmlp-checkpoint-2' checkpoint and this"):
         ckpt.load_training_checkpoint(path)

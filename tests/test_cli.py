@@ -142,6 +142,29 @@ def test_flags_accept_exactly_what_the_config_accepts(opt: Option) -> None:
             parser.parse_args(["train", opt.flag, "nan"])
 
 
+@pytest.mark.parametrize(
+    "text", ["512,512", "7", "0", "-5", "-5,5", "5,-5", "16777216", "16777217", str(2**70)]
+)
+def test_hidden_accepts_exactly_what_the_config_accepts(text: str) -> None:
+    widths = tuple(int(w) for w in text.split(","))
+    try:
+        train_mod.TrainConfig(sizes=(784, *widths, 10))
+        config_error = None
+    except ValueError as e:
+        config_error = str(e)
+    try:
+        args = build_parser().parse_args(["train", "--hidden", text])
+        flag_error = None
+    except UsageError as e:
+        flag_error = str(e)
+    if config_error is None:
+        assert flag_error is None and args.sizes == (784, *widths, 10)
+    else:  # the same reason, negative widths included (not "expected one argument")
+        assert flag_error is not None and config_error in flag_error, (config_error, flag_error)
+    positive, small = min(widths) >= 1, max(widths) <= 2**24
+    assert (config_error is None) == (positive and small)
+
+
 def test_preset_fills_in_the_config_and_flags_override_it(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import torch
 from workflow_fixtures import (
     FILES,
     REAL_DATA,
+    deny_reading,
     fake_split,
     idx_bytes,
     needs_real_data,
@@ -182,6 +183,32 @@ def test_partial_folder_reports_missing_files(fake_dir: Path, isolated: Path) ->
     shutil.copy(fake_dir / "t10k-labels-idx1-ubyte", part)
     with pytest.raises(DataNotFoundError, match="missing train-images-idx3-ubyte"):
         data.find_data_dir(part, download=False)
+
+
+def test_unreadable_data_file_says_permission_denied(
+    fake_dir: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = isolated / "locked"
+    folder.mkdir()
+    for f in fake_dir.iterdir():
+        shutil.copy(f, folder)
+    deny_reading(monkeypatch, folder / "train-labels-idx1-ubyte")
+    with pytest.raises(data.DataReadError) as info:
+        data.load_split(True, folder, download=False)
+    assert str(info.value) == f"cannot read {folder / 'train-labels-idx1-ubyte'}: permission denied"
+
+
+def test_a_data_file_that_is_a_symlink_loop_is_named_as_such(
+    fake_dir: Path, isolated: Path
+) -> None:
+    folder = copy_dataset(fake_dir, isolated / "looped")
+    (folder / "t10k-images-idx3-ubyte").unlink()
+    (folder / "t10k-images-idx3-ubyte").symlink_to("t10k-images-idx3-ubyte")
+    with pytest.raises(DataNotFoundError) as info:
+        data.find_data_dir(folder, download=False)
+    assert "missing t10k-images-idx3-ubyte (t10k-images-idx3-ubyte: it is a symlink loop" in str(
+        info.value
+    )
 
 
 def test_truncated_full_file_is_an_error_not_a_short_dataset(

@@ -174,7 +174,8 @@ def test_process_group_is_destroyed_however_the_block_ends(
     assert not dist.is_initialized()
     assert signal.getsignal(signal.SIGTERM) == handler  # our handler is gone again
     expected = {"success": type(None), "error": RuntimeError, "ctrl-c": KeyboardInterrupt}
-    assert type(raised) is expected.get(ending, KeyboardInterrupt)  # sigterm: as Ctrl-C
+    expected["sigterm"] = distributed.Terminated  # a KeyboardInterrupt: the way out of Ctrl-C
+    assert type(raised) is expected[ending]
 
 
 def test_an_existing_process_group_is_used_and_left_alone(tmp_path: Path) -> None:

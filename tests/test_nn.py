@@ -146,6 +146,15 @@ def test_fuse_reports_what_it_fused_and_what_it_left(caplog):
     assert all(line in caplog.text for line in lines)
 
 
+def test_describe_fusion_of_a_model_never_fused_says_so():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 2))
+    assert describe_fusion(model) == [
+        "left 0 (fusable, but fuse() has not been applied to it)",
+        "left 2 (fusable, but fuse() has not been applied to it)",
+        "left 4 (last in its Sequential, no ReLU after it)",
+    ]
+
+
 def test_fuse_leaves_other_patterns_alone():
     model = nn.Sequential(
         nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 3), nn.ReLU())

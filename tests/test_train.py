@@ -346,6 +346,17 @@ def test_device_resolution() -> None:
             resolve_device("cuda")
 
 
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+def test_a_missing_gpu_is_named_as_asked(monkeypatch: pytest.MonkeyPatch, gpus: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    have = {0: "no CUDA GPU is available", 1: "this machine has 1 CUDA GPU(s) (cuda:0)"}
+    have[2] = "this machine has 2 CUDA GPU(s) (cuda:0 to cuda:1)"
+    with pytest.raises(ValueError) as e:
+        resolve_device("cuda:3")
+    assert str(e.value) == f"device 'cuda:3' requested but {have[gpus]}"
+
+
 def test_flush_denormals_restores_the_previous_mode() -> None:
     from fastmlp.train import flush_denormals
 

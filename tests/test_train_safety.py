@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from workflow_fixtures import REAL_DATA, needs_real_data
+from workflow_fixtures import REAL_DATA, needs_real_data, write_fake_dataset
 
 from fastmlp import checkpoint as ckpt
+from fastmlp import distributed
 from fastmlp import train as train_mod
 from fastmlp.cli import main
 from fastmlp.nn import MLP
@@ -121,6 +125,82 @@ def test_cli_resume_with_epochs(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     code = main(["train", "--resume", str(out / "last.pt"), "--epochs", "1", "--quiet"])
     line = one_line(capsys.readouterr()[1])
     assert code == 1 and "already trained 2 epochs" in line and "--epochs 3 or more" in line
+
+
+# --- SIGTERM ------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path) -> None:
+    # `kill`, a job scheduler or torchrun's SIGTERM used to end the run on the spot: exit
+    # 143 with no message, and a save in progress left its .tmp file behind.
+    folder = tmp_path / "data"
+    write_fake_dataset(folder)
+    out = tmp_path / "run"
+    argv = ["--epochs", "1000", "--train-samples", "1000", "--batch-size", "100"]
+    argv += ["--data", str(folder), "--device", "cpu", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastmlp", "train", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(1200):  # the first epoch saved: up to 2 minutes on a busy machine
+            if (out / "metrics.json").is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143  # 128 + SIGTERM, as the shell reports a terminated job
+    last = out / "last.pt"
+    assert err.strip() == (
+        f"fastmlp train: interrupted by SIGTERM; continue with: fastmlp train --resume {last}"
+    )
+    assert not list(out.glob(".*.tmp"))
+    epoch = ckpt.load_training_checkpoint(last)["epoch"]
+    assert epoch >= 1
+    # Resumable: one more epoch from where it stopped.
+    assert main(["train", "--resume", str(last), "--epochs", str(epoch + 1), "--quiet"]) == 0
+    assert ckpt.load_checkpoint(last)["epoch"] == epoch + 1
+
+
+def test_sigterm_handler_only_over_the_default_and_only_while_it_runs() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with pytest.raises(distributed.Terminated), distributed.sigterm_raises_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # or the signal kills
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises long before this ends
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    received: list[int] = []
+
+    def own(signum: int, frame: object) -> None:  # a library user's handler
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, own)
+    try:
+        with distributed.sigterm_raises_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(50):
+                if received:
+                    break
+                time.sleep(0.1)
+        assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seen: list[object] = []
+
+    def in_a_thread() -> None:  # signal handlers belong to the main thread: nothing to do
+        with distributed.sigterm_raises_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [signal.SIG_DFL]
 
 
 # --- short schedules --------------------------------------------------------------------

@@ -6,7 +6,11 @@ what they need from here.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import gzip
+import io
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -94,3 +98,21 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def trained_result() -> Any:
     return _TRAINED["result"]
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Make ``path`` unreadable, as ``chmod 000`` does for anyone but root: the mode is set,
+    and for root (whom it does not stop) opening the file raises what the system would,
+    ``PermissionError`` (EACCES)."""
+    path.chmod(0)
+    if os.geteuid() != 0:
+        return
+    real_open = builtins.open
+
+    def guarded(file: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(file, str | os.PathLike) and Path(file).absolute() == path.absolute():
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)  # what pathlib's read_bytes uses
