@@ -14,6 +14,7 @@ def result():
     return bench.run(samples=512, steps=2, precisions=("fp32", "bf16"))
 
 
+@pytest.mark.slow
 def test_every_variant_and_precision_is_timed(result):
     assert [(r.variant, r.precision) for r in result.runs] == [
         ("eager", "fp32"),
@@ -30,6 +31,7 @@ def test_every_variant_and_precision_is_timed(result):
     assert scaled == (set() if hardware.cpu_has_native_bf16() else {"bf16"})
 
 
+@pytest.mark.slow
 def test_result_records_the_machine_and_auto_precision(result):
     assert result.machine == hardware.describe("cpu")
     assert result.auto_precision == hardware.resolve_precision("auto", "cpu")
@@ -38,6 +40,7 @@ def test_result_records_the_machine_and_auto_precision(result):
     assert len(data["runs"]) == 4
 
 
+@pytest.mark.slow
 def test_table_names_machine_and_ratios(result):
     table = bench.format_table(result)
     assert hardware.cpu_info().model in table
@@ -58,6 +61,7 @@ def test_epoch_flops_of_the_tutorial_mlp():
     assert bench.epoch_flops(60_000) == 60_000 * per_sample
 
 
+@pytest.mark.slow
 def test_cli_bench_short_json(capsys):
     from fastmlp.cli import main
 

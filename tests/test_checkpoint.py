@@ -129,6 +129,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 @pytest.mark.parametrize("when", ["at-fsync", "random"])
 def test_kill_during_save_leaves_a_valid_checkpoint(tmp_path: Path, when: str) -> None:

@@ -327,6 +327,7 @@ def test_predict_reports_an_image_too_large_and_answers_the_others(
     assert f"cannot read image {bomb}: too large to decode" in line and "scale it down" in line
 
 
+@pytest.mark.slow
 @needs_real_data
 @pytest.mark.parametrize("failure", ["oserror", "zip-writer"])
 def test_full_disk_during_a_save_keeps_the_last_good_checkpoint(

@@ -205,6 +205,7 @@ def test_missing_and_unsafe_checkpoints(capsys: pytest.CaptureFixture[str], tmp_
     assert code == 1 and "not a PyTorch checkpoint" in err
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
@@ -235,6 +236,7 @@ def test_samples_grid(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_train_stop_and_resume(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     common = [
@@ -282,6 +284,7 @@ def test_preset_run_records_its_preset(capsys: pytest.CaptureFixture[str], tmp_p
     assert config["train_samples"] == 640  # the flag over the preset
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_evaluate_checkpoints(
     capsys: pytest.CaptureFixture[str],

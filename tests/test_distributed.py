@@ -357,6 +357,7 @@ def _ddp_worker(rank: int, world: int, store: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradients_with_the_fused_ops_no_sync_and_compile(tmp_path: Path) -> None:
     procs = mp.start_processes(
         _ddp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=False, start_method="spawn"
@@ -434,6 +435,7 @@ def one_process_run() -> Any:
     return fit(TrainConfig(**RUN, batch_size=2 * PER_RANK_BATCH), None, log=None, progress=False)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_two_processes_match_one_process_with_the_same_global_batch(
     two_process_run: tuple[Path, str], one_process_run: Any
@@ -454,6 +456,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=2e-4)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_rank_zero_alone_writes_and_records_the_world(two_process_run: tuple[Path, str]) -> None:
     run, out = two_process_run
@@ -473,6 +476,7 @@ def test_rank_zero_alone_writes_and_records_the_world(two_process_run: tuple[Pat
     assert out.count("epoch 2: test accuracy") == 1  # the CLI's summary, rank 0 only
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_resume_under_two_processes(two_process_run: tuple[Path, str], tmp_path: Path) -> None:
     straight, _ = two_process_run
@@ -492,6 +496,7 @@ def test_resume_under_two_processes(two_process_run: tuple[Path, str], tmp_path:
     assert [e["test_accuracy"] for e in a["metrics"]] == [e["test_accuracy"] for e in b["metrics"]]
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_resume_with_another_number_of_processes_is_refused(
     two_process_run: tuple[Path, str],
@@ -501,6 +506,7 @@ def test_resume_with_another_number_of_processes_is_refused(
         fit(None, None, resume=run / "last.pt", log=None, progress=False)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_one_rank_process_group_trains_and_shuts_down(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -518,6 +524,7 @@ def test_one_rank_process_group_trains_and_shuts_down(
     assert config["backend"] == "gloo" and config["world_size"] == 1
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_a_failing_rank_makes_the_launcher_exit_nonzero(tmp_path: Path) -> None:
     # A hang instead of an exit fails inside torchrun() at its timeout.

@@ -90,9 +90,16 @@ def check_fastmlp(args: list[str]) -> None:
         raise AssertionError(f"`fastmlp {shlex.join(args)}`: {e}") from None
 
 
+# pytest options whose value is the next word (a marker or keyword expression, a plugin).
+PYTEST_OPTIONS_WITH_VALUE = {"-m", "-k", "-p", "--durations", "--benchmark-json"}
+
+
 def check_pytest(args: list[str]) -> None:
-    for arg in args:
-        if not arg.startswith("-"):
+    words = iter(args)
+    for arg in words:
+        if arg in PYTEST_OPTIONS_WITH_VALUE:
+            next(words, None)
+        elif not arg.startswith("-"):
             target = arg.split("::")[0]
             assert (ROOT / target).exists(), f"pytest {arg}: no such file or folder {target}"
 
@@ -160,6 +167,7 @@ NEEDS_ONNX = "torch.onnx.export"  # onnx and onnxscript: the [test] extra, else 
 NEEDS_DATA = ("fit(", "load_split(")  # real Fashion-MNIST
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, code", _blocks({"python"}))
 def test_python_block(path: Path, code: str, tmp_path: Path, monkeypatch) -> None:
     if NEEDS_ONNX in code:

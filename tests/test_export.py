@@ -71,6 +71,7 @@ def test_portable_program_has_only_aten_ops() -> None:
     torch.testing.assert_close(p.module()(x), model(x))
 
 
+@pytest.mark.slow
 def test_portable_pt2_loads_where_fastmlp_is_absent(tmp_path: Path) -> None:
     model, x = MLP().eval(), torch.rand(3, 1, 28, 28)
     path = tmp_path / "mlp.pt2"
@@ -99,6 +100,7 @@ def test_portable_pt2_loads_where_fastmlp_is_absent(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
 
 
+@pytest.mark.slow
 def test_unportable_pt2_fails_where_fastmlp_is_absent(tmp_path: Path) -> None:
     # The contrast that makes the test above meaningful: without portable() the program
     # names fastmlp's op and cannot load without the extension.

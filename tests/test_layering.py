@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from workflow_fixtures import write_fake_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_workflow_without_the_extension(tmp_path: Path) -> None:
     write_fake_dataset(tmp_path / "data")
     code = (
@@ -121,6 +123,7 @@ print("ok")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_import_fastmlp_registers_the_ops(tmp_path: Path) -> None:
     # What the README's users do: `import fastmlp`, then the ops and export by their
     # torch names, with no fastmlp submodule named.

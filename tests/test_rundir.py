@@ -27,6 +27,7 @@ _HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_second_run_on_a_folder_fails_at_once_naming_the_other(tmp_path: Path) -> None:
     out = tmp_path / "run"
     child = subprocess.Popen(
@@ -50,6 +51,7 @@ def test_second_run_on_a_folder_fails_at_once_naming_the_other(tmp_path: Path) -
         pass
 
 
+@pytest.mark.slow
 def test_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     child = subprocess.Popen(

@@ -77,6 +77,7 @@ def test_short_run_beats_80_percent_and_writes_outputs(
     assert best["best_accuracy"] == pytest.approx(result.best_accuracy)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
     cfg = small(epochs=3, augment=True, max_shift=2, seed=7)  # every RNG path

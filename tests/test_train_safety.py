@@ -56,6 +56,7 @@ def test_metrics_json_writes_non_finite_values_as_null(tmp_path: Path) -> None:
     assert strict_json(tmp_path / "m") == {"a": None, "b": [1.0, None, None], "c": {"d": 2}}
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -92,6 +93,7 @@ def test_exploding_loss_exits_non_zero(capsys: pytest.CaptureFixture[str], tmp_p
 # --- resume to more epochs --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_real_data
 @pytest.mark.parametrize("schedule", ["none", "onecycle", "cosine"])
 def test_resume_extends_a_finished_run(tmp_path: Path, schedule: str) -> None:
@@ -113,6 +115,7 @@ def test_resume_extends_a_finished_run(tmp_path: Path, schedule: str) -> None:
             assert torch.equal(v, extended.model.state_dict()[k]), k
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_cli_resume_with_epochs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -130,6 +133,7 @@ def test_cli_resume_with_epochs(capsys: pytest.CaptureFixture[str], tmp_path: Pa
 # --- SIGTERM ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_like_ctrl_c(tmp_path: Path) -> None:
     # `kill`, a job scheduler or torchrun's SIGTERM used to end the run on the spot: exit
     # 143 with no message, and a save in progress left its .tmp file behind.
@@ -220,6 +224,7 @@ def test_short_schedules_step_through(steps: int, schedule: str) -> None:
         assert math.isfinite(lr) and 0 <= lr <= 0.1
 
 
+@pytest.mark.slow
 @needs_real_data
 @pytest.mark.parametrize(
     "argv", [["--train-samples", "1000"], ["--batch-size", "15000", "--train-samples", "60000"]]
@@ -246,6 +251,7 @@ _HOLD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_second_train_on_the_same_out_fails_at_once(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
@@ -270,6 +276,7 @@ def test_second_train_on_the_same_out_fails_at_once(
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_runs_never_overwrite_each_other(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -45,6 +45,7 @@ def test_eps_limits_the_gain_of_weak_directions() -> None:
     assert torch.linalg.eigvalsh(matrix).max() <= 0.1**-0.5 + 1e-4
 
 
+@pytest.mark.slow
 def test_fold_gives_the_same_model_for_raw_pixels() -> None:
     x = _correlated_images(n=600, side=28).float()
     whitening = InputWhitening.fit(x)
@@ -104,6 +105,7 @@ def _cfg(**kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_a_whitened_run_saves_a_model_for_raw_pixels(tmp_path: Path) -> None:
     result = fit(_cfg(), tmp_path / "run", log=None, progress=False)
@@ -127,6 +129,7 @@ def test_a_whitened_run_saves_a_model_for_raw_pixels(tmp_path: Path) -> None:
     assert returned.accuracy == pytest.approx(raw.accuracy, abs=3e-4)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_a_whitened_run_resumes_bit_identically(tmp_path: Path) -> None:
     cfg = _cfg(epochs=3)
@@ -145,6 +148,7 @@ def test_a_whitened_run_resumes_bit_identically(tmp_path: Path) -> None:
             assert torch.equal(x[key], y[key]), (name, key)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_a_whitened_checkpoint_without_its_training_state_is_refused(tmp_path: Path) -> None:
     fit(_cfg(epochs=1), tmp_path / "run", log=None, progress=False)
