@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help=device_help)
     e.add_argument(
         "--precision",
-        choices=list(hardware.PRECISIONS),
+        choices=list(hardware.TRAIN_PRECISIONS),
         default="auto",
         help="default auto (bf16 where the hardware computes it natively, else fp32)",
     )
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help=device_help)
     b.add_argument(
         "--precision",
-        choices=["all", *hardware.PRECISIONS],
+        choices=["all", *hardware.TRAIN_PRECISIONS],
         default="all",
         help="precisions to time (default all: fp32 and bf16)",
     )

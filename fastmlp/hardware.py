@@ -21,7 +21,7 @@ from functools import cache
 import torch
 
 __all__ = [
-    "PRECISIONS",
+    "TRAIN_PRECISIONS",
     "CpuInfo",
     "allocation_bytes",
     "cpu_info",
@@ -33,7 +33,9 @@ __all__ = [
     "resolve_precision",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16")
+# What `fastmlp train --precision` accepts (not the engine table's precisions,
+# engines.ENGINE_PRECISIONS).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 # The CPU flags that decide how fast fp32 and bf16 GEMMs run (as /proc/cpuinfo names them).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -95,8 +97,10 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
     """The precision to train in: ``"auto"`` becomes bf16 where the hardware computes it
     natively and fp32 elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is
     kept but warned about (once per process), since it runs several times slower."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested not in TRAIN_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {requested!r}"
+        )
     device = torch.device(device)
     if device.type == "cpu":
         native = cpu_has_native_bf16()

@@ -78,7 +78,7 @@ class FusedLinearReLU(nn.Linear):
 
 
 @dataclass(frozen=True)
-class _Run:
+class _FusableRun:
     """Consecutive children of a Sequential computed as one whole-MLP op: Linear layers
     with a ReLU between each pair (and after the last one when ``relu_last``)."""
 
@@ -109,15 +109,15 @@ def _is_no_op(module: nn.Module) -> bool:
     return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
 
 
-def _plan(seq: nn.Sequential) -> list[nn.Module | _Run]:
-    """The Sequential's children, with each fusable run replaced by a _Run.
+def _plan(seq: nn.Sequential) -> list[nn.Module | _FusableRun]:
+    """The Sequential's children, with each fusable run replaced by a _FusableRun.
 
     Only exact ``nn.Linear`` and ``nn.ReLU`` are fused: a subclass may have its own
     forward. A run needs at least two Linears, or one followed by a ReLU, and the same
     bias presence throughout (the op takes biases for all layers or none).
     """
     items = list(seq._modules.items())
-    plan: list[nn.Module | _Run] = []
+    plan: list[nn.Module | _FusableRun] = []
     i = 0
     while i < len(items):
         run = _run_at(items, i)
@@ -130,7 +130,7 @@ def _plan(seq: nn.Sequential) -> list[nn.Module | _Run]:
     return plan
 
 
-def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _Run | None:
+def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | None:
     if type(items[start][1]) is not nn.Linear:
         return None
     has_bias = items[start][1].bias is not None
@@ -156,7 +156,7 @@ def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _Run | None:
     if len(linears) < 2 and not relu_last:
         return None
     names = tuple(name for name, _ in items[start:end])
-    return _Run(names, tuple(linears), relu_last)
+    return _FusableRun(names, tuple(linears), relu_last)
 
 
 class FusedSequential(nn.Sequential):
@@ -172,7 +172,7 @@ class FusedSequential(nn.Sequential):
     """
 
     _plan_key: tuple[nn.Module, ...] | None = None
-    _plan_cache: list[nn.Module | _Run] | None = None
+    _plan_cache: list[nn.Module | _FusableRun] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -190,9 +190,9 @@ class FusedSequential(nn.Sequential):
     def __prepare_scriptable__(self) -> nn.Module:
         _refuse_script(self)
 
-    def runs(self) -> list[_Run]:
+    def runs(self) -> list[_FusableRun]:
         """The runs of children computed as one op each."""
-        return [step for step in _plan(self) if isinstance(step, _Run)]
+        return [step for step in _plan(self) if isinstance(step, _FusableRun)]
 
 
 # Subclasses of nn.Sequential that keep its forward (torchvision.ops.MLP) are fused as a
@@ -309,7 +309,7 @@ def fuse(module: nn.Module) -> nn.Module:
             continue
         if type(seq).forward is not nn.Sequential.forward:
             continue  # a Sequential with its own forward: we cannot know what it computes
-        if any(isinstance(step, _Run) for step in _plan(seq)):
+        if any(isinstance(step, _FusableRun) for step in _plan(seq)):
             seq.__class__ = _fused_class(type(seq))
     for line in describe_fusion(module):
         logger.info("fastmlp.fuse: %s", line)
@@ -338,7 +338,7 @@ def describe_fusion(module: nn.Module) -> list[str]:
         fusable: set[int] = set()
         if isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward:
             for step in _plan(seq):
-                if isinstance(step, _Run):
+                if isinstance(step, _FusableRun):
                     fusable.update(id(lin) for lin in step.linears)
         for i, (name, child) in enumerate(children):
             if not isinstance(child, nn.Linear) or id(child) in fused:

@@ -292,7 +292,7 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> TrainC
 
 
 @dataclass
-class _Run:
+class _TrainingRun:
     """What one :func:`fit` call trains with: made by ``_build``, advanced by every epoch."""
 
     cfg: TrainConfig
@@ -380,7 +380,7 @@ def _build(
     say: LogFn,
     progress: bool,
     state: dict[str, Any] | None = None,
-) -> _Run:
+) -> _TrainingRun:
     """Data on the device (whitened for ``cfg.whiten``: as saved in ``state`` when resuming,
     so the run continues on exactly the same inputs), its loaders, the model, optimizer,
     schedule and loss, and the config and machine as the outputs record them."""
@@ -441,7 +441,7 @@ def _build(
         "preprocess_seconds": preprocess_seconds,  # whitening estimated and applied
         "versions": _versions(),
     }
-    return _Run(
+    return _TrainingRun(
         cfg=cfg,
         ctx=ctx,
         device=device,
@@ -483,13 +483,13 @@ def _whitening(
     return whitening
 
 
-def _saved_model(run: _Run) -> nn.Module:
+def _saved_model(run: _TrainingRun) -> nn.Module:
     """The model as saved and returned: for raw pixels (whitening folded in) either way."""
     return run.whitening.fold(run.model) if run.whitening is not None else run.model
 
 
 def _restore(
-    run: _Run, state: dict[str, Any], path: str | os.PathLike[str] | None, extended: bool
+    run: _TrainingRun, state: dict[str, Any], path: str | os.PathLike[str] | None, extended: bool
 ) -> None:
     """Continue from a training checkpoint: its model, optimizer, random generators and
     history; its schedule as saved, or for a run ``extended`` to more epochs laid out again
@@ -513,7 +513,7 @@ def _restore(
         )
 
 
-def _distribute(run: _Run) -> None:
+def _distribute(run: _TrainingRun) -> None:
     """Under torchrun: DistributedDataParallel around the model (the loader's per-batch
     weights keep the loss the global batch's mean; see ``DeviceLoader.weighted_batches``).
     After the restore: DDP makes every rank start from rank 0's parameters."""
@@ -531,7 +531,7 @@ def _distribute(run: _Run) -> None:
     run.net = net
 
 
-def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
+def _train_epoch(run: _TrainingRun, epoch: int, out: Path | None) -> dict[str, float]:
     """Train one epoch, stop if it diverged, evaluate, and append the epoch's history row."""
     cfg, ctx, device = run.cfg, run.ctx, run.device
     train_loader, net, loss_fn = run.train_loader, run.net, run.loss_fn
@@ -573,7 +573,7 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
     return row
 
 
-def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
+def _save(run: _TrainingRun, out: Path, epoch: int, is_best: bool) -> None:
     """``last.pt`` (and ``best.pt`` for a new best) and ``metrics.json`` after ``epoch``."""
     state = ckpt.training_state(
         model=_saved_model(run),
@@ -604,7 +604,7 @@ def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
         ) from None
 
 
-def _finish(run: _Run, out: Path | None) -> FitResult:
+def _finish(run: _TrainingRun, out: Path | None) -> FitResult:
     """Plots, the summary line, and (under torchrun) a wait for rank 0's files."""
     ctx = run.ctx
     if out is not None and run.history:
