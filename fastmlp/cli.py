@@ -376,7 +376,8 @@ def _rank() -> int:
 
 
 def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, torch.device]:
-    from fastmlp.train import build_model, resolve_device
+    from fastmlp.hardware import resolve_device
+    from fastmlp.train import build_model
 
     dev = resolve_device(device)
     state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
@@ -449,7 +450,7 @@ def _cmd_samples(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastmlp import bench
-    from fastmlp.train import resolve_device
+    from fastmlp.hardware import resolve_device
 
     dev = resolve_device(args.device)
     if args.precision == "all":

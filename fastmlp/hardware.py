@@ -30,6 +30,7 @@ __all__ = [
     "describe",
     "describe_cpu",
     "format_bytes",
+    "resolve_device",
     "resolve_precision",
 ]
 
@@ -91,6 +92,28 @@ def cuda_has_bf16(device: torch.device | None = None) -> bool:
         return False
     index = device.index if device is not None and device.index is not None else None
     return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the GPU when there is one; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+            raise ValueError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
+            )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> str:

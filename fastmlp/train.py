@@ -34,6 +34,7 @@ from torch import nn
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed, hardware
 from fastmlp.config import PRESETS, TrainConfig, resume_config
+from fastmlp.hardware import resolve_device
 from fastmlp.loader import DeviceLoader
 from fastmlp.loops import (
     EvalResult,
@@ -66,29 +67,7 @@ LogFn = Callable[[str], None]
 # train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
 # `from fastmlp.train import train_loop, test_loop` reads like the tutorial. TrainConfig and
 # PRESETS live in fastmlp.config, re-exported so `from fastmlp.train import TrainConfig, fit`
-# keeps working.
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` means the GPU when there is one; asking for CUDA without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
-    if dev.type == "cuda" and dev.index is not None:
-        count = torch.cuda.device_count()
-        if dev.index >= count:
-            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
-            raise ValueError(
-                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
-            )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
-    return dev
+# keeps working. resolve_device lives in fastmlp.hardware, re-exported for the same reason.
 
 
 def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
@@ -554,7 +533,7 @@ def _train_epoch(run: _TrainingRun, epoch: int, out: Path | None) -> dict[str, f
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    train_loss = _mean_over_ranks(train_loss, ctx)
+    train_loss = distributed.mean_over_ranks(train_loss, ctx)
     _check_diverged(train_loss, epoch + 1, cfg, out if ctx.is_main else None)
     run.last_eval = _evaluate(run.model, run.test_loader, ctx)
     say(test_error_line(run.last_eval))
@@ -685,31 +664,13 @@ def _replay_schedule(
             scheduler.step()
 
 
-def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:
-    if ctx.world_size == 1:
-        return value
-    total = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64), ctx)
-    return float(total[0]) / ctx.world_size
-
-
 def _evaluate(model: nn.Module, loader: DeviceLoader, ctx: distributed.Context) -> EvalResult:
     """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere.
 
     Always in fp32, whatever precision trains: the weights are fp32 (bf16 training keeps
     fp32 master weights), so the accuracy recorded for a checkpoint is the one a user gets
     by loading it into the tutorial's fp32 model (``fastmlp evaluate``)."""
-    r = evaluate(model, loader, "fp32")
-    if ctx.world_size == 1:
-        return r
-    n = int(r.confusion.sum())
-    # One collective: the loss sum and the counts (exact in float64 up to 2**53).
-    local = torch.cat([torch.tensor([r.loss * n], dtype=torch.float64), r.confusion.flatten()])
-    total = distributed.all_reduce_sum(local, ctx)
-    cm = total[1:].round().long().view_as(r.confusion)
-    count = max(int(cm.sum()), 1)
-    return EvalResult(
-        accuracy=float(cm.diag().sum()) / count, loss=float(total[0]) / count, confusion=cm
-    )
+    return distributed.eval_result_over_ranks(evaluate(model, loader, "fp32"), ctx)
 
 
 def _median(values: list[float]) -> float:
