@@ -16,6 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmlp.protocols import (
+    GlobalBatchSized,
+    LossFn,
+    StepFn,
+    TrainStepProvider,
+    WeightedBatchSource,
+)
+
 __all__ = [
     "EvalResult",
     "StepFn",
@@ -50,15 +58,10 @@ def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True) -> An
     return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True)
 
 
-#: A whole training step on one batch ``(X, y)``: forward, loss, backward and update;
-#: returns the batch's loss (see :func:`train_loop`).
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def train_loop(
     dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
@@ -75,7 +78,8 @@ def train_loop(
 
     * ``step(X, y)``, when given: the whole step (forward, loss, backward, update),
       returning the batch's loss;
-    * the optimizer's own step for this model and loss, when it offers one:
+    * the optimizer's own step for this model and loss, when it offers one (a
+      :class:`fastmlp.protocols.TrainStepProvider`):
       ``optimizer.train_step_for(model, loss_fn)`` returns a step function or ``None``.
       A :class:`fastmlp.optim.FusedSGD` of ``model`` (not DDP-wrapped) with a plain mean
       ``nn.CrossEntropyLoss`` returns its ``train_step``: one fused kernel on the CPU;
@@ -87,7 +91,8 @@ def train_loop(
     ``scheduler.step()`` follows every step.
 
     Batch weights: when ``dataloader`` has ``weighted_batches()`` (a
-    :class:`fastmlp.loader.DeviceLoader`), the loop iterates that, and the autograd step
+    :class:`fastmlp.protocols.WeightedBatchSource`, as :class:`fastmlp.loader.DeviceLoader`
+    is), the loop iterates that, and the autograd step
     multiplies each batch's loss by its weight: 1.0 except for the uneven pieces of a
     sharded loader's short last batch, where it makes DDP's average over ranks the mean
     over the global batch. A rank whose piece is empty (weight 0) still runs a backward
@@ -98,12 +103,16 @@ def train_loop(
     model.train()
     device = _model_device(model)
     size = len(dataloader.dataset)  # type: ignore[attr-defined]
-    if step is None:
-        make_step = getattr(optimizer, "train_step_for", None)
-        step = make_step(model, loss_fn) if make_step is not None else None
-    weighted = getattr(dataloader, "weighted_batches", None)
+    if step is None and isinstance(optimizer, TrainStepProvider):
+        step = optimizer.train_step_for(model, loss_fn)
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, float]] = (
-        weighted() if weighted is not None else ((X, y, 1.0) for X, y in dataloader)
+        dataloader.weighted_batches()
+        if isinstance(dataloader, WeightedBatchSource)
+        else ((X, y, 1.0) for X, y in dataloader)
+    )
+    # Samples per step over all processes (a sharded loader's global batch), for the log.
+    global_batch = (
+        dataloader.global_batch_size if isinstance(dataloader, GlobalBatchSized) else None
     )
     bar = progress_bar(len(dataloader), "train", progress, leave=False)  # type: ignore[arg-type]
     total = torch.zeros((), device=device)
@@ -135,8 +144,7 @@ def train_loop(
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             elif log is not None:
-                # Samples so far over all processes (a sharded loader's global batch).
-                current = batch * getattr(dataloader, "global_batch_size", len(X))
+                current = batch * (len(X) if global_batch is None else global_batch)
                 log(f"loss: {value:>7f}  [{current:>5d}/{size:>5d}]")
         if bar is not None:
             bar.update(1)
@@ -146,7 +154,7 @@ def train_loop(
 
 
 def _weighted_loss(
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     output: torch.Tensor,
     target: torch.Tensor,
     weight: float,
@@ -202,7 +210,7 @@ def evaluate(
 def test_loop(
     dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     *,
     precision: str = "fp32",
     log: LogFn | None = print,

@@ -195,13 +195,30 @@ class FusedSequential(nn.Sequential):
         return [step for step in _plan(self) if isinstance(step, _FusableRun)]
 
 
-# Subclasses of nn.Sequential that keep its forward (torchvision.ops.MLP) are fused as a
-# class deriving from both; it is named after the original so that pickle finds it
-# again through this module's __getattr__ (below), also in a fresh process.
+# --- How fuse() changes a module's class at run time ----------------------------------
+# fuse() does not build new modules: it reassigns ``seq.__class__`` of each fusable
+# Sequential, so children, parameters, hooks and state_dict keys stay exactly where they
+# were, and unfuse() reassigns it back. Three pieces make that work:
+#
+# * _fused_class(cls): the class a Sequential of class ``cls`` becomes. A plain
+#   nn.Sequential becomes FusedSequential. A subclass that keeps Sequential's forward
+#   (torchvision.ops.MLP) becomes a class made on first use, deriving from FusedSequential
+#   and ``cls`` (so isinstance(m, cls) still holds and its other methods stay), recording
+#   ``cls`` as ``_unfused``, and stored in this module's globals under a name that encodes
+#   ``cls``'s module and qualname ("_Fused__torchvision_o_ops_o_misc:MLP"). Its repr name
+#   is "Fused" + the original name; one class per ``cls``, made once.
+# * the module-level __getattr__: pickle (torch.save of a whole fused model) records that
+#   class as fastmlp.nn.<encoded name>; in a fresh process the name is not in globals yet,
+#   so __getattr__ decodes it, imports ``cls`` and makes the class with _fused_class.
+# * _unfused_class(module): the class unfuse() restores, ``_unfused`` (nn.Sequential for
+#   FusedSequential itself).
+# Sequentials with their own forward are never fused: what they compute is unknown.
 _FUSED_PREFIX = "_Fused__"
 
 
 def _fused_class(cls: type) -> type:
+    """The class a Sequential of class ``cls`` becomes under fuse() (see the comment block
+    above: "How fuse() changes a module's class at run time")."""
     if cls is nn.Sequential or issubclass(cls, FusedSequential):
         return FusedSequential
     name = _FUSED_PREFIX + (cls.__module__ + ":" + cls.__qualname__).replace(".", "_o_")
@@ -214,6 +231,8 @@ def _fused_class(cls: type) -> type:
 
 
 def __getattr__(name: str) -> type:
+    """Makes the fused classes of pickled models on lookup (see "How fuse() changes a
+    module's class at run time" above)."""
     if name.startswith(_FUSED_PREFIX):
         module, _, qualname = name[len(_FUSED_PREFIX) :].replace("_o_", ".").partition(":")
         cls = importlib.import_module(module)
@@ -224,6 +243,8 @@ def __getattr__(name: str) -> type:
 
 
 def _unfused_class(module: FusedSequential) -> type:
+    """The class unfuse() gives ``module`` back (see "How fuse() changes a module's class
+    at run time" above)."""
     return getattr(type(module), "_unfused", nn.Sequential)
 
 
@@ -310,7 +331,7 @@ def fuse(module: nn.Module) -> nn.Module:
         if type(seq).forward is not nn.Sequential.forward:
             continue  # a Sequential with its own forward: we cannot know what it computes
         if any(isinstance(step, _FusableRun) for step in _plan(seq)):
-            seq.__class__ = _fused_class(type(seq))
+            seq.__class__ = _fused_class(type(seq))  # see "How fuse() changes a module's..."
     for line in describe_fusion(module):
         logger.info("fastmlp.fuse: %s", line)
     return module
@@ -378,7 +399,7 @@ def unfuse(module: nn.Module) -> nn.Module:
         return nn.Sequential(module.to_linear(), nn.ReLU())
     for child in list(module.modules()):
         if isinstance(child, FusedSequential):
-            child.__class__ = _unfused_class(child)
+            child.__class__ = _unfused_class(child)  # fuse()'s class change, undone
             child.__dict__.pop("_plan_key", None)
             child.__dict__.pop("_plan_cache", None)
         if isinstance(child, nn.Sequential):

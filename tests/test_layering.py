@@ -46,6 +46,7 @@ WORKFLOW = (
     "fastmlp.plots",
     "fastmlp.distributed",
     "fastmlp.loops",
+    "fastmlp.protocols",
     "fastmlp.config",
     "fastmlp.train",
     "fastmlp.bench",
