@@ -92,24 +92,20 @@ def train_loop(
 
     Batch weights: when ``dataloader`` has ``weighted_batches()`` (a
     :class:`fastmlp.protocols.WeightedBatchSource`, as :class:`fastmlp.loader.DeviceLoader`
-    is), the loop iterates that, and the autograd step
-    multiplies each batch's loss by its weight: 1.0 except for the uneven pieces of a
-    sharded loader's short last batch, where it makes DDP's average over ranks the mean
-    over the global batch. A rank whose piece is empty (weight 0) still runs a backward
-    that reaches every parameter, so DDP's gradient hooks fire on every rank. The mean
-    returned is over the weighted losses. Step functions take unweighted batches: a batch
-    weight other than 1 with a step function raises ``ValueError``.
+    is), the loop iterates that, and the autograd step multiplies each batch's loss by its
+    weight: 1.0 except for the uneven pieces of a sharded loader's short last batch, where
+    it makes DDP's average over ranks the mean over the global batch. A rank whose piece
+    is empty (weight 0) still runs a backward that reaches every parameter, so DDP's
+    gradient hooks fire on every rank. The mean returned is over the weighted losses. Step
+    functions take unweighted batches: a batch weight other than 1 with a step function
+    raises ``ValueError``.
     """
     model.train()
     device = _model_device(model)
     size = len(dataloader.dataset)  # type: ignore[attr-defined]
     if step is None and isinstance(optimizer, TrainStepProvider):
         step = optimizer.train_step_for(model, loss_fn)
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, float]] = (
-        dataloader.weighted_batches()
-        if isinstance(dataloader, WeightedBatchSource)
-        else ((X, y, 1.0) for X, y in dataloader)
-    )
+    take_step = _step_taker(model, loss_fn, optimizer, step, device, precision)
     # Samples per step over all processes (a sharded loader's global batch), for the log.
     global_batch = (
         dataloader.global_batch_size if isinstance(dataloader, GlobalBatchSized) else None
@@ -117,23 +113,9 @@ def train_loop(
     bar = progress_bar(len(dataloader), "train", progress, leave=False)  # type: ignore[arg-type]
     total = torch.zeros((), device=device)
     batches_done = 0
-    for batch, (X, y, weight) in enumerate(batches):
+    for batch, (X, y, weight) in enumerate(_weighted_batches(dataloader)):
         X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if step is not None:
-            if weight != 1.0:
-                raise ValueError(
-                    f"batch {batch} has weight {weight:g} (a sharded loader's uneven last "
-                    "batch), but step functions take unweighted batches: train without "
-                    "step= (the autograd step weights the loss), or with drop_last=True"
-                )
-            with autocast(device, precision):
-                loss = step(X, y)
-        else:
-            with autocast(device, precision):
-                loss = _weighted_loss(loss_fn, model(X), y, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        loss = take_step(batch, X, y, weight)
         if scheduler is not None:
             scheduler.step()
         total += loss.detach()
@@ -151,6 +133,60 @@ def train_loop(
     if bar is not None:
         bar.close()
     return total.item() / max(batches_done, 1)
+
+
+def _weighted_batches(
+    dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The loader's batches as ``(X, y, weight)``: its own weights when it has them (a
+    :class:`fastmlp.protocols.WeightedBatchSource`), else weight 1.0 for every batch."""
+    if isinstance(dataloader, WeightedBatchSource):
+        return dataloader.weighted_batches()
+    return ((X, y, 1.0) for X, y in dataloader)
+
+
+#: One training step of :func:`train_loop`: ``take(batch_index, X, y, weight)`` -> loss.
+_TakeStep = Callable[[int, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _step_taker(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    step: StepFn | None,
+    device: torch.device,
+    precision: str,
+) -> _TakeStep:
+    """How :func:`train_loop` takes each step: ``step`` (unweighted batches only) when
+    there is one, else the tutorial's autograd step on the weighted loss."""
+    if step is not None:
+        step_fn = step
+
+        def take_given_step(
+            batch: int, X: torch.Tensor, y: torch.Tensor, weight: float
+        ) -> torch.Tensor:
+            if weight != 1.0:
+                raise ValueError(
+                    f"batch {batch} has weight {weight:g} (a sharded loader's uneven last "
+                    "batch), but step functions take unweighted batches: train without "
+                    "step= (the autograd step weights the loss), or with drop_last=True"
+                )
+            with autocast(device, precision):
+                return step_fn(X, y)
+
+        return take_given_step
+
+    def take_autograd_step(
+        batch: int, X: torch.Tensor, y: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        with autocast(device, precision):
+            loss = _weighted_loss(loss_fn, model(X), y, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return take_autograd_step
 
 
 def _weighted_loss(
