@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -365,6 +365,56 @@ def _build(
     schedule and loss, and the config and machine as the outputs record them."""
     if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
         distributed.split_cpu_threads(ctx)
+    inputs = _build_inputs(cfg, ctx, device, state)
+    # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
+    # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
+    precision = hardware.resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.sizes, device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(inputs.train_loader))
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
+        label_smoothing=cfg.label_smoothing
+    )
+    return _TrainingRun(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        precision=precision,
+        train_loader=inputs.train_loader,
+        test_loader=inputs.test_loader,
+        train_samples=inputs.train_samples,
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        whitening=inputs.whitening,
+        record=_run_record(cfg, ctx, precision),
+        meta=_run_meta(device, inputs.preprocess_seconds),
+        say=say,
+        progress=progress,
+    )
+
+
+class _Inputs(NamedTuple):
+    """What :func:`_build_inputs` makes: the loaders and how their data was prepared."""
+
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    train_samples: int  # in the training split, after --train-samples
+    whitening: InputWhitening | None
+    preprocess_seconds: float  # whitening estimated and applied (0 without it)
+
+
+def _build_inputs(
+    cfg: TrainConfig,
+    ctx: distributed.Context,
+    device: torch.device,
+    state: dict[str, Any] | None,
+) -> _Inputs:
+    """Both splits on the device, checked against the global batch, whitened for
+    ``cfg.whiten``, in this rank's (sharded) loaders."""
     train_x, train_y = data.load_split(True, cfg.data)
     if cfg.train_samples is not None:
         train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
@@ -391,28 +441,27 @@ def _build(
     test_loader = DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
     # Not part of any epoch's seconds, so recorded on its own (0 without whitening).
     preprocess_seconds = time.perf_counter() - t0 if whitening is not None else 0.0
+    return _Inputs(train_loader, test_loader, len(train_y), whitening, preprocess_seconds)
 
-    # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
-    # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
-    precision = hardware.resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.sizes, device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
-        label_smoothing=cfg.label_smoothing
-    )
-    # The config keeps the device as asked ("auto"); the device actually used is in meta.
-    # It records the process-group backend in use (as asked without one) and the world
-    # size, which a resume must match.
-    record = {
+
+def _run_record(cfg: TrainConfig, ctx: distributed.Context, precision: str) -> dict[str, Any]:
+    """The config as checkpoints and metrics.json keep it.
+
+    It keeps the device as asked ("auto"; the device actually used is in the meta), and
+    records the process-group backend in use (as asked without one) and the world size,
+    which a resume must match."""
+    return {
         **asdict(cfg),
         "sizes": list(cfg.sizes),
         "backend": ctx.backend or cfg.backend,
         "world_size": ctx.world_size,
         "precision_used": precision,  # "precision" is as asked (auto, fp32, bf16)
     }
-    meta = {
+
+
+def _run_meta(device: torch.device, preprocess_seconds: float) -> dict[str, Any]:
+    """Where the run ran, for metrics.json."""
+    return {
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
@@ -420,25 +469,6 @@ def _build(
         "preprocess_seconds": preprocess_seconds,  # whitening estimated and applied
         "versions": _versions(),
     }
-    return _TrainingRun(
-        cfg=cfg,
-        ctx=ctx,
-        device=device,
-        precision=precision,
-        train_loader=train_loader,
-        test_loader=test_loader,
-        train_samples=len(train_y),
-        model=model,
-        net=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        whitening=whitening,
-        record=record,
-        meta=meta,
-        say=say,
-        progress=progress,
-    )
 
 
 def _whitening(
