@@ -18,13 +18,16 @@ always correct to call.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
-from fastmlp.protocols import LossClosure, LossFn, StepFn
+
+if TYPE_CHECKING:  # the library imports nothing of the workflow layer at run time
+    from fastmlp.protocols import LossClosure, LossFn, StepFn
 
 __all__ = ["FusedSGD", "mlp_linears"]
 
