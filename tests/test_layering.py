@@ -77,24 +77,6 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _module_name(path: Path) -> str:
-    return "fastmlp" if path.stem == "__init__" else f"fastmlp.{path.stem}"
-
-
-def test_every_module_is_in_exactly_one_layer() -> None:
-    modules = {_module_name(path) for path in (ROOT / "fastmlp").glob("*.py")}
-    listed = [*LIBRARY, *WORKFLOW]
-    twice = sorted({name for name in listed if listed.count(name) > 1})
-    assert not twice, f"in both layers, or listed twice: {twice}"
-    unclassified = sorted(modules - set(listed))
-    assert not unclassified, (
-        f"modules in no layer: {unclassified}; add each to LIBRARY (needs the compiled "
-        "extension) or WORKFLOW (works without it) in tests/test_layering.py"
-    )
-    gone = sorted(set(listed) - modules - {"fastmlp._C"})
-    assert not gone, f"listed, but no such module in fastmlp/: {gone}"
-
-
 def test_workflow_without_the_extension(tmp_path: Path) -> None:
     write_fake_dataset(tmp_path / "data")
     code = (
@@ -179,3 +161,21 @@ def test_import_fastmlp_registers_the_ops(tmp_path: Path) -> None:
     proc = run_python(code, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok", proc.stdout
+
+
+def _module_name(path: Path) -> str:
+    return "fastmlp" if path.stem == "__init__" else f"fastmlp.{path.stem}"
+
+
+def test_every_module_is_in_exactly_one_layer() -> None:
+    modules = {_module_name(path) for path in (ROOT / "fastmlp").glob("*.py")}
+    listed = [*LIBRARY, *WORKFLOW]
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    assert not twice, f"in both layers, or listed twice: {twice}"
+    unclassified = sorted(modules - set(listed))
+    assert not unclassified, (
+        f"modules in no layer: {unclassified}; add each to LIBRARY (needs the compiled "
+        "extension) or WORKFLOW (works without it) in tests/test_layering.py"
+    )
+    gone = sorted(set(listed) - modules - {"fastmlp._C"})
+    assert not gone, f"listed, but no such module in fastmlp/: {gone}"
