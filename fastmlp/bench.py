@@ -184,10 +184,6 @@ def run(
 ) -> BenchResult:
     """Times every variant in every precision on ``device``: ms per training step (batch
     64) and seconds per epoch of ``samples`` random images. ``log`` gets progress lines."""
-    # The library (and with it the compiled extension) loads where a model runs.
-    from fastmlp.nn import MLP
-    from fastmlp.optim import FusedSGD
-
     device = torch.device(device)
     say = log or (lambda _line: None)
     gen = torch.Generator().manual_seed(0)
@@ -219,41 +215,69 @@ def run(
             say(f"{variant} {precision}")
             torch.manual_seed(0)
             if variant == "fastmlp":
-                model = MLP(SIZES).to(device)
-                optimizer = FusedSGD(model, lr=LR)
-                loader = DeviceLoader(images_u8[:n], labels[:n], BATCH, shuffle=True, device=device)
-
-                def step(optimizer=optimizer, precision=precision, x=x, y=y):
-                    with autocast(device, precision):
-                        optimizer.train_step(x, y)
-
-                epoch = fastmlp_epoch(loader, model, optimizer, precision)
+                step, epoch = _fastmlp_workload(device, precision, images_u8[:n], labels[:n], x, y)
             else:
-                model = NeuralNetwork().to(device)
-                optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-                if variant == "compile":
-                    model = torch.compile(model)
-
-                def step(model=model, optimizer=optimizer, precision=precision, x=x, y=y):
-                    with autocast(device, precision):
-                        loss = nn.functional.cross_entropy(model(x), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-
-                epoch = eager_epoch(model, optimizer, images[:n], labels_d[:n], precision)
-                if variant == "compile":  # compile for the last, partial batch too
-                    eager_epoch(
-                        model,
-                        optimizer,
-                        images[: n % BATCH or BATCH],
-                        labels_d[: n % BATCH or BATCH],
-                        precision,
-                    )()
+                step, epoch = _eager_workload(
+                    device, precision, images[:n], labels_d[:n], x, y, variant == "compile"
+                )
             step_s = _time_steps(step, device, max(1, steps // part))
             epoch_s = _time_once(epoch, device) * samples / n
             result.runs.append(Run(variant, precision, step_s * 1e3, epoch_s, floor, part > 1))
     return result
+
+
+def _fastmlp_workload(
+    device: torch.device,
+    precision: str,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """fastmlp's step on ``(x, y)`` and its epoch over the images, on a fresh model."""
+    # The library (and with it the compiled extension) loads where a model runs.
+    from fastmlp.nn import MLP
+    from fastmlp.optim import FusedSGD
+
+    model = MLP(SIZES).to(device)
+    optimizer = FusedSGD(model, lr=LR)
+    loader = DeviceLoader(images_u8, labels, BATCH, shuffle=True, device=device)
+
+    def step() -> None:
+        with autocast(device, precision):
+            optimizer.train_step(x, y)
+
+    return step, fastmlp_epoch(loader, model, optimizer, precision)
+
+
+def _eager_workload(
+    device: torch.device,
+    precision: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    compiled: bool,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The tutorial's eager step on ``(x, y)`` and its epoch over the images, on a fresh
+    model (``torch.compile``d when ``compiled``, already compiled for both batch sizes)."""
+    model = NeuralNetwork().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    if compiled:
+        model = torch.compile(model)
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    epoch = eager_epoch(model, optimizer, images, labels, precision)
+    if compiled:  # compile for the last, partial batch too
+        last = len(images) % BATCH or BATCH
+        eager_epoch(model, optimizer, images[:last], labels[:last], precision)()
+    return step, epoch
 
 
 def format_table(result: BenchResult) -> str:

@@ -158,16 +158,34 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands (exposed for documentation and tests)."""
-    from fastmlp.config import TrainConfig
-
-    d = TrainConfig()
     p = _Parser(prog="fastmlp", description="Fast MLPs on Fashion-MNIST with fused kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    option = {opt.name: opt for opt in OPTIONS}
-    data_help = _help(option["data"])  # the same folder search for every command
-    device_help = _help(option["device"])
-    trust_help = "allow loading checkpoints that contain pickled objects (only if trusted)"
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_samples_parser(sub)
+    _add_bench_parser(sub)
+    return p
 
+
+# The subcommands' parsers, in the order `fastmlp --help` lists them. Options that several
+# commands share take the same help text.
+_TRUST_HELP = "allow loading checkpoints that contain pickled objects (only if trusted)"
+
+
+def _option_help(name: str) -> str:
+    return _help(next(opt for opt in OPTIONS if opt.name == name))
+
+
+def _data_help() -> str:
+    return _option_help("data")  # the same folder search for every command
+
+
+def _device_help() -> str:
+    return _option_help("device")
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train",
         help="train the fused MLP",
@@ -219,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    from fastmlp.config import TrainConfig
+
     e = sub.add_parser(
         "evaluate",
         help="test accuracy and loss of a checkpoint",
@@ -226,20 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(a fastmlp .pt, or a state_dict saved by the tutorial).",
     )
     e.add_argument("checkpoint", metavar="CKPT")
-    e.add_argument("--data", metavar="DIR", default=None, help=data_help)
-    e.add_argument("--device", default="auto", help=device_help)
+    e.add_argument("--data", metavar="DIR", default=None, help=_data_help())
+    e.add_argument("--device", default="auto", help=_device_help())
     e.add_argument(
         "--precision",
-        choices=list(hardware.PRECISIONS),
+        choices=list(hardware.TRAIN_PRECISIONS),
         default="auto",
         help="default auto (bf16 where the hardware computes it natively, else fp32)",
     )
     e.add_argument(
-        "--batch-size", type=_positive_int, default=d.eval_batch_size, help="default %(default)s"
+        "--batch-size",
+        type=_positive_int,
+        default=TrainConfig().eval_batch_size,
+        help="default %(default)s",
     )
-    e.add_argument("--trust", action="store_true", help=trust_help)
+    e.add_argument("--trust", action="store_true", help=_TRUST_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "predict",
         help="classify image files",
@@ -255,21 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="invert dark-on-light images (auto: when the border is light)",
     )
-    pr.add_argument("--device", default="auto", help=device_help)
-    pr.add_argument("--trust", action="store_true", help=trust_help)
+    pr.add_argument("--device", default="auto", help=_device_help())
+    pr.add_argument("--trust", action="store_true", help=_TRUST_HELP)
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_samples_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "samples",
         help="save a 3x3 grid of labelled training images",
         description="The tutorial's 3x3 grid of random labelled training images.",
     )
     s.add_argument("--out", metavar="PNG", default="samples.png", help="default samples.png")
-    s.add_argument("--data", metavar="DIR", default=None, help=data_help)
+    s.add_argument("--data", metavar="DIR", default=None, help=_data_help())
     s.add_argument("--seed", type=_int, default=None, help="pick the same images every time")
     s.add_argument("--test", action="store_true", help="draw from the test split")
     s.set_defaults(func=_cmd_samples)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="how fast fastmlp is on this machine (about a minute)",
@@ -278,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         "needed), in fp32 and bf16, with the GEMM rate and the floor it sets. Names the CPU, "
         "its bf16 support and what --precision auto picks.",
     )
-    b.add_argument("--device", default="auto", help=device_help)
+    b.add_argument("--device", default="auto", help=_device_help())
     b.add_argument(
         "--precision",
-        choices=["all", *hardware.PRECISIONS],
+        choices=["all", *hardware.TRAIN_PRECISIONS],
         default="all",
         help="precisions to time (default all: fp32 and bf16)",
     )
@@ -291,7 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--short", action="store_true", help="a few seconds: a small epoch, few steps")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench)
-    return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -376,7 +406,8 @@ def _rank() -> int:
 
 
 def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, torch.device]:
-    from fastmlp.train import build_model, resolve_device
+    from fastmlp.hardware import resolve_device
+    from fastmlp.train import build_model
 
     dev = resolve_device(device)
     state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
@@ -449,7 +480,7 @@ def _cmd_samples(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastmlp import bench
-    from fastmlp.train import resolve_device
+    from fastmlp.hardware import resolve_device
 
     dev = resolve_device(args.device)
     if args.precision == "all":

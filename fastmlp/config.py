@@ -264,7 +264,7 @@ class TrainConfig:
         "else fp32; bf16 elsewhere is emulated and several times slower (bf16 is autocast: "
         "the master weights stay fp32; the test-set evaluation after each epoch is fp32 "
         "whatever trains, so it is what the saved checkpoint scores)",
-        choices=hardware.PRECISIONS,
+        choices=hardware.TRAIN_PRECISIONS,
     )
     device: str = option("auto", "auto (GPU if present), cpu, cuda or cuda:N (default {default})")
     seed: int = option(

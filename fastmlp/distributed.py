@@ -7,8 +7,9 @@ default process group from them (gloo on CPU, NCCL on CUDA unless told otherwise
 destroys it again however the run ends. Without any of those variables nothing here does
 anything: one process, no process group, exactly as before.
 
-The pieces training needs on top of ``DistributedDataParallel`` live here too: a sum over
-ranks for evaluation results (:func:`all_reduce_sum`) and the CPU thread split between
+The pieces training needs on top of ``DistributedDataParallel`` live here too: sums over
+ranks (:func:`all_reduce_sum`; the mean of a number, :func:`mean_over_ranks`; a whole
+evaluation result, :func:`eval_result_over_ranks`) and the CPU thread split between
 ranks that share a machine (:func:`split_cpu_threads`). The loss weights that keep an
 uneven last batch exact come with the batches
 (:meth:`fastmlp.loader.DeviceLoader.weighted_batches`; :func:`fastmlp.loops.train_loop`
@@ -17,16 +18,20 @@ applies them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from fastmlp.loops import EvalResult
 
 __all__ = [
     "BACKENDS",
@@ -37,6 +42,8 @@ __all__ = [
     "all_reduce_sum",
     "detect_env",
     "device_for_rank",
+    "eval_result_over_ranks",
+    "mean_over_ranks",
     "process_group",
     "resolve_backend",
     "sigterm_raises_interrupt",
@@ -288,3 +295,29 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     buf = tensor.detach().to(comm, copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(tensor.device)
+
+
+def mean_over_ranks(value: float, ctx: Context) -> float:
+    """The mean of ``value`` over all ranks (``value`` itself in a single process)."""
+    if ctx.world_size == 1:
+        return value
+    total = all_reduce_sum(torch.tensor([value], dtype=torch.float64), ctx)
+    return float(total[0]) / ctx.world_size
+
+
+def eval_result_over_ranks(result: EvalResult, ctx: Context) -> EvalResult:
+    """One rank's :class:`fastmlp.loops.EvalResult` (on its shard) combined over all ranks:
+    the whole test set's accuracy, mean loss and confusion matrix, identical everywhere."""
+    if ctx.world_size == 1:
+        return result
+    n = int(result.confusion.sum())
+    # One collective: the loss sum and the counts (exact in float64 up to 2**53).
+    local = torch.cat(
+        [torch.tensor([result.loss * n], dtype=torch.float64), result.confusion.flatten()]
+    )
+    total = all_reduce_sum(local, ctx)
+    cm = total[1:].round().long().view_as(result.confusion)
+    count = max(int(cm.sum()), 1)
+    return dataclasses.replace(
+        result, accuracy=float(cm.diag().sum()) / count, loss=float(total[0]) / count, confusion=cm
+    )

@@ -29,7 +29,7 @@ from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp._cuda_*)
 
 __all__ = [
     "ENGINES",
-    "PRECISIONS",
+    "ENGINE_PRECISIONS",
     "EngineChoice",
     "cuda_engine",
     "cuda_engine_report",
@@ -41,8 +41,10 @@ __all__ = [
 ]
 
 ENGINES = ("auto", "custom", "cublaslt", "aten")
-# float32 is "fp32" (exact) or "tf32", as torch.backends.cuda.matmul.allow_tf32 says.
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp64")
+# The precisions the engine table and rule know (not the training precisions,
+# hardware.TRAIN_PRECISIONS). float32 is "fp32" (exact) or "tf32", as
+# torch.backends.cuda.matmul.allow_tf32 says.
+ENGINE_PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "fp64")
 
 # The product the report asks about by default: the tutorial MLP's 512x512
 # hidden layer at batch 64 (2*M*N*K flops).
@@ -101,10 +103,12 @@ def engine_choice(
     table: Sequence[str] | None = None,
 ) -> EngineChoice:
     """The rule the ops apply, for one case: compute ``capability`` (major*10+minor),
-    ``precision`` (one of :data:`PRECISIONS`), a product of ``flops`` (2*M*N*K).
+    ``precision`` (one of :data:`ENGINE_PRECISIONS`), a product of ``flops`` (2*M*N*K).
     ``table`` replaces the recorded one (entries as :func:`validated_engines` prints them)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(ENGINE_PRECISIONS)}; got {precision!r}"
+        )
     engine, reason, detail = torch.ops.fastmlp._cuda_engine_choice(
         int(capability),
         precision,
@@ -132,7 +136,7 @@ def cuda_engine_report(
             )
         capability = torch.cuda.get_device_capability(device)
     cc = capability[0] * 10 + capability[1]
-    return [engine_choice(cc, p, flops) for p in PRECISIONS]
+    return [engine_choice(cc, p, flops) for p in ENGINE_PRECISIONS]
 
 
 def format_report(report: Sequence[EngineChoice]) -> str:

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 
 __all__ = [
-    "PRECISIONS",
+    "TRAIN_PRECISIONS",
     "CpuInfo",
     "allocation_bytes",
     "cpu_info",
@@ -30,10 +30,13 @@ __all__ = [
     "describe",
     "describe_cpu",
     "format_bytes",
+    "resolve_device",
     "resolve_precision",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16")
+# What `fastmlp train --precision` accepts (not the engine table's precisions,
+# engines.ENGINE_PRECISIONS).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 # The CPU flags that decide how fast fp32 and bf16 GEMMs run (as /proc/cpuinfo names them).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -91,12 +94,36 @@ def cuda_has_bf16(device: torch.device | None = None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the GPU when there is one; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+            raise ValueError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
+            )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
 def resolve_precision(requested: str, device: torch.device | str) -> str:
     """The precision to train in: ``"auto"`` becomes bf16 where the hardware computes it
     natively and fp32 elsewhere; an explicit ``"bf16"`` on a CPU without native bf16 is
     kept but warned about (once per process), since it runs several times slower."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested not in TRAIN_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {requested!r}"
+        )
     device = torch.device(device)
     if device.type == "cpu":
         native = cpu_has_native_bf16()

@@ -16,6 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmlp.protocols import (
+    GlobalBatchSized,
+    LossFn,
+    StepFn,
+    TrainStepProvider,
+    WeightedBatchSource,
+)
+
 __all__ = [
     "EvalResult",
     "StepFn",
@@ -50,15 +58,10 @@ def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True) -> An
     return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True)
 
 
-#: A whole training step on one batch ``(X, y)``: forward, loss, backward and update;
-#: returns the batch's loss (see :func:`train_loop`).
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def train_loop(
     dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
@@ -75,7 +78,8 @@ def train_loop(
 
     * ``step(X, y)``, when given: the whole step (forward, loss, backward, update),
       returning the batch's loss;
-    * the optimizer's own step for this model and loss, when it offers one:
+    * the optimizer's own step for this model and loss, when it offers one (a
+      :class:`fastmlp.protocols.TrainStepProvider`):
       ``optimizer.train_step_for(model, loss_fn)`` returns a step function or ``None``.
       A :class:`fastmlp.optim.FusedSGD` of ``model`` (not DDP-wrapped) with a plain mean
       ``nn.CrossEntropyLoss`` returns its ``train_step``: one fused kernel on the CPU;
@@ -87,44 +91,31 @@ def train_loop(
     ``scheduler.step()`` follows every step.
 
     Batch weights: when ``dataloader`` has ``weighted_batches()`` (a
-    :class:`fastmlp.loader.DeviceLoader`), the loop iterates that, and the autograd step
-    multiplies each batch's loss by its weight: 1.0 except for the uneven pieces of a
-    sharded loader's short last batch, where it makes DDP's average over ranks the mean
-    over the global batch. A rank whose piece is empty (weight 0) still runs a backward
-    that reaches every parameter, so DDP's gradient hooks fire on every rank. The mean
-    returned is over the weighted losses. Step functions take unweighted batches: a batch
-    weight other than 1 with a step function raises ``ValueError``.
+    :class:`fastmlp.protocols.WeightedBatchSource`, as :class:`fastmlp.loader.DeviceLoader`
+    is), the loop iterates that, and the autograd step multiplies each batch's loss by its
+    weight: 1.0 except for the uneven pieces of a sharded loader's short last batch, where
+    it makes DDP's average over ranks the mean over the global batch. A rank whose piece
+    is empty (weight 0) still runs a backward that reaches every parameter, so DDP's
+    gradient hooks fire on every rank. The mean returned is over the weighted losses. Step
+    functions take unweighted batches: a batch weight other than 1 with a step function
+    raises ``ValueError``.
     """
     model.train()
     device = _model_device(model)
     size = len(dataloader.dataset)  # type: ignore[attr-defined]
-    if step is None:
-        make_step = getattr(optimizer, "train_step_for", None)
-        step = make_step(model, loss_fn) if make_step is not None else None
-    weighted = getattr(dataloader, "weighted_batches", None)
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, float]] = (
-        weighted() if weighted is not None else ((X, y, 1.0) for X, y in dataloader)
+    if step is None and isinstance(optimizer, TrainStepProvider):
+        step = optimizer.train_step_for(model, loss_fn)
+    take_step = _step_taker(model, loss_fn, optimizer, step, device, precision)
+    # Samples per step over all processes (a sharded loader's global batch), for the log.
+    global_batch = (
+        dataloader.global_batch_size if isinstance(dataloader, GlobalBatchSized) else None
     )
     bar = progress_bar(len(dataloader), "train", progress, leave=False)  # type: ignore[arg-type]
     total = torch.zeros((), device=device)
     batches_done = 0
-    for batch, (X, y, weight) in enumerate(batches):
+    for batch, (X, y, weight) in enumerate(_weighted_batches(dataloader)):
         X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if step is not None:
-            if weight != 1.0:
-                raise ValueError(
-                    f"batch {batch} has weight {weight:g} (a sharded loader's uneven last "
-                    "batch), but step functions take unweighted batches: train without "
-                    "step= (the autograd step weights the loss), or with drop_last=True"
-                )
-            with autocast(device, precision):
-                loss = step(X, y)
-        else:
-            with autocast(device, precision):
-                loss = _weighted_loss(loss_fn, model(X), y, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        loss = take_step(batch, X, y, weight)
         if scheduler is not None:
             scheduler.step()
         total += loss.detach()
@@ -135,8 +126,7 @@ def train_loop(
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             elif log is not None:
-                # Samples so far over all processes (a sharded loader's global batch).
-                current = batch * getattr(dataloader, "global_batch_size", len(X))
+                current = batch * (len(X) if global_batch is None else global_batch)
                 log(f"loss: {value:>7f}  [{current:>5d}/{size:>5d}]")
         if bar is not None:
             bar.update(1)
@@ -145,8 +135,62 @@ def train_loop(
     return total.item() / max(batches_done, 1)
 
 
+def _weighted_batches(
+    dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The loader's batches as ``(X, y, weight)``: its own weights when it has them (a
+    :class:`fastmlp.protocols.WeightedBatchSource`), else weight 1.0 for every batch."""
+    if isinstance(dataloader, WeightedBatchSource):
+        return dataloader.weighted_batches()
+    return ((X, y, 1.0) for X, y in dataloader)
+
+
+#: One training step of :func:`train_loop`: ``take(batch_index, X, y, weight)`` -> loss.
+_TakeStep = Callable[[int, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _step_taker(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    step: StepFn | None,
+    device: torch.device,
+    precision: str,
+) -> _TakeStep:
+    """How :func:`train_loop` takes each step: ``step`` (unweighted batches only) when
+    there is one, else the tutorial's autograd step on the weighted loss."""
+    if step is not None:
+        step_fn = step
+
+        def take_given_step(
+            batch: int, X: torch.Tensor, y: torch.Tensor, weight: float
+        ) -> torch.Tensor:
+            if weight != 1.0:
+                raise ValueError(
+                    f"batch {batch} has weight {weight:g} (a sharded loader's uneven last "
+                    "batch), but step functions take unweighted batches: train without "
+                    "step= (the autograd step weights the loss), or with drop_last=True"
+                )
+            with autocast(device, precision):
+                return step_fn(X, y)
+
+        return take_given_step
+
+    def take_autograd_step(
+        batch: int, X: torch.Tensor, y: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        with autocast(device, precision):
+            loss = _weighted_loss(loss_fn, model(X), y, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return take_autograd_step
+
+
 def _weighted_loss(
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     output: torch.Tensor,
     target: torch.Tensor,
     weight: float,
@@ -202,7 +246,7 @@ def evaluate(
 def test_loop(
     dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     *,
     precision: str = "fp32",
     log: LogFn | None = print,

@@ -78,7 +78,7 @@ class FusedLinearReLU(nn.Linear):
 
 
 @dataclass(frozen=True)
-class _Run:
+class _FusableRun:
     """Consecutive children of a Sequential computed as one whole-MLP op: Linear layers
     with a ReLU between each pair (and after the last one when ``relu_last``)."""
 
@@ -109,15 +109,15 @@ def _is_no_op(module: nn.Module) -> bool:
     return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
 
 
-def _plan(seq: nn.Sequential) -> list[nn.Module | _Run]:
-    """The Sequential's children, with each fusable run replaced by a _Run.
+def _plan(seq: nn.Sequential) -> list[nn.Module | _FusableRun]:
+    """The Sequential's children, with each fusable run replaced by a _FusableRun.
 
     Only exact ``nn.Linear`` and ``nn.ReLU`` are fused: a subclass may have its own
     forward. A run needs at least two Linears, or one followed by a ReLU, and the same
     bias presence throughout (the op takes biases for all layers or none).
     """
     items = list(seq._modules.items())
-    plan: list[nn.Module | _Run] = []
+    plan: list[nn.Module | _FusableRun] = []
     i = 0
     while i < len(items):
         run = _run_at(items, i)
@@ -130,7 +130,7 @@ def _plan(seq: nn.Sequential) -> list[nn.Module | _Run]:
     return plan
 
 
-def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _Run | None:
+def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | None:
     if type(items[start][1]) is not nn.Linear:
         return None
     has_bias = items[start][1].bias is not None
@@ -156,7 +156,7 @@ def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _Run | None:
     if len(linears) < 2 and not relu_last:
         return None
     names = tuple(name for name, _ in items[start:end])
-    return _Run(names, tuple(linears), relu_last)
+    return _FusableRun(names, tuple(linears), relu_last)
 
 
 class FusedSequential(nn.Sequential):
@@ -172,7 +172,7 @@ class FusedSequential(nn.Sequential):
     """
 
     _plan_key: tuple[nn.Module, ...] | None = None
-    _plan_cache: list[nn.Module | _Run] | None = None
+    _plan_cache: list[nn.Module | _FusableRun] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -190,18 +190,35 @@ class FusedSequential(nn.Sequential):
     def __prepare_scriptable__(self) -> nn.Module:
         _refuse_script(self)
 
-    def runs(self) -> list[_Run]:
+    def runs(self) -> list[_FusableRun]:
         """The runs of children computed as one op each."""
-        return [step for step in _plan(self) if isinstance(step, _Run)]
+        return [step for step in _plan(self) if isinstance(step, _FusableRun)]
 
 
-# Subclasses of nn.Sequential that keep its forward (torchvision.ops.MLP) are fused as a
-# class deriving from both; it is named after the original so that pickle finds it
-# again through this module's __getattr__ (below), also in a fresh process.
+# --- How fuse() changes a module's class at run time ----------------------------------
+# fuse() does not build new modules: it reassigns ``seq.__class__`` of each fusable
+# Sequential, so children, parameters, hooks and state_dict keys stay exactly where they
+# were, and unfuse() reassigns it back. Three pieces make that work:
+#
+# * _fused_class(cls): the class a Sequential of class ``cls`` becomes. A plain
+#   nn.Sequential becomes FusedSequential. A subclass that keeps Sequential's forward
+#   (torchvision.ops.MLP) becomes a class made on first use, deriving from FusedSequential
+#   and ``cls`` (so isinstance(m, cls) still holds and its other methods stay), recording
+#   ``cls`` as ``_unfused``, and stored in this module's globals under a name that encodes
+#   ``cls``'s module and qualname ("_Fused__torchvision_o_ops_o_misc:MLP"). Its repr name
+#   is "Fused" + the original name; one class per ``cls``, made once.
+# * the module-level __getattr__: pickle (torch.save of a whole fused model) records that
+#   class as fastmlp.nn.<encoded name>; in a fresh process the name is not in globals yet,
+#   so __getattr__ decodes it, imports ``cls`` and makes the class with _fused_class.
+# * _unfused_class(module): the class unfuse() restores, ``_unfused`` (nn.Sequential for
+#   FusedSequential itself).
+# Sequentials with their own forward are never fused: what they compute is unknown.
 _FUSED_PREFIX = "_Fused__"
 
 
 def _fused_class(cls: type) -> type:
+    """The class a Sequential of class ``cls`` becomes under fuse() (see the comment block
+    above: "How fuse() changes a module's class at run time")."""
     if cls is nn.Sequential or issubclass(cls, FusedSequential):
         return FusedSequential
     name = _FUSED_PREFIX + (cls.__module__ + ":" + cls.__qualname__).replace(".", "_o_")
@@ -214,6 +231,8 @@ def _fused_class(cls: type) -> type:
 
 
 def __getattr__(name: str) -> type:
+    """Makes the fused classes of pickled models on lookup (see "How fuse() changes a
+    module's class at run time" above)."""
     if name.startswith(_FUSED_PREFIX):
         module, _, qualname = name[len(_FUSED_PREFIX) :].replace("_o_", ".").partition(":")
         cls = importlib.import_module(module)
@@ -224,6 +243,8 @@ def __getattr__(name: str) -> type:
 
 
 def _unfused_class(module: FusedSequential) -> type:
+    """The class unfuse() gives ``module`` back (see "How fuse() changes a module's class
+    at run time" above)."""
     return getattr(type(module), "_unfused", nn.Sequential)
 
 
@@ -309,8 +330,8 @@ def fuse(module: nn.Module) -> nn.Module:
             continue
         if type(seq).forward is not nn.Sequential.forward:
             continue  # a Sequential with its own forward: we cannot know what it computes
-        if any(isinstance(step, _Run) for step in _plan(seq)):
-            seq.__class__ = _fused_class(type(seq))
+        if any(isinstance(step, _FusableRun) for step in _plan(seq)):
+            seq.__class__ = _fused_class(type(seq))  # see "How fuse() changes a module's..."
     for line in describe_fusion(module):
         logger.info("fastmlp.fuse: %s", line)
     return module
@@ -338,7 +359,7 @@ def describe_fusion(module: nn.Module) -> list[str]:
         fusable: set[int] = set()
         if isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward:
             for step in _plan(seq):
-                if isinstance(step, _Run):
+                if isinstance(step, _FusableRun):
                     fusable.update(id(lin) for lin in step.linears)
         for i, (name, child) in enumerate(children):
             if not isinstance(child, nn.Linear) or id(child) in fused:
@@ -378,7 +399,7 @@ def unfuse(module: nn.Module) -> nn.Module:
         return nn.Sequential(module.to_linear(), nn.ReLU())
     for child in list(module.modules()):
         if isinstance(child, FusedSequential):
-            child.__class__ = _unfused_class(child)
+            child.__class__ = _unfused_class(child)  # fuse()'s class change, undone
             child.__dict__.pop("_plan_key", None)
             child.__dict__.pop("_plan_cache", None)
         if isinstance(child, nn.Sequential):

@@ -18,13 +18,16 @@ always correct to call.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
+
+if TYPE_CHECKING:  # the library imports nothing of the workflow layer at run time
+    from fastmlp.protocols import LossClosure, LossFn, StepFn
 
 __all__ = ["FusedSGD", "mlp_linears"]
 
@@ -184,11 +187,10 @@ class FusedSGD(torch.optim.SGD):
             return torch.bfloat16
         return _UNSUPPORTED
 
-    def train_step_for(
-        self, model: nn.Module, loss_fn: object
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    def train_step_for(self, model: nn.Module, loss_fn: LossFn) -> StepFn | None:
         """The whole training step for ``train_loop(..., model, loss_fn, self)``, or ``None``
-        when the loop must take its own autograd step.
+        when the loop must take its own autograd step (this makes FusedSGD a
+        :class:`fastmlp.protocols.TrainStepProvider`).
 
         It is :meth:`train_step` (with the loss's label smoothing) when ``model`` is this
         optimizer's own model, not wrapped in ``DistributedDataParallel`` (which all-reduces
@@ -239,10 +241,22 @@ class FusedSGD(torch.optim.SGD):
         # Through step(), so that step hooks run and LR schedulers see a step taken.
         return self.step(_CrossEntropyClosure(self, x, target, float(label_smoothing)))
 
-    def step(self, closure=None):  # type: ignore[override]
-        """SGD's ``step``. Given the closure :meth:`train_step` passes (after checking
-        :meth:`fused_step_applies`), it runs that closure's whole step as one kernel
-        instead and returns the batch's loss (0-d, detached)."""
+    def step(  # type: ignore[override]
+        self, closure: LossClosure | None = None
+    ) -> torch.Tensor | None:
+        """SGD's ``step``, with one dispatch on the closure's type.
+
+        * A :class:`_CrossEntropyClosure` made for this optimizer (only :meth:`train_step`
+          makes one, after checking :meth:`fused_step_applies`): its whole step (zero_grad,
+          cross-entropy, backward, update) runs as one kernel, without calling it, and the
+          batch's loss comes back (0-d, detached). The closure is a plain, callable
+          :class:`fastmlp.protocols.LossClosure`, so any other optimizer handed it would
+          just call it and get the same step through autograd.
+        * Anything else (``None``, a user's closure, another optimizer's closure):
+          ``torch.optim.SGD.step(closure)``, unchanged.
+
+        The type carries the batch because step hooks and LR schedulers only see
+        ``step()`` calls (see the class docstring)."""
         if not isinstance(closure, _CrossEntropyClosure) or closure.optimizer is not self:
             return super().step(closure)
         x, target, label_smoothing = closure.x, closure.target, closure.label_smoothing

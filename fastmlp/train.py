@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch import nn
 from fastmlp import checkpoint as ckpt
 from fastmlp import data, distributed, hardware
 from fastmlp.config import PRESETS, TrainConfig, resume_config
+from fastmlp.hardware import resolve_device
 from fastmlp.loader import DeviceLoader
 from fastmlp.loops import (
     EvalResult,
@@ -66,29 +67,7 @@ LogFn = Callable[[str], None]
 # train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
 # `from fastmlp.train import train_loop, test_loop` reads like the tutorial. TrainConfig and
 # PRESETS live in fastmlp.config, re-exported so `from fastmlp.train import TrainConfig, fit`
-# keeps working.
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` means the GPU when there is one; asking for CUDA without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
-    if dev.type == "cuda" and dev.index is not None:
-        count = torch.cuda.device_count()
-        if dev.index >= count:
-            have = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
-            raise ValueError(
-                f"device {device!r} requested but this machine has {count} CUDA GPU(s) ({have})"
-            )
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r} (use auto, cpu or cuda)")
-    return dev
+# keeps working. resolve_device lives in fastmlp.hardware, re-exported for the same reason.
 
 
 def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
@@ -292,7 +271,7 @@ def _saved_config(state: dict[str, Any], path: str | os.PathLike[str]) -> TrainC
 
 
 @dataclass
-class _Run:
+class _TrainingRun:
     """What one :func:`fit` call trains with: made by ``_build``, advanced by every epoch."""
 
     cfg: TrainConfig
@@ -380,12 +359,62 @@ def _build(
     say: LogFn,
     progress: bool,
     state: dict[str, Any] | None = None,
-) -> _Run:
+) -> _TrainingRun:
     """Data on the device (whitened for ``cfg.whiten``: as saved in ``state`` when resuming,
     so the run continues on exactly the same inputs), its loaders, the model, optimizer,
     schedule and loss, and the config and machine as the outputs record them."""
     if ctx.distributed and device.type == "cpu" and ctx.local_world_size > 1:
         distributed.split_cpu_threads(ctx)
+    inputs = _build_inputs(cfg, ctx, device, state)
+    # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
+    # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
+    precision = hardware.resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.sizes, device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(inputs.train_loader))
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
+        label_smoothing=cfg.label_smoothing
+    )
+    return _TrainingRun(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        precision=precision,
+        train_loader=inputs.train_loader,
+        test_loader=inputs.test_loader,
+        train_samples=inputs.train_samples,
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        whitening=inputs.whitening,
+        record=_run_record(cfg, ctx, precision),
+        meta=_run_meta(device, inputs.preprocess_seconds),
+        say=say,
+        progress=progress,
+    )
+
+
+class _Inputs(NamedTuple):
+    """What :func:`_build_inputs` makes: the loaders and how their data was prepared."""
+
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    train_samples: int  # in the training split, after --train-samples
+    whitening: InputWhitening | None
+    preprocess_seconds: float  # whitening estimated and applied (0 without it)
+
+
+def _build_inputs(
+    cfg: TrainConfig,
+    ctx: distributed.Context,
+    device: torch.device,
+    state: dict[str, Any] | None,
+) -> _Inputs:
+    """Both splits on the device, checked against the global batch, whitened for
+    ``cfg.whiten``, in this rank's (sharded) loaders."""
     train_x, train_y = data.load_split(True, cfg.data)
     if cfg.train_samples is not None:
         train_x, train_y = train_x[: cfg.train_samples], train_y[: cfg.train_samples]
@@ -412,28 +441,27 @@ def _build(
     test_loader = DeviceLoader(test_x, test_y, cfg.eval_batch_size, **shard)
     # Not part of any epoch's seconds, so recorded on its own (0 without whitening).
     preprocess_seconds = time.perf_counter() - t0 if whitening is not None else 0.0
+    return _Inputs(train_loader, test_loader, len(train_y), whitening, preprocess_seconds)
 
-    # "auto" becomes bf16 only where the hardware computes it natively; an explicit bf16
-    # on a CPU that emulates it runs, with a warning (fastmlp.hardware).
-    precision = hardware.resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.sizes, device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(
-        label_smoothing=cfg.label_smoothing
-    )
-    # The config keeps the device as asked ("auto"); the device actually used is in meta.
-    # It records the process-group backend in use (as asked without one) and the world
-    # size, which a resume must match.
-    record = {
+
+def _run_record(cfg: TrainConfig, ctx: distributed.Context, precision: str) -> dict[str, Any]:
+    """The config as checkpoints and metrics.json keep it.
+
+    It keeps the device as asked ("auto"; the device actually used is in the meta), and
+    records the process-group backend in use (as asked without one) and the world size,
+    which a resume must match."""
+    return {
         **asdict(cfg),
         "sizes": list(cfg.sizes),
         "backend": ctx.backend or cfg.backend,
         "world_size": ctx.world_size,
         "precision_used": precision,  # "precision" is as asked (auto, fp32, bf16)
     }
-    meta = {
+
+
+def _run_meta(device: torch.device, preprocess_seconds: float) -> dict[str, Any]:
+    """Where the run ran, for metrics.json."""
+    return {
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
@@ -441,25 +469,6 @@ def _build(
         "preprocess_seconds": preprocess_seconds,  # whitening estimated and applied
         "versions": _versions(),
     }
-    return _Run(
-        cfg=cfg,
-        ctx=ctx,
-        device=device,
-        precision=precision,
-        train_loader=train_loader,
-        test_loader=test_loader,
-        train_samples=len(train_y),
-        model=model,
-        net=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        whitening=whitening,
-        record=record,
-        meta=meta,
-        say=say,
-        progress=progress,
-    )
 
 
 def _whitening(
@@ -483,13 +492,13 @@ def _whitening(
     return whitening
 
 
-def _saved_model(run: _Run) -> nn.Module:
+def _saved_model(run: _TrainingRun) -> nn.Module:
     """The model as saved and returned: for raw pixels (whitening folded in) either way."""
     return run.whitening.fold(run.model) if run.whitening is not None else run.model
 
 
 def _restore(
-    run: _Run, state: dict[str, Any], path: str | os.PathLike[str] | None, extended: bool
+    run: _TrainingRun, state: dict[str, Any], path: str | os.PathLike[str] | None, extended: bool
 ) -> None:
     """Continue from a training checkpoint: its model, optimizer, random generators and
     history; its schedule as saved, or for a run ``extended`` to more epochs laid out again
@@ -513,7 +522,7 @@ def _restore(
         )
 
 
-def _distribute(run: _Run) -> None:
+def _distribute(run: _TrainingRun) -> None:
     """Under torchrun: DistributedDataParallel around the model (the loader's per-batch
     weights keep the loss the global batch's mean; see ``DeviceLoader.weighted_batches``).
     After the restore: DDP makes every rank start from rank 0's parameters."""
@@ -531,7 +540,7 @@ def _distribute(run: _Run) -> None:
     run.net = net
 
 
-def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
+def _train_epoch(run: _TrainingRun, epoch: int, out: Path | None) -> dict[str, float]:
     """Train one epoch, stop if it diverged, evaluate, and append the epoch's history row."""
     cfg, ctx, device = run.cfg, run.ctx, run.device
     train_loader, net, loss_fn = run.train_loader, run.net, run.loss_fn
@@ -554,7 +563,7 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    train_loss = _mean_over_ranks(train_loss, ctx)
+    train_loss = distributed.mean_over_ranks(train_loss, ctx)
     _check_diverged(train_loss, epoch + 1, cfg, out if ctx.is_main else None)
     run.last_eval = _evaluate(run.model, run.test_loader, ctx)
     say(test_error_line(run.last_eval))
@@ -573,7 +582,7 @@ def _train_epoch(run: _Run, epoch: int, out: Path | None) -> dict[str, float]:
     return row
 
 
-def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
+def _save(run: _TrainingRun, out: Path, epoch: int, is_best: bool) -> None:
     """``last.pt`` (and ``best.pt`` for a new best) and ``metrics.json`` after ``epoch``."""
     state = ckpt.training_state(
         model=_saved_model(run),
@@ -604,7 +613,7 @@ def _save(run: _Run, out: Path, epoch: int, is_best: bool) -> None:
         ) from None
 
 
-def _finish(run: _Run, out: Path | None) -> FitResult:
+def _finish(run: _TrainingRun, out: Path | None) -> FitResult:
     """Plots, the summary line, and (under torchrun) a wait for rank 0's files."""
     ctx = run.ctx
     if out is not None and run.history:
@@ -685,31 +694,13 @@ def _replay_schedule(
             scheduler.step()
 
 
-def _mean_over_ranks(value: float, ctx: distributed.Context) -> float:
-    if ctx.world_size == 1:
-        return value
-    total = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64), ctx)
-    return float(total[0]) / ctx.world_size
-
-
 def _evaluate(model: nn.Module, loader: DeviceLoader, ctx: distributed.Context) -> EvalResult:
     """:func:`evaluate` on this rank's shard, summed over ranks: the same result everywhere.
 
     Always in fp32, whatever precision trains: the weights are fp32 (bf16 training keeps
     fp32 master weights), so the accuracy recorded for a checkpoint is the one a user gets
     by loading it into the tutorial's fp32 model (``fastmlp evaluate``)."""
-    r = evaluate(model, loader, "fp32")
-    if ctx.world_size == 1:
-        return r
-    n = int(r.confusion.sum())
-    # One collective: the loss sum and the counts (exact in float64 up to 2**53).
-    local = torch.cat([torch.tensor([r.loss * n], dtype=torch.float64), r.confusion.flatten()])
-    total = distributed.all_reduce_sum(local, ctx)
-    cm = total[1:].round().long().view_as(r.confusion)
-    count = max(int(cm.sum()), 1)
-    return EvalResult(
-        accuracy=float(cm.diag().sum()) / count, loss=float(total[0]) / count, confusion=cm
-    )
+    return distributed.eval_result_over_ranks(evaluate(model, loader, "fp32"), ctx)
 
 
 def _median(values: list[float]) -> float:

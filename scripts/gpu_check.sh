@@ -60,7 +60,7 @@ if [[ ! " ${FAILED[*]} " =~ " build " ]]; then
   # Every engine is forced in turn by the tests themselves; the per-test
   # outcomes (engine, precision) decide which engines this run validates.
   FASTMLP_TEST_RESULTS="$OUT/test_results.jsonl" timeout "$T_TESTS" $PY -m pytest $PYTEST_ARGS \
-    tests/test_cuda*.py tests/test_engines.py tests/test_ops.py 2>&1 | tee "$OUT/tests.log" | tail -n 40
+    tests/test_ops_*_cuda.py tests/test_engines.py tests/test_ops_linear_relu.py 2>&1 | tee "$OUT/tests.log" | tail -n 40
   TESTS_RC=${PIPESTATUS[0]}
   [ "$TESTS_RC" -ne 0 ] && FAILED+=("tests(rc=$TESTS_RC)")
   log "tests done (rc=$TESTS_RC)"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastmlp import engines
-from fastmlp.engines import PRECISIONS, engine_choice
+from fastmlp.engines import ENGINE_PRECISIONS, engine_choice
 
 WARNING = "no recorded GPU run has validated"
 H100 = 90
@@ -33,7 +33,7 @@ def _recorded(capability: int, precision: str) -> list[str]:
 
 
 @pytest.mark.parametrize("capability", [70, 80, 89, 90, 100])
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ENGINE_PRECISIONS)
 def test_auto_without_validated_entry_is_aten(capability, precision):
     if _recorded(capability, precision):
         pytest.skip("the recorded table validates an engine here")
@@ -42,7 +42,7 @@ def test_auto_without_validated_entry_is_aten(capability, precision):
     assert choice.precision == precision
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", ENGINE_PRECISIONS)
 def test_auto_with_an_empty_table_is_aten(precision):
     choice = engine_choice(H100, precision, table=[])
     assert (choice.engine, choice.reason) == ("aten", "fallback")
@@ -171,12 +171,12 @@ def test_bad_names_raise():
 
 def test_report_covers_every_precision():
     report = engines.cuda_engine_report(capability=(9, 0))
-    assert [c.precision for c in report] == list(PRECISIONS)
+    assert [c.precision for c in report] == list(ENGINE_PRECISIONS)
     fp64 = report[-1]
     assert (fp64.engine, fp64.reason) == ("aten", "fallback")
     table = engines.format_report(report)
     assert table.splitlines()[0].split()[:3] == ["precision", "engine", "reason"]
-    assert len(table.splitlines()) == 1 + len(PRECISIONS)
+    assert len(table.splitlines()) == 1 + len(ENGINE_PRECISIONS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -33,12 +33,18 @@ class _NoExtension(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _NoExtension())
 """
 
+# The two layers of the flat fastmlp/ folder: every module is in exactly one
+# (test_every_module_is_in_exactly_one_layer), so a new one cannot stay unclassified.
 # The library: modules that need the extension. The workflow must not import them at
 # module level.
 LIBRARY = ("fastmlp._C", "fastmlp.ops", "fastmlp.nn", "fastmlp.optim", "fastmlp.export")
 LIBRARY += ("fastmlp.engines", "fastmlp.transforms")
 
+# The workflow: modules that import and work where the extension cannot load ("fastmlp"
+# is fastmlp/__init__.py; fastmlp.__main__ runs the command when imported).
 WORKFLOW = (
+    "fastmlp",
+    "fastmlp.__main__",
     "fastmlp.data",
     "fastmlp.loader",
     "fastmlp.checkpoint",
@@ -47,11 +53,13 @@ WORKFLOW = (
     "fastmlp.plots",
     "fastmlp.distributed",
     "fastmlp.loops",
+    "fastmlp.protocols",
     "fastmlp.config",
     "fastmlp.train",
     "fastmlp.bench",
     "fastmlp.testing",
     "fastmlp.cli",
+    "fastmlp.whitening",
 )
 
 BUILD_HINT = "pip install --no-build-isolation -e ."
@@ -81,7 +89,21 @@ import importlib
 import fastmlp
 
 for name in {WORKFLOW!r}:
-    importlib.import_module(name)
+    if name != "fastmlp.__main__":
+        importlib.import_module(name)
+
+import contextlib
+import io
+import runpy
+
+sys.argv = ["fastmlp", "--help"]
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        runpy.run_module("fastmlp.__main__", run_name="__main__")
+except SystemExit as e:
+    assert e.code == 0, f"python -m fastmlp --help exited with {{e.code}}"
+else:
+    raise AssertionError("python -m fastmlp --help did not exit")
 
 import fastmlp.checkpoint as ckpt
 import fastmlp.cli
@@ -142,3 +164,21 @@ def test_import_fastmlp_registers_the_ops(tmp_path: Path) -> None:
     proc = run_python(code, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok", proc.stdout
+
+
+def _module_name(path: Path) -> str:
+    return "fastmlp" if path.stem == "__init__" else f"fastmlp.{path.stem}"
+
+
+def test_every_module_is_in_exactly_one_layer() -> None:
+    modules = {_module_name(path) for path in (ROOT / "fastmlp").glob("*.py")}
+    listed = [*LIBRARY, *WORKFLOW]
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    assert not twice, f"in both layers, or listed twice: {twice}"
+    unclassified = sorted(modules - set(listed))
+    assert not unclassified, (
+        f"modules in no layer: {unclassified}; add each to LIBRARY (needs the compiled "
+        "extension) or WORKFLOW (works without it) in tests/test_layering.py"
+    )
+    gone = sorted(set(listed) - modules - {"fastmlp._C"})
+    assert not gone, f"listed, but no such module in fastmlp/: {gone}"
