@@ -5,10 +5,13 @@ An exported model that still names them cannot run where fastmlp is absent, and 
 runtime knows them. This module gives every op two things, registered when ``fastmlp`` is
 imported, so export works with the ordinary PyTorch calls:
 
-* a pure-ATen **decomposition** (the op in terms of ``torch.relu``, ``F.linear``, ...).
-  It goes into PyTorch's global decomposition table, which ``torch.onnx.export(...,
-  dynamo=True)`` (the default exporter) consults for ops it has no ONNX function for: the
-  fused layer comes out as ``Gemm``/``MatMul`` + ``Relu``. The same table turns a
+* a pure-ATen **decomposition** (the op in terms of ``F.linear`` and, for each activation,
+  its ``torch``/``F`` function: ``torch.relu``, ``F.gelu``, ``F.silu``, ...; the backward
+  ops in terms of PyTorch's own activation backward ops). It goes into PyTorch's global
+  decomposition table, which ``torch.onnx.export(..., dynamo=True)`` (the default
+  exporter) consults for ops it has no ONNX function for: the fused layer comes out as
+  ``Gemm``/``MatMul`` + the activation's standard op (``Relu``, ``LeakyRelu``, ``Tanh``,
+  ``Sigmoid``, ``Gelu`` or its decomposition, SiLU as ``x * Sigmoid(x)``). The same table turns a
   ``torch.export`` program into a portable one: :func:`portable` (or
   ``ep.run_decompositions(fastmlp.export.decompositions())``) replaces every fastmlp op by
   ATen ops, so the saved ``.pt2`` loads with ``torch.export.load`` where fastmlp is not
@@ -16,7 +19,9 @@ imported, so export works with the ordinary PyTorch calls:
   ``CompositeImplicitAutograd``; fastmlp's ops have real CPU/CUDA kernels, hence the table.)
 * an ONNX **symbolic** for the TorchScript exporter (``torch.onnx.export(...,
   dynamo=False)``), built from standard ONNX ops (``Gemm`` for 2-D inputs, else ``MatMul``
-  + ``Add``, then ``Relu``).
+  + ``Add``, then ``Relu``). Under that exporter fastmlp.nn computes a fused run of other
+  activations layer by layer with ``F.linear`` and the activation's ``torch``/``F``
+  function, which it exports to the same standard ops.
 
 The exported graph computes what the fused kernels compute up to float rounding (the
 kernels and the GEMM of an ONNX runtime sum in different orders).

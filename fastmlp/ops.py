@@ -461,7 +461,7 @@ def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
 def _double_backward_unsupported(ctx, *grads):
     raise RuntimeError(
         "fastmlp's fused ops (linear_relu, mlp) do not support double backward "
-        "(gradients of gradients); use torch.relu(F.linear(...)) for that"
+        "(gradients of gradients); use the plain PyTorch layers (fastmlp.unfuse) for that"
     )
 
 
