@@ -270,15 +270,19 @@ class FusedSequential(nn.Sequential):
     refuses it with a clear error (``torch.jit.trace`` and ``torch.export`` work).
     """
 
-    _plan_key: tuple[nn.Module, ...] | None = None
+    _plan_key: tuple[tuple[nn.Module, object, object], ...] | None = None
     _plan_cache: list[nn.Module | _Run] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             plan = _plan(self)
         else:
-            # Children may be replaced (seq[1] = nn.Tanh()): plan again when they change.
-            key = tuple(self._modules.values())
+            # Children may be replaced (seq[1] = nn.Tanh()) or an activation's setting
+            # changed (LeakyReLU's negative_slope, GELU's approximate): plan again then.
+            key = tuple(
+                (m, getattr(m, "negative_slope", None), getattr(m, "approximate", None))
+                for m in self._modules.values()
+            )
             if key != self._plan_key:
                 self._plan_cache, self._plan_key = _plan(self), key
             plan = self._plan_cache

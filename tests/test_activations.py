@@ -222,17 +222,18 @@ def test_torch_compile_fullgraph_every_activation():
     )
     params = [t.requires_grad_() for t in [*weights, *biases]]
     ref = [t.detach().clone().requires_grad_() for t in params]
-    x = torch.randn(9, 20)
+    x, target = torch.randn(9, 20), torch.arange(9) % 4
 
     def loss(fn, p):
+        # Every activation in one graph (one compile, no recompiles).
         total = 0
         for activation, slope in KINDS:
             y = fn(x, p[:3], p[3:], activation, activation, slope)
-            total = total + F.cross_entropy(y, torch.arange(9) % 4)
+            total = total + F.cross_entropy(y, target)
         return total
 
     # fullgraph=True: any graph break (an op dynamo cannot trace) is an error.
-    got = loss(torch.compile(mlp, fullgraph=True), params)
+    got = torch.compile(functools.partial(loss, mlp), fullgraph=True)(params)
     want = loss(mlp_ref, ref)
     got.backward()
     want.backward()
@@ -555,3 +556,12 @@ def test_per_sample_gradients_match_plain_pytorch(kind):
     # vmap over the input alone runs the fused op with the activation.
     y = torch.func.vmap(model)(x.unsqueeze(1))
     torch.testing.assert_close(y.squeeze(1), plain(x))
+
+
+def test_fused_sequential_follows_changed_activation_settings():
+    torch.manual_seed(7)
+    model = fuse(nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.1), nn.Linear(6, 2)))
+    x = torch.randn(5, 4)
+    model(x)
+    model[1].negative_slope = 0.5  # the plan must not keep the old slope
+    torch.testing.assert_close(model(x), model[2](F.leaky_relu(model[0](x), 0.5)))
