@@ -30,6 +30,7 @@ __all__ = [
     "linear_relu_backward",
     "mlp",
     "mlp_backward",
+    "saves_preactivation",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
