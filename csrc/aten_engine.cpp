@@ -18,6 +18,62 @@ struct AtenScope {
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
 
+// act(z) as torch.nn.functional computes it; in_place: ReLU may overwrite z
+// (a hidden layer's, which it saves as its output).
+at::Tensor activation_aten(at::Tensor z, Activation a, double slope,
+                           bool in_place = false) {
+  switch (a) {
+    case Activation::kReLU:
+      return in_place ? z.relu_() : at::relu(z);  // NaN stays NaN
+    case Activation::kLeakyReLU:
+      return at::leaky_relu(z, slope);
+    case Activation::kTanh:
+      return at::tanh(z);
+    case Activation::kSigmoid:
+      return at::sigmoid(z);
+    case Activation::kNone:
+      return z;
+    case Activation::kGelu:
+      return at::gelu(z, "none");
+    case Activation::kGeluTanh:
+      return at::gelu(z, "tanh");
+    case Activation::kSilu:
+      return at::silu(z);
+  }
+  TORCH_CHECK(false, "fastmlp: unknown activation");
+}
+
+// d(loss)/d(z) from g = d(loss)/d(act(z)), with PyTorch's backward ops. `saved`
+// is the layer's output when from_output (see saves_output), else its
+// pre-activation z.
+at::Tensor activation_backward_aten(const at::Tensor& g,
+                                    const at::Tensor& saved, bool from_output,
+                                    Activation a, double slope) {
+  switch (a) {
+    case Activation::kReLU:
+      // Zero where the output is <= 0 (NaN passes); z <= 0 exactly where
+      // relu(z) <= 0, so the pre-activation gives the same mask.
+      return at::threshold_backward(g, saved, 0);
+    case Activation::kLeakyReLU:
+      // saved > 0 ? g : g * slope; the output has z's sign when it is saved
+      // (slope >= 0).
+      return at::leaky_relu_backward(g, saved, slope, false);
+    case Activation::kTanh:
+      return at::tanh_backward(g, from_output ? saved : at::tanh(saved));
+    case Activation::kSigmoid:
+      return at::sigmoid_backward(g, from_output ? saved : at::sigmoid(saved));
+    case Activation::kNone:
+      return g;
+    case Activation::kGelu:
+      return at::gelu_backward(g, saved, "none");
+    case Activation::kGeluTanh:
+      return at::gelu_backward(g, saved, "tanh");
+    case Activation::kSilu:
+      return at::silu_backward(g, saved);
+  }
+  TORCH_CHECK(false, "fastmlp: unknown activation");
+}
+
 }  // namespace
 
 at::Tensor linear_relu_aten(const at::Tensor& x, const at::Tensor& weight,
@@ -48,21 +104,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
-    const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    const MlpActivations& act) {
   AtenScope scope;
   const size_t L = weights.size();
+  const bool saves_output = act.hidden_saves_output();
   at::Tensor h = as_rows(x);
   std::vector<at::Tensor> hidden;
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor wt = weights[l].t();
-    at::Tensor y = biases.empty() ? at::mm(h, wt) : at::addmm(biases[l], h, wt);
-    if (l + 1 == L) {
-      h = y;
-      break;
+    const at::Tensor z =
+        biases.empty() ? at::mm(h, wt) : at::addmm(biases[l], h, wt);
+    const bool top = l + 1 == L;
+    h = activation_aten(z, top ? act.output : act.hidden, act.negative_slope,
+                        /*in_place=*/!top);
+    if (top) {
+      if (act.output != Activation::kNone) hidden.push_back(z);
+    } else {
+      hidden.push_back(saves_output ? h : z);
     }
-    y.relu_();  // torch.relu: NaN stays NaN
-    hidden.push_back(y);
-    h = y;
   }
   return {h.view(with_last(x.sizes(), weights[L - 1].size(0))), hidden};
 }
@@ -70,8 +130,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
                   at::TensorList weights, at::TensorList hidden,
-                  const std::vector<bool>& mask) {
+                  const std::vector<bool>& mask, const MlpActivations& act) {
   AtenScope scope;
+  const bool saves_output = act.hidden_saves_output();
   const size_t L = weights.size();
   const bool has_bias = mask.size() == 1 + 2 * L;
   const auto empty = [&] { return at::empty({0}, grad_y.options()); };
@@ -91,11 +152,22 @@ mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
   at::Tensor g = as_rows(grad_y);
   for (size_t l = L; l-- > lowest;) {
     if (l + 1 < L) {
-      // relu's backward, as torch runs it: zero where the output is <= 0
-      // (NaN outputs pass the gradient).
-      g = at::threshold_backward(g, hidden[l], 0);
+      g = activation_backward_aten(g, hidden[l], saves_output, act.hidden,
+                                   act.negative_slope);
+    } else if (act.output != Activation::kNone) {
+      g = activation_backward_aten(g, hidden[l], false, act.output,
+                                   act.negative_slope);
     }
-    if (mask[1 + l]) grad_w[l] = at::mm(g.t(), l == 0 ? x2 : hidden[l - 1]);
+    if (mask[1 + l]) {
+      // The layer's input: x, or the output of the layer below, recomputed
+      // when that layer saved its pre-activation.
+      const at::Tensor input =
+          l == 0 ? x2
+          : saves_output
+              ? hidden[l - 1]
+              : activation_aten(hidden[l - 1], act.hidden, act.negative_slope);
+      grad_w[l] = at::mm(g.t(), input);
+    }
     if (has_bias && mask[1 + L + l]) grad_b[l] = g.sum(0);
     if (l > lowest || mask[0]) g = at::mm(g, weights[l]);
   }

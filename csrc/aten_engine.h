@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "activation.h"
+
 namespace fastmlp {
 
 // relu(linear(x, weight, bias)), below autograd and autocast: the inputs
@@ -30,19 +32,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
     std::array<bool, 3> mask);
 
-// fastmlp::mlp: Linear+ReLU layers, the last without ReLU, as F.linear and
-// torch.relu run them. Returns the output and the hidden activations (the
-// ReLU outputs, whose sign is the backward's mask). Arguments already checked.
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(const at::Tensor& x,
-                                                         at::TensorList weights,
-                                                         at::TensorList biases);
+// fastmlp::mlp: Linear layers with act.hidden after every one but the last
+// and act.output after the last, as F.linear and the torch.nn.functional
+// activations run them. Returns the output and the hidden tensors of mlp's
+// schema (each layer's output or pre-activation, see MlpActivations).
+// Arguments already checked.
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    const MlpActivations& act = MlpActivations());
 
 // fastmlp::mlp_backward's contract: mask = (grad_x, grad_w[0..L), grad_b[0..L)
 // when there are biases); outputs not asked for are empty (0,) tensors of
 // their own. Only the layers down to the lowest gradient asked for are run.
+// The activations' backwards are PyTorch's own ops (threshold_backward,
+// leaky_relu_backward, tanh_backward, sigmoid_backward, gelu_backward,
+// silu_backward).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mlp_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
                   at::TensorList weights, at::TensorList hidden,
-                  const std::vector<bool>& mask);
+                  const std::vector<bool>& mask,
+                  const MlpActivations& act = MlpActivations());
 
 }  // namespace fastmlp

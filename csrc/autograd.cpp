@@ -16,6 +16,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -102,49 +103,68 @@ using MlpGrads =
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 MlpResult call_mlp(const at::Tensor& x, at::TensorList weights,
-                   at::TensorList biases) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmlp::mlp", "")
-                       .typed<MlpResult(const at::Tensor&, at::TensorList,
-                                        at::TensorList)>();
-  return op.call(x, weights, biases);
+                   at::TensorList biases, c10::string_view activation,
+                   c10::string_view output_activation, double negative_slope) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp", "")
+          .typed<MlpResult(const at::Tensor&, at::TensorList, at::TensorList,
+                           c10::string_view, c10::string_view, double)>();
+  return op.call(x, weights, biases, activation, output_activation,
+                 negative_slope);
 }
 
 MlpGrads call_mlp_backward(const at::Tensor& grad_y,
                            const std::optional<at::Tensor>& x,
                            at::TensorList weights, at::TensorList hidden,
-                           const c10::List<bool>& mask) {
+                           const c10::List<bool>& mask,
+                           c10::string_view activation,
+                           c10::string_view output_activation,
+                           double negative_slope) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastmlp::mlp_backward", "")
           .typed<MlpGrads(const at::Tensor&, const std::optional<at::Tensor>&,
                           at::TensorList, at::TensorList,
-                          const c10::List<bool>&)>();
-  return op.call(grad_y, x, weights, hidden, mask);
+                          const c10::List<bool>&, c10::string_view,
+                          c10::string_view, double)>();
+  return op.call(grad_y, x, weights, hidden, mask, activation,
+                 output_activation, negative_slope);
 }
 
 // The whole MLP as one autograd node. Inputs, as autograd counts them: x,
-// then each weight, then each bias. Outputs: y, then the hidden activations,
-// which are not differentiable (they are what backward reads).
+// then each weight, then each bias, then the three activation arguments
+// (not tensors: no gradient). Outputs: y, then the hidden tensors, which are
+// not differentiable (they are what backward reads).
 class MlpFunction : public torch::autograd::Function<MlpFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               at::TensorList weights, at::TensorList biases) {
+                               at::TensorList weights, at::TensorList biases,
+                               const std::string& activation,
+                               const std::string& output_activation,
+                               double negative_slope) {
     MlpResult result;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      result = call_mlp(x, weights, biases);
+      result = call_mlp(x, weights, biases, activation, output_activation,
+                        negative_slope);
     }
     auto& [y, hidden] = result;
     // Save only what backward reads: every weight (the gradient flows down
-    // through them), the hidden activations, and x when weights[0] needs a
-    // gradient (see LinearReLUFunction for why not needs_input_grad).
+    // through them), the hidden tensors as mlp returned them (each layer's
+    // output or pre-activation, as its activation needs), and x when
+    // weights[0] needs a gradient (see LinearReLUFunction for why not
+    // needs_input_grad).
     variable_list saved(weights.begin(), weights.end());
     saved.insert(saved.end(), hidden.begin(), hidden.end());
     saved.push_back(weights[0].requires_grad() ? x : at::Tensor());
     ctx->save_for_backward(saved);
     ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["hidden"] = static_cast<int64_t>(hidden.size());
     ctx->saved_data["has_bias"] = !biases.empty();
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["output_activation"] = output_activation;
+    ctx->saved_data["negative_slope"] = negative_slope;
     ctx->mark_non_differentiable(hidden);
     // No zero tensors for the hidden outputs' (never used) gradients.
     ctx->set_materialize_grads(false);
@@ -157,7 +177,10 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
                                 variable_list grad_outputs) {
     const auto L = static_cast<size_t>(ctx->saved_data["layers"].toInt());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto H = static_cast<size_t>(ctx->saved_data["hidden"].toInt());
     const size_t inputs = 1 + L * (has_bias ? 2 : 1);
+    // One (undefined) gradient per non-tensor argument too.
+    const size_t outputs = inputs + 3;
     c10::List<bool> mask;
     bool any = false;
     for (size_t i = 0; i < inputs; ++i) {
@@ -165,18 +188,21 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
       any = any || mask.get(i);
     }
     const at::Tensor& grad_y = grad_outputs[0];
-    if (!any || !grad_y.defined()) return variable_list(inputs);
+    if (!any || !grad_y.defined()) return variable_list(outputs);
     const auto saved = ctx->get_saved_variables();
     const std::vector<at::Tensor> weights(saved.begin(), saved.begin() + L);
     const std::vector<at::Tensor> hidden(saved.begin() + L,
-                                         saved.begin() + 2 * L - 1);
+                                         saved.begin() + L + H);
     // As in LinearReLUFunction: with create_graph=True go through the
     // backward op's autograd, which raises a clear error if differentiated.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();
     auto [gx, gw, gb] = call_mlp_backward(
-        grad_y.contiguous(), maybe(saved[2 * L - 1]), weights, hidden, mask);
-    variable_list grads(inputs);
+        grad_y.contiguous(), maybe(saved[L + H]), weights, hidden, mask,
+        ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["output_activation"].toStringRef(),
+        ctx->saved_data["negative_slope"].toDouble());
+    variable_list grads(outputs);
     if (mask.get(0)) grads[0] = gx;
     for (size_t l = 0; l < L; ++l) {
       if (mask.get(1 + l)) grads[1 + l] = gw[l];
@@ -187,8 +213,13 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
 };
 
 MlpResult mlp_autograd(const at::Tensor& x, at::TensorList weights,
-                       at::TensorList biases) {
-  variable_list out = MlpFunction::apply(x, weights, biases);
+                       at::TensorList biases, c10::string_view activation,
+                       c10::string_view output_activation,
+                       double negative_slope) {
+  variable_list out = MlpFunction::apply(
+      x, weights, biases, std::string(activation.data(), activation.size()),
+      std::string(output_activation.data(), output_activation.size()),
+      negative_slope);
   return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
 }
 

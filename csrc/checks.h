@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "activation.h"
+
 namespace fastmlp {
 
 // (..., features) -> (rows, features), contiguous. Unlike reshape({-1, f}) it
@@ -202,15 +204,17 @@ inline void check_mlp_args(const at::Tensor& x, at::TensorList weights,
 }
 
 // Checks mlp_backward's arguments: grad_y of the forward output's shape,
-// the forward's weights and hidden activations (one (rows, out_l) per layer
-// but the last), x when weights[0]'s gradient is asked for, and output_mask
-// = (grad_x, grad of each weight[, grad of each bias]): 1 + L entries
-// without biases, 1 + 2L with.
+// the forward's weights and hidden tensors (one (rows, out_l) per layer but
+// the last, and one more for the last layer with an output activation: see
+// MlpActivations::hidden_count), x when weights[0]'s gradient is asked for,
+// and output_mask = (grad_x, grad of each weight[, grad of each bias]): 1 + L
+// entries without biases, 1 + 2L with.
 inline void check_mlp_backward_args(const at::Tensor& grad_y,
                                     const std::optional<at::Tensor>& x,
                                     at::TensorList weights,
                                     at::TensorList hidden,
-                                    const std::vector<bool>& output_mask) {
+                                    const std::vector<bool>& output_mask,
+                                    const MlpActivations& act) {
   const char* op = "fastmlp.mlp_backward: ";
   TORCH_CHECK(!weights.empty(), op, "weights must list at least one layer");
   const size_t L = weights.size();
@@ -219,8 +223,13 @@ inline void check_mlp_backward_args(const at::Tensor& grad_y,
               "output_mask must have 1 + L (no biases) or 1 + 2L entries "
               "for L = ",
               L, " layers, got ", output_mask.size());
-  TORCH_CHECK(hidden.size() + 1 == L, op,
-              "hidden must hold one activation per layer but the last (", L - 1,
+  const size_t H = act.hidden_count(L);
+  TORCH_CHECK(hidden.size() == H, op, "hidden must hold ", H,
+              " tensors (one per layer but the last",
+              act.output != Activation::kNone
+                  ? ", and the last layer's pre-activation for its "
+                    "output_activation"
+                  : "",
               "), got ", hidden.size());
   check_float_tensor(grad_y, "grad_y", op);
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weights[L - 1].size(0),
@@ -244,7 +253,7 @@ inline void check_mlp_backward_args(const at::Tensor& grad_y,
                 op, name, " must be 2-D and take the layer before's ",
                 l == 0 ? 0 : weights[l - 1].size(0), " outputs, got shape ",
                 weights[l].sizes());
-    if (l + 1 < L) {
+    if (l < H) {
       const std::string hname = "hidden[" + std::to_string(l) + "]";
       same_kind(hidden[l], hname);
       TORCH_CHECK(hidden[l].dim() == 2 && hidden[l].size(0) == rows &&

@@ -14,16 +14,25 @@ TORCH_LIBRARY(fastmlp, m) {
   m.def(
       "linear_relu_backward(Tensor grad_y, Tensor y, Tensor? x, "
       "Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // A whole MLP: h = relu(h @ weights[l].T + biases[l]) for every layer but
-  // the last, which has no activation; x of shape (..., in_features), the
-  // output (..., out_features of the last layer). biases is empty (no
-  // biases) or holds one per layer. Also returns the hidden activations (one
-  // (rows, out_l) tensor per layer but the last), which mlp_backward reads:
-  // they are the inputs of the layers above and their sign is the ReLU mask.
+  // A whole MLP: h = act(h @ weights[l].T + biases[l]) for every layer but
+  // the last, act being `activation`, and y = out_act(z) for the last layer,
+  // out_act being `output_activation` ("none" by default: no activation on
+  // the output); x of shape (..., in_features), y (..., out_features of the
+  // last layer). biases is empty (no biases) or holds one per layer.
+  // Activations, as torch.nn.functional computes them: relu, leaky_relu
+  // (with negative_slope), tanh, sigmoid, none, gelu (erf form), gelu_tanh
+  // (approximate="tanh"), silu. Also returns `hidden`, what mlp_backward
+  // reads, (rows, out_l) each: for every layer but the last its output
+  // (relu, tanh, sigmoid, none, leaky_relu with negative_slope >= 0) or its
+  // pre-activation (gelu, gelu_tanh, silu, leaky_relu with a negative
+  // slope); with an output activation, one more: the last layer's
+  // pre-activation. So len(hidden) = L - 1 + (output_activation != "none").
   m.def(
-      "mlp(Tensor x, Tensor[] weights, Tensor[] biases) "
-      "-> (Tensor, Tensor[])");
-  // Gradients of mlp from grad_y and what forward saved, in one call.
+      "mlp(Tensor x, Tensor[] weights, Tensor[] biases, "
+      "str activation='relu', str output_activation='none', "
+      "float negative_slope=0.01) -> (Tensor, Tensor[])");
+  // Gradients of mlp from grad_y and what forward saved (hidden, and the
+  // same activation arguments), in one call.
   // output_mask = (grad_x, grad of each weight, then of each bias when the
   // MLP has biases): 1 + L or 1 + 2L entries. Returns (grad_x, grad_weights,
   // grad_biases), the latter empty without biases; a gradient not asked for
@@ -31,7 +40,9 @@ TORCH_LIBRARY(fastmlp, m) {
   // gradient.
   m.def(
       "mlp_backward(Tensor grad_y, Tensor? x, Tensor[] weights, "
-      "Tensor[] hidden, bool[] output_mask) -> (Tensor, Tensor[], Tensor[])");
+      "Tensor[] hidden, bool[] output_mask, str activation='relu', "
+      "str output_activation='none', float negative_slope=0.01) "
+      "-> (Tensor, Tensor[], Tensor[])");
   // One SGD training step of an MLP in place: forward (ReLU after every
   // layer but the last), mean softmax cross-entropy with label smoothing,
   // backward, and torch.optim.SGD's update (dampening 0) of the weights,

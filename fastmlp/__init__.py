@@ -1,9 +1,10 @@
 """fastmlp: fast multilayer perceptrons for PyTorch.
 
-Fused Linear+ReLU kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
+Fused Linear+activation kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
 registered as PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
-and ``fuse()`` for existing models (``fastmlp.nn``), ``FusedSGD`` that runs a whole
-training step as one kernel (``fastmlp.optim``), export to ONNX and portable ``.pt2``
+and ``fuse()`` for existing models (``fastmlp.nn``), a drop-in for ``apex.mlp.MLP``
+(``fastmlp.apex``), ``FusedSGD`` that runs a whole training step as one kernel
+(``fastmlp.optim``), export to ONNX and portable ``.pt2``
 (``fastmlp.export``), ``torch.func`` transforms of the ops (``fastmlp.transforms``), and a
 fast FashionMNIST workflow (``fastmlp.data``, ``fastmlp.train``, ``fastmlp.checkpoint``,
 the ``fastmlp`` command).
@@ -37,6 +38,7 @@ __all__ = [
     "fuse",
     "unfuse",
     "linear_relu",
+    "linear_act",
     "export",
     "mlp",
     "nn",
@@ -57,7 +59,7 @@ else:
     from fastmlp import engines, export, nn, ops, optim, transforms
     from fastmlp.engines import cuda_engine_report
     from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
-    from fastmlp.ops import linear_relu, mlp
+    from fastmlp.ops import linear_act, linear_relu, mlp
     from fastmlp.optim import FusedSGD
 
 # Names that exist only with the extension: `_C` itself (so that the library modules'

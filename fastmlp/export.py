@@ -5,10 +5,13 @@ An exported model that still names them cannot run where fastmlp is absent, and 
 runtime knows them. This module gives every op two things, registered when ``fastmlp`` is
 imported, so export works with the ordinary PyTorch calls:
 
-* a pure-ATen **decomposition** (the op in terms of ``torch.relu``, ``F.linear``, ...).
-  It goes into PyTorch's global decomposition table, which ``torch.onnx.export(...,
-  dynamo=True)`` (the default exporter) consults for ops it has no ONNX function for: the
-  fused layer comes out as ``Gemm``/``MatMul`` + ``Relu``. The same table turns a
+* a pure-ATen **decomposition** (the op in terms of ``F.linear`` and, for each activation,
+  its ``torch``/``F`` function: ``torch.relu``, ``F.gelu``, ``F.silu``, ...; the backward
+  ops in terms of PyTorch's own activation backward ops). It goes into PyTorch's global
+  decomposition table, which ``torch.onnx.export(..., dynamo=True)`` (the default
+  exporter) consults for ops it has no ONNX function for: the fused layer comes out as
+  ``Gemm``/``MatMul`` + the activation's standard op (``Relu``, ``LeakyRelu``, ``Tanh``,
+  ``Sigmoid``, ``Gelu`` or its decomposition, SiLU as ``x * Sigmoid(x)``). The same table turns a
   ``torch.export`` program into a portable one: :func:`portable` (or
   ``ep.run_decompositions(fastmlp.export.decompositions())``) replaces every fastmlp op by
   ATen ops, so the saved ``.pt2`` loads with ``torch.export.load`` where fastmlp is not
@@ -16,7 +19,9 @@ imported, so export works with the ordinary PyTorch calls:
   ``CompositeImplicitAutograd``; fastmlp's ops have real CPU/CUDA kernels, hence the table.)
 * an ONNX **symbolic** for the TorchScript exporter (``torch.onnx.export(...,
   dynamo=False)``), built from standard ONNX ops (``Gemm`` for 2-D inputs, else ``MatMul``
-  + ``Add``, then ``Relu``).
+  + ``Add``, then ``Relu``). Under that exporter fastmlp.nn computes a fused run of other
+  activations layer by layer with ``F.linear`` and the activation's ``torch``/``F``
+  function, which it exports to the same standard ops.
 
 The exported graph computes what the fused kernels compute up to float rounding (the
 kernels and the GEMM of an ONNX runtime sum in different orders).
@@ -40,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmlp import _C  # noqa: F401  (the ops must exist before they can be registered)
+from fastmlp.ops import apply_activation, saves_preactivation
 
 __all__ = ["OPS", "OpExport", "decompositions", "portable", "register"]
 
@@ -119,16 +125,52 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def _act_backward(
+    g: torch.Tensor, saved: torch.Tensor, kind: str, negative_slope: float, is_output: bool
+) -> torch.Tensor:
+    """``g`` through the activation's derivative, by PyTorch's own backward formulas;
+    ``saved`` is the activation's output when ``is_output``, else its pre-activation."""
+    aten = torch.ops.aten
+    if kind == "none":
+        return g
+    if kind == "relu":  # threshold_backward: blocked where <= 0, NaN passes (z or relu(z))
+        return torch.where(saved <= 0, torch.zeros_like(g), g)
+    if kind == "leaky_relu":
+        return aten.leaky_relu_backward(g, saved, negative_slope, is_output)
+    if kind in ("tanh", "sigmoid"):
+        y = saved if is_output else apply_activation(saved, kind, negative_slope)
+        return (aten.tanh_backward if kind == "tanh" else aten.sigmoid_backward)(g, y)
+    if kind == "silu":
+        return aten.silu_backward(g, saved)
+    if kind == "gelu":
+        return aten.gelu_backward(g, saved)
+    if kind == "gelu_tanh":
+        return aten.gelu_backward(g, saved, approximate="tanh")
+    raise ValueError(f"fastmlp: unknown activation {kind!r}")
+
+
 def _mlp(
-    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    # The op's contract: the output, and the hidden activations as (rows, out_l) tensors.
+    # The op's contract: the output, and what backward needs as (rows, out_l) tensors:
+    # each hidden layer's output or pre-activation, and the last layer's pre-activation
+    # when it has an output activation.
+    pre = saves_preactivation(activation, negative_slope)
     h, hidden = _rows(x), []
     for i, w in enumerate(weights):
-        h = F.linear(h, w, biases[i] if biases else None)
+        z = F.linear(h, w, biases[i] if biases else None)
         if i + 1 < len(weights):
-            h = torch.relu(h)
-            hidden.append(h)
+            h = apply_activation(z, activation, negative_slope)
+            hidden.append(z if pre else h)
+        else:
+            h = apply_activation(z, output_activation, negative_slope)
+            if output_activation != "none":
+                hidden.append(z)
     return h.reshape(*x.shape[:-1], h.shape[-1]), hidden
 
 
@@ -138,17 +180,30 @@ def _mlp_backward(
     weights: list[torch.Tensor],
     hidden: list[torch.Tensor],
     output_mask: list[bool],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     n = len(weights)
+    pre = saves_preactivation(activation, negative_slope)
     has_bias = len(output_mask) == 1 + 2 * n
     grad_w = [grad_y.new_empty((0,)) for _ in range(n)]
     grad_b = [grad_y.new_empty((0,)) for _ in range(n if has_bias else 0)]
     g = _rows(grad_y)
+    if output_activation != "none":
+        g = _act_backward(g, hidden[n - 1], output_activation, negative_slope, False)
     for i in reversed(range(n)):
-        if i + 1 < n:  # threshold_backward: blocked where the activation is <= 0 (NaN passes)
-            g = torch.where(hidden[i] <= 0, torch.zeros_like(g), g)
+        if i + 1 < n:
+            g = _act_backward(g, hidden[i], activation, negative_slope, not pre)
         if output_mask[1 + i]:
-            g_in = _rows(x) if i == 0 else hidden[i - 1]
+            if i == 0:
+                g_in = _rows(x)
+            else:  # layer i's input: layer i-1's output, recomputed where z was saved
+                g_in = (
+                    apply_activation(hidden[i - 1], activation, negative_slope)
+                    if pre
+                    else hidden[i - 1]
+                )
             grad_w[i] = g.t().matmul(g_in)
         if has_bias and output_mask[1 + n + i]:
             grad_b[i] = g.sum(0)

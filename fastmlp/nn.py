@@ -1,5 +1,5 @@
-"""Modules built on the fused ops: FusedLinearReLU, FusedSequential, MLP, and
-fuse()/unfuse().
+"""Modules built on the fused ops: FusedLinearReLU, FusedSequential, MLP (with a choice
+of activation), and fuse()/unfuse().
 
 Everything here keeps plain PyTorch's parameter names and state_dict keys, so
 checkpoints move freely between fastmlp models and ordinary ``nn.Linear`` /
@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import operator
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastmlp.ops import linear_relu, mlp
+# _FusableRun stays importable from here: pickles of a FusedSequential hold its plan.
+from fastmlp.fusion import _DEFAULT_SLOPE, _FusableRun, _plan, activation_module
+from fastmlp.ops import check_activation, linear_relu
 
-__all__ = ["FusedLinearReLU", "FusedSequential", "MLP", "describe_fusion", "fuse", "unfuse"]
+__all__ = [
+    "FusedLinearReLU",
+    "FusedSequential",
+    "MLP",
+    "activation_module",
+    "describe_fusion",
+    "fuse",
+    "unfuse",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,92 +87,10 @@ class FusedLinearReLU(nn.Linear):
         return linear
 
 
-@dataclass(frozen=True)
-class _FusableRun:
-    """Consecutive children of a Sequential computed as one whole-MLP op: Linear layers
-    with a ReLU between each pair (and after the last one when ``relu_last``)."""
-
-    names: tuple[str, ...]  # every child the run covers, ReLUs and no-ops included
-    linears: tuple[nn.Linear, ...]
-    relu_last: bool
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        linears = self.linears
-        if torch.onnx.is_in_onnx_export() and len(linears) > 1:
-            # The TorchScript ONNX exporter cannot express the whole-MLP op's list
-            # arguments: export the same layers one by one (fastmlp.export).
-            for i, lin in enumerate(linears):
-                last = i + 1 == len(linears)
-                x = linear_relu(x, lin.weight, lin.bias) if not last or self.relu_last else lin(x)
-            return x
-        if len(linears) == 1:  # Linear + ReLU: the per-layer fused op
-            return linear_relu(x, linears[0].weight, linears[0].bias)
-        weights = [lin.weight for lin in linears]
-        biases = None if linears[0].bias is None else [lin.bias for lin in linears]
-        y = mlp(x, weights, biases)
-        return torch.relu(y) if self.relu_last else y
-
-
-def _is_no_op(module: nn.Module) -> bool:
-    # What may sit inside a run without changing it: torchvision.ops.MLP puts a
-    # Dropout(p=0.0) after every layer.
-    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
-
-
-def _plan(seq: nn.Sequential) -> list[nn.Module | _FusableRun]:
-    """The Sequential's children, with each fusable run replaced by a _FusableRun.
-
-    Only exact ``nn.Linear`` and ``nn.ReLU`` are fused: a subclass may have its own
-    forward. A run needs at least two Linears, or one followed by a ReLU, and the same
-    bias presence throughout (the op takes biases for all layers or none).
-    """
-    items = list(seq._modules.items())
-    plan: list[nn.Module | _FusableRun] = []
-    i = 0
-    while i < len(items):
-        run = _run_at(items, i)
-        if run is None:
-            plan.append(items[i][1])
-            i += 1
-        else:
-            plan.append(run)
-            i += len(run.names)
-    return plan
-
-
-def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | None:
-    if type(items[start][1]) is not nn.Linear:
-        return None
-    has_bias = items[start][1].bias is not None
-    linears: list[nn.Linear] = []
-    end = start  # one past the last child the run covers
-    relu_last = False
-    i = start
-    while i < len(items) and type(items[i][1]) is nn.Linear:
-        if (items[i][1].bias is not None) != has_bias:
-            break
-        linears.append(items[i][1])
-        i += 1
-        while i < len(items) and _is_no_op(items[i][1]):
-            i += 1
-        end, relu_last = i, False
-        if i < len(items) and type(items[i][1]) is nn.ReLU:
-            i += 1
-            while i < len(items) and _is_no_op(items[i][1]):
-                i += 1
-            end, relu_last = i, True
-        else:
-            break
-    if len(linears) < 2 and not relu_last:
-        return None
-    names = tuple(name for name, _ in items[start:end])
-    return _FusableRun(names, tuple(linears), relu_last)
-
-
 class FusedSequential(nn.Sequential):
-    """An ``nn.Sequential`` that computes each run of ``Linear`` (+ ``ReLU``) children as
-    one whole-MLP op (:func:`fastmlp.ops.mlp`, one autograd node) and every other child
-    as usual.
+    """An ``nn.Sequential`` that computes each run of ``Linear`` (+ activation) children
+    (see :func:`fuse`) as one whole-MLP op (:func:`fastmlp.ops.mlp`, one autograd node)
+    and every other child as usual.
 
     Its children, their names and so the state_dict keys are those of the Sequential it
     was made from: :func:`fuse` turns an ``nn.Sequential`` into one in place and
@@ -171,15 +99,19 @@ class FusedSequential(nn.Sequential):
     refuses it with a clear error (``torch.jit.trace`` and ``torch.export`` work).
     """
 
-    _plan_key: tuple[nn.Module, ...] | None = None
+    _plan_key: tuple[tuple[nn.Module, object, object], ...] | None = None
     _plan_cache: list[nn.Module | _FusableRun] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             plan = _plan(self)
         else:
-            # Children may be replaced (seq[1] = nn.Tanh()): plan again when they change.
-            key = tuple(self._modules.values())
+            # Children may be replaced (seq[1] = nn.Tanh()) or an activation's setting
+            # changed (LeakyReLU's negative_slope, GELU's approximate): plan again then.
+            key = tuple(
+                (m, getattr(m, "negative_slope", None), getattr(m, "approximate", None))
+                for m in self._modules.values()
+            )
             if key != self._plan_key:
                 self._plan_cache, self._plan_key = _plan(self), key
             plan = self._plan_cache
@@ -249,15 +181,21 @@ def _unfused_class(module: FusedSequential) -> type:
 
 
 class MLP(nn.Module):
-    """The tutorial's ``NeuralNetwork``, computed by one whole-MLP op.
+    """The tutorial's ``NeuralNetwork``, computed by one whole-MLP op, with a choice of
+    activation.
 
     ``sizes`` lists the layer widths from input to logits; every layer but the last is
-    followed by ReLU. The default is the tutorial's 784-512-512-10. Submodules are the
-    tutorial's (``flatten``, ``linear_relu_stack`` = Linear, ReLU, Linear, ReLU, Linear),
-    so ``NeuralNetwork().load_state_dict(MLP().state_dict())`` works with ``strict=True``
+    followed by ``activation`` (one of :data:`fastmlp.ops.ACTIVATIONS`: relu, gelu,
+    gelu_tanh, silu, tanh, sigmoid, leaky_relu with ``negative_slope``, or none), the last
+    by ``output_activation`` (``None``, the default, leaves the logits alone as the
+    tutorial does). The default is the tutorial's 784-512-512-10 with ReLU. Submodules are
+    the tutorial's (``flatten``, ``linear_relu_stack`` = Linear, ReLU, Linear, ReLU,
+    Linear; with another activation its torch.nn module, nn.GELU, nn.SiLU, ..., takes
+    ReLU's place, and "none" puts nothing between the Linears), so
+    ``NeuralNetwork().load_state_dict(MLP().state_dict())`` works with ``strict=True``
     and the other way round; the stack is a :class:`FusedSequential`, so forward and
-    backward run as one op each (:func:`fastmlp.ops.mlp`). :meth:`linears` lists the
-    Linear layers.
+    backward run as one op each (:func:`fastmlp.ops.mlp`) and :func:`unfuse` gives the
+    plain stack. :meth:`linears` lists the Linear layers.
 
     ``torch.func`` transforms (grad, jacrev, jacfwd, vmap, per-sample gradients
     ``vmap(grad(...))``) work and match plain PyTorch (:mod:`fastmlp.transforms`).
@@ -269,17 +207,35 @@ class MLP(nn.Module):
         self,
         sizes: Sequence[int] = (784, 512, 512, 10),
         bias: bool = True,
+        activation: str = "relu",
+        output_activation: str | None = None,
+        negative_slope: float = _DEFAULT_SLOPE,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         sizes = _layer_widths(sizes)
+        check_activation(activation, op="fastmlp.MLP")
+        if output_activation is not None:
+            check_activation(output_activation, "output_activation", op="fastmlp.MLP")
+        if isinstance(negative_slope, bool) or not (
+            isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)
+        ):
+            raise ValueError(
+                f"fastmlp.MLP: negative_slope must be a finite number, got {negative_slope!r}"
+            )
         self.sizes = sizes
+        self.activation = activation
+        self.output_activation = output_activation
+        self.negative_slope = float(negative_slope)
         layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             layers.append(nn.Linear(fan_in, fan_out, bias, device=device, dtype=dtype))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
+            last = i == len(sizes) - 2
+            act = output_activation if last else activation
+            module = activation_module(act, negative_slope) if act is not None else None
+            if module is not None:
+                layers.append(module)
         self.flatten = nn.Flatten()
         self.linear_relu_stack = FusedSequential(*layers)
 
@@ -288,6 +244,11 @@ class MLP(nn.Module):
 
     def __prepare_scriptable__(self) -> nn.Module:
         _refuse_script(self)
+
+    def extra_repr(self) -> str:
+        if self.activation == "relu" and self.output_activation is None:
+            return ""
+        return f"activation={self.activation!r}, output_activation={self.output_activation!r}"
 
     def linears(self) -> list[nn.Linear]:
         """The Linear layers in order (their weights and biases are the MLP's parameters)."""
@@ -311,19 +272,24 @@ def _layer_widths(sizes: Sequence[int]) -> tuple[int, ...]:
 
 def fuse(module: nn.Module) -> nn.Module:
     """Make every ``nn.Sequential`` in ``module`` (itself included) compute its runs of
-    ``nn.Linear`` + ``nn.ReLU`` layers as one whole-MLP op each; returns ``module``,
+    ``nn.Linear`` + activation layers as one whole-MLP op each; returns ``module``,
     changed in place.
 
-    A run is two or more exact ``nn.Linear`` layers with an exact ``nn.ReLU`` between
-    each pair (a ReLU after the last is included), or one Linear followed by a ReLU; an
-    ``nn.Identity`` or ``nn.Dropout(p=0)`` inside it is skipped (torchvision.ops.MLP has
-    those). Subclasses of Linear or ReLU are left alone, as is anything else (a
-    BatchNorm between a Linear and its ReLU ends the run). The Sequentials keep their
-    children, names and parameters, so state_dict keys are unchanged: each becomes a
-    :class:`FusedSequential` (a subclass of nn.Sequential, and of its own class when
-    that subclasses Sequential without its own forward). Outputs are equal to the
-    unfused model's up to floating-point rounding. What was fused and what was left is
-    logged (logger ``fastmlp.nn``, level INFO) and returned by :func:`describe_fusion`.
+    The activations fused are exact ``nn.ReLU``, ``nn.GELU`` (both forms), ``nn.SiLU``,
+    ``nn.Tanh``, ``nn.Sigmoid``, ``nn.LeakyReLU`` and ``nn.Identity`` (no activation). A
+    run is two or more exact ``nn.Linear`` layers with the same activation between each
+    pair (nothing or an ``nn.Identity`` counts as no activation), or one Linear followed
+    by an activation; an activation right after the run's last Linear is included as its
+    output activation, so a change of activation starts a new run after it. An
+    ``nn.Identity`` or ``nn.Dropout(p=0)`` next to an activation is skipped
+    (torchvision.ops.MLP has those). Subclasses of Linear or of the activations are left
+    alone, as is anything else (a BatchNorm between a Linear and its ReLU ends the run).
+    The Sequentials keep their children, names and parameters, so state_dict keys are
+    unchanged: each becomes a :class:`FusedSequential` (a subclass of nn.Sequential, and
+    of its own class when that subclasses Sequential without its own forward). Outputs are
+    equal to the unfused model's up to floating-point rounding. What was fused and what
+    was left is logged (logger ``fastmlp.nn``, level INFO) and returned by
+    :func:`describe_fusion`.
     """
     for seq in list(module.modules()):
         if not isinstance(seq, nn.Sequential) or isinstance(seq, FusedSequential):
@@ -347,12 +313,9 @@ def describe_fusion(module: nn.Module) -> list[str]:
                 fused.update(id(lin) for lin in run.linears)
                 where = ".".join(filter(None, [prefix, run.names[0]]))
                 last = ".".join(filter(None, [prefix, run.names[-1]]))
-                op = "fastmlp.mlp" if len(run.linears) > 1 else "fastmlp.linear_relu"
-                lines.append(
-                    f"fused {where}..{last} ({len(run.linears)} Linear layers"
-                    f"{', ReLU after the last' if run.relu_last and len(run.linears) > 1 else ''})"
-                    f" into one {op} op"
-                )
+                one_relu = len(run.linears) == 1 and run.relu_last
+                op = "fastmlp.linear_relu" if one_relu else "fastmlp.mlp"
+                lines.append(f"fused {where}..{last} ({run.describe()}) into one {op} op")
     for prefix, seq in module.named_modules():
         children = list(seq._modules.items())
         # What fuse() would fuse in a Sequential it has not been applied to.
@@ -377,9 +340,14 @@ def describe_fusion(module: nn.Module) -> list[str]:
             elif id(child) in fusable:
                 why = "fusable, but fuse() has not been applied to it"
             elif i + 1 < len(children):
-                why = f"followed by {type(children[i + 1][1]).__name__}, not ReLU"
+                following = children[i + 1][1]
+                if type(following) is nn.Linear:
+                    has = "with" if following.bias is not None else "without"
+                    why = f"followed by a Linear {has} bias (a run needs all or none)"
+                else:
+                    why = f"followed by {type(following).__name__}, not an activation fuse() knows"
             else:
-                why = "last in its Sequential, no ReLU after it"
+                why = "last in its Sequential, no activation after it"
             lines.append(f"left {where} ({why})")
     return lines
 

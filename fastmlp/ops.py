@@ -17,12 +17,77 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fastmlp import _C  # noqa: F401  (loading the library registers the ops and autograd)
 
-__all__ = ["linear_relu", "linear_relu_backward", "mlp", "mlp_backward"]
+__all__ = [
+    "ACTIVATIONS",
+    "apply_activation",
+    "check_activation",
+    "linear_act",
+    "linear_relu",
+    "linear_relu_backward",
+    "mlp",
+    "mlp_backward",
+    "saves_preactivation",
+]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+#: The activations the ops take, by name, each computed as the torch.nn.functional call:
+#: relu, leaky_relu (``F.leaky_relu(z, negative_slope)``), tanh, sigmoid, none (identity),
+#: gelu (``F.gelu(z)``, the erf form), gelu_tanh (``F.gelu(z, approximate="tanh")``), silu.
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "none", "gelu", "gelu_tanh", "silu")
+
+# Those whose backward needs the pre-activation; the others' needs their output (and
+# leaky_relu's its output only while negative_slope >= 0, which keeps the sign).
+_SAVES_PREACTIVATION = frozenset(["gelu", "gelu_tanh", "silu"])
+
+
+def check_activation(name: object, argument: str = "activation", op: str = "fastmlp.mlp") -> str:
+    """``name`` if it is one of :data:`ACTIVATIONS`, else a ValueError naming the argument
+    and listing the valid names."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(
+            f"{op}: {argument} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}"
+        )
+    return name
+
+
+def _check_negative_slope(negative_slope: object, op: str) -> float:
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise ValueError(f"{op}: negative_slope must be a finite number, got {negative_slope!r}")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"{op}: negative_slope must be a finite number, got {negative_slope!r}")
+    return float(negative_slope)
+
+
+def apply_activation(z: torch.Tensor, name: str, negative_slope: float = 0.01) -> torch.Tensor:
+    """The activation ``name`` of :data:`ACTIVATIONS` applied to ``z`` in plain PyTorch,
+    as the ops compute it (the decompositions of :mod:`fastmlp.export` use it)."""
+    if name == "relu":
+        return torch.relu(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "silu":
+        return F.silu(z)
+    check_activation(name)
+    return z  # "none"
+
+
+def saves_preactivation(activation: str, negative_slope: float = 0.01) -> bool:
+    """Whether a hidden layer with ``activation`` saves its pre-activation for backward
+    (else it saves its output); the ops' ``hidden`` follow this rule."""
+    return activation in _SAVES_PREACTIVATION or (activation == "leaky_relu" and negative_slope < 0)
 
 
 def linear_relu(
@@ -83,31 +148,69 @@ def linear_relu_backward(
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask, strict=True))
 
 
+def linear_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` in one fused op, differentiable, for any of
+    :data:`ACTIVATIONS` (``negative_slope`` is leaky_relu's).
+
+    ReLU runs :func:`linear_relu`; the others the one-layer :func:`mlp` with
+    ``output_activation=activation``. Semantics (NaN, inf, the gradient at 0) are those of
+    the matching ``torch.nn.functional`` call in the input's dtype.
+    """
+    check_activation(activation, op="fastmlp.linear_act")
+    negative_slope = _check_negative_slope(negative_slope, "fastmlp.linear_act")
+    if activation == "relu":
+        return linear_relu(x, weight, bias)
+    return mlp(x, [weight], None if bias is None else [bias], "relu", activation, negative_slope)
+
+
 def mlp(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor] | None = None,
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """A whole MLP in one op, differentiable as one autograd node.
 
-    Computes ``h = relu(F.linear(h, weights[l], biases[l]))`` for every layer but the
-    last, and ``F.linear`` alone for the last, from ``h = x``.
+    Computes ``h = act(F.linear(h, weights[l], biases[l]))`` for every layer but the
+    last, and ``out_act(F.linear(...))`` for the last, from ``h = x``.
 
     Args:
         x: input of shape ``(..., in_features)``.
         weights: one ``(out_l, in_l)`` tensor per layer, ``in_0 = in_features`` and
             ``in_l = out_{l-1}``.
         biases: ``None`` (no biases) or one ``(out_l,)`` tensor per layer.
+        activation: after every layer but the last, one of :data:`ACTIVATIONS`
+            (default ``"relu"``).
+        output_activation: after the last layer (default ``"none"``: the logits).
+        negative_slope: leaky_relu's slope (finite), for either activation.
 
     Returns:
         Tensor of shape ``(..., out_features of the last layer)``, equal to the layer by
         layer PyTorch computation up to floating-point rounding, NaN included.
 
-    Backward (the ``mlp_backward`` op) computes, in one call, only the gradients asked
-    for. Under ``torch.autocast`` the inputs are cast to the autocast dtype, as
-    ``F.linear`` would be. Under ``torch.func`` transforms (grad, jacrev, jacfwd, vmap,
-    ``vmap(grad(...))``) it computes as plain PyTorch does, see :mod:`fastmlp.transforms`.
+    Each activation is that of the matching ``torch.nn.functional`` call in the input's
+    dtype (NaN and inf propagation, the gradient at 0). Backward (the ``mlp_backward`` op)
+    computes, in one call, only the gradients asked for, from what forward saved: each
+    hidden layer's output, or its pre-activation for gelu, gelu_tanh, silu (and leaky_relu
+    with a negative slope). Under ``torch.autocast`` the inputs are cast to the autocast
+    dtype, as ``F.linear`` would be. Under ``torch.func`` transforms (grad, jacrev, jacfwd,
+    vmap, ``vmap(grad(...))``) it computes as plain PyTorch does, see
+    :mod:`fastmlp.transforms`.
     """
+    if activation != "relu":
+        check_activation(activation)
+    if output_activation != "none":
+        check_activation(output_activation, "output_activation")
+    if negative_slope != 0.01:
+        negative_slope = _check_negative_slope(negative_slope, "fastmlp.mlp")
     biases = [] if biases is None else list(biases)
     weights = list(weights)
     dtype = _autocast_dtype(x)
@@ -115,7 +218,9 @@ def mlp(
         x = _autocast(x, dtype)
         weights = [_autocast(w, dtype) for w in weights]
         biases = [_autocast(b, dtype) for b in biases]
-    return torch.ops.fastmlp.mlp(x, weights, biases)[0]
+    return torch.ops.fastmlp.mlp(x, weights, biases, activation, output_activation, negative_slope)[
+        0
+    ]
 
 
 def mlp_backward(
@@ -124,16 +229,31 @@ def mlp_backward(
     weights: Sequence[torch.Tensor],
     hidden: Sequence[torch.Tensor],
     output_mask: Sequence[bool],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Gradients ``(grad_x, grad_weights, grad_biases)`` of :func:`mlp` in one call.
 
-    ``hidden`` are the activations ``torch.ops.fastmlp.mlp`` returned beside its output;
-    ``output_mask`` lists grad_x, then each weight, then each bias (when the MLP has
-    biases). Gradients not asked for are ``None``.
+    ``hidden`` is what ``torch.ops.fastmlp.mlp`` returned beside its output (called with
+    the same activations); ``output_mask`` lists grad_x, then each weight, then each bias
+    (when the MLP has biases). Gradients not asked for are ``None``.
     """
+    check_activation(activation, op="fastmlp.mlp_backward")
+    check_activation(output_activation, "output_activation", "fastmlp.mlp_backward")
+    negative_slope = _check_negative_slope(negative_slope, "fastmlp.mlp_backward")
     mask = list(output_mask)
     n = len(weights)
-    gx, gws, gbs = torch.ops.fastmlp.mlp_backward(grad_y, x, list(weights), list(hidden), mask)
+    gx, gws, gbs = torch.ops.fastmlp.mlp_backward(
+        grad_y,
+        x,
+        list(weights),
+        list(hidden),
+        mask,
+        activation,
+        output_activation,
+        negative_slope,
+    )
     return (
         gx if mask[0] else None,
         [g if m else None for g, m in zip(gws, mask[1 : 1 + n], strict=True)],
@@ -229,8 +349,24 @@ def _check_mlp_layer(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
     )
 
 
+def _check_activation_args(op, activation, output_activation, negative_slope):
+    # The fake's copy of the C++ checks (the wrappers raise ValueError before this).
+    for argument, name in (("activation", activation), ("output_activation", output_activation)):
+        torch._check(
+            name in ACTIVATIONS,
+            lambda a=argument, n=name: (
+                f"{op}: {a} must be one of {', '.join(ACTIVATIONS)}; got {n!r}"
+            ),
+        )
+    torch._check(
+        math.isfinite(negative_slope),
+        lambda: f"{op}: negative_slope must be finite, got {negative_slope}",
+    )
+
+
 @torch.library.register_fake("fastmlp::mlp")
-def _mlp_fake(x, weights, biases):
+def _mlp_fake(x, weights, biases, activation="relu", output_activation="none", negative_slope=0.01):
+    _check_activation_args("fastmlp.mlp", activation, output_activation, negative_slope)
     torch._check(
         x.dtype in _SUPPORTED_DTYPES,
         lambda: f"fastmlp.mlp: x must be a floating-point tensor, got {x.dtype}",
@@ -261,14 +397,33 @@ def _mlp_fake(x, weights, biases):
                 lambda i=i, n=w.shape[0]: f"fastmlp.mlp: biases[{i}] must have shape ({n},)",
             )
         features = w.shape[0]
-        if i + 1 < len(weights):
+        # Hidden layers save (rows, out_l); with an output activation the last layer
+        # saves its pre-activation too.
+        if i + 1 < len(weights) or output_activation != "none":
             hidden.append(x.new_empty((rows, features)))
     return x.new_empty((*x.shape[:-1], features)), hidden
 
 
 @torch.library.register_fake("fastmlp::mlp_backward")
-def _mlp_backward_fake(grad_y, x, weights, hidden, output_mask):
+def _mlp_backward_fake(
+    grad_y,
+    x,
+    weights,
+    hidden,
+    output_mask,
+    activation="relu",
+    output_activation="none",
+    negative_slope=0.01,
+):
+    _check_activation_args("fastmlp.mlp_backward", activation, output_activation, negative_slope)
     n = len(weights)
+    torch._check(
+        len(hidden) == n - 1 + (output_activation != "none"),
+        lambda: (
+            f"fastmlp.mlp_backward: hidden must hold {n - 1 + (output_activation != 'none')} "
+            f"tensors, got {len(hidden)}"
+        ),
+    )
     torch._check(
         len(output_mask) in (1 + n, 1 + 2 * n),
         lambda: "fastmlp.mlp_backward: output_mask must have 1 + L or 1 + 2L entries",
@@ -307,7 +462,7 @@ def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
 def _double_backward_unsupported(ctx, *grads):
     raise RuntimeError(
         "fastmlp's fused ops (linear_relu, mlp) do not support double backward "
-        "(gradients of gradients); use torch.relu(F.linear(...)) for that"
+        "(gradients of gradients); use the plain PyTorch layers (fastmlp.unfuse) for that"
     )
 
 

@@ -11,8 +11,9 @@ without autograd, ``.grad`` tensors or a separate optimizer pass. It applies whe
 and batch are on the CPU in float32/float64, also under ``torch.autocast("cpu",
 dtype=torch.bfloat16)`` (bfloat16 GEMMs on copies of the float32 parameters, which are
 updated in float32, as autocast does), and falls back to the ordinary autograd step
-otherwise (a GPU, another autocast dtype, a model wrapped in DDP), so ``train_step`` is
-always correct to call.
+otherwise (a GPU, another autocast dtype, a model wrapped in DDP, an MLP with another
+activation than ReLU or with an output activation: the kernel is ReLU only), so
+``train_step`` is always correct to call.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ _DEFAULT_IGNORE_INDEX = nn.CrossEntropyLoss().ignore_index  # -100
 
 def mlp_linears(model: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of ``model`` in order if it is an MLP the fused step can run
-    (flatten, then Linear layers with a ReLU after every one but the last); else ``None``.
+    (flatten, then Linear layers with a ReLU after every one but the last); else ``None``,
+    also for a :class:`fastmlp.MLP` with another activation or an output activation (the
+    kernel computes ReLU only; those train with the autograd step).
 
     * A :class:`fastmlp.MLP` is one by construction: its :meth:`~fastmlp.MLP.linears`,
       provided its documented layout still holds (``flatten`` an ``nn.Flatten()``, the

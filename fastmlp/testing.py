@@ -22,6 +22,7 @@ from torch import nn
 __all__ = [
     "ERROR_FLOOR",
     "NeuralNetwork",
+    "activation_ref",
     "allow_tf32",
     "assert_error_bounded",
     "capture_cuda_graph",
@@ -76,13 +77,31 @@ def linear_relu_ref(x, weight, bias=None):
     return torch.relu(F.linear(x, weight, bias))
 
 
-def mlp_ref(x, weights, biases=None):
-    """What fastmlp.ops.mlp must compute: Linear+ReLU layers, the last without ReLU."""
+def activation_ref(z, activation="relu", negative_slope=0.01):
+    """The activation named ``activation`` (a name of fastmlp.ops.ACTIVATIONS) as
+    torch.nn.functional computes it: what the fused ops must compute."""
+    return {
+        "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "none": lambda t: t,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
+    }[activation](z)
+
+
+def mlp_ref(
+    x, weights, biases=None, activation="relu", output_activation="none", negative_slope=0.01
+):
+    """What fastmlp.ops.mlp must compute: Linear layers, each but the last followed by
+    ``activation`` (ReLU by default), the last by ``output_activation`` (none)."""
     h = x
     for i, w in enumerate(weights):
         h = F.linear(h, w, None if biases is None else biases[i])
-        if i + 1 < len(weights):
-            h = torch.relu(h)
+        last = i + 1 == len(weights)
+        h = activation_ref(h, output_activation if last else activation, negative_slope)
     return h
 
 

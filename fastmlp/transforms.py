@@ -61,7 +61,15 @@ def _vmap_linear_relu(interpreter: Any, x, weight, bias) -> torch.Tensor | None:
     return _add_batch_dim(y, 0, level)
 
 
-def _vmap_mlp(interpreter: Any, x, weights, biases) -> tuple | None:
+def _vmap_mlp(
+    interpreter: Any,
+    x,
+    weights,
+    biases,
+    activation="relu",
+    output_activation="none",
+    negative_slope=0.01,
+) -> tuple | None:
     level = interpreter.level()
     x_inner, x_bdim = _unwrap_batched(x, level)
     ws = [_unbatched(w, level) for w in weights]
@@ -70,9 +78,11 @@ def _vmap_mlp(interpreter: Any, x, weights, biases) -> tuple | None:
         return None
     x_inner = x_inner.movedim(x_bdim, 0)
     with interpreter.lower():
-        y, hidden = torch.ops.fastmlp.mlp(x_inner, ws, bs)
-    # The op returns the hidden activations as (rows, width); per sample, rows are those
-    # of one sample's input.
+        y, hidden = torch.ops.fastmlp.mlp(
+            x_inner, ws, bs, activation, output_activation, negative_slope
+        )
+    # The op returns what backward needs as (rows, width) tensors; per sample, rows are
+    # those of one sample's input.
     batch, rows = x_inner.shape[0], math.prod(x_inner.shape[1:-1])
     hidden = [_add_batch_dim(h.reshape(batch, rows, h.shape[-1]), 0, level) for h in hidden]
     return _add_batch_dim(y, 0, level), hidden
@@ -88,15 +98,15 @@ _FUSED_VMAP: dict[str, Callable[..., Any]] = {
 def _transform_kernel(name: str, decomposition: Callable[..., Any]) -> Callable[..., Any]:
     fused_vmap = _FUSED_VMAP.get(name)
 
-    def kernel(*args: Any) -> Any:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
         if fused_vmap is not None:
             interpreter = retrieve_current_functorch_interpreter()
             if interpreter.key() == TransformType.Vmap:
-                out = fused_vmap(interpreter, *args)
+                out = fused_vmap(interpreter, *args, **kwargs)
                 if out is not None:
                     return out
         # The ATen ops it calls dispatch through the active transforms as usual.
-        return decomposition(*args)
+        return decomposition(*args, **kwargs)
 
     return kernel
 

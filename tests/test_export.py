@@ -166,3 +166,110 @@ def test_mlp_decompositions_match_the_ops(bias: bool, lead: tuple[int, ...]) -> 
         torch.testing.assert_close(got[0], want[0])
         for a, b in zip(got[1] + got[2], want[1] + want[2], strict=True):
             torch.testing.assert_close(a, b)
+
+
+# --- every activation (issue 23) -------------------------------------------------------
+
+KINDS = [(a, 0.01) for a in fastmlp.ops.ACTIVATIONS] + [("leaky_relu", -0.3)]
+KIND_IDS = [a if s == 0.01 else f"{a}{s}" for a, s in KINDS]
+# The standard ONNX ops each activation must become (Gelu, or its decomposition through
+# Erf / Tanh where the opset has no Gelu; SiLU is x * Sigmoid(x)).
+ONNX_OPS = {
+    "relu": [{"Relu"}],
+    "leaky_relu": [{"LeakyRelu"}],
+    "tanh": [{"Tanh"}],
+    "sigmoid": [{"Sigmoid"}],
+    "none": [set()],
+    "gelu": [{"Gelu"}, {"Erf"}],
+    "gelu_tanh": [{"Gelu"}, {"Tanh"}],
+    "silu": [{"Sigmoid", "Mul"}],
+}
+ACTIVATION_OPS = {"Relu", "LeakyRelu", "Tanh", "Sigmoid", "Gelu", "Erf"}
+
+
+@pytest.mark.parametrize("out", ["none", "same"])
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_mlp_decompositions_match_the_ops_every_activation(kind, out) -> None:
+    activation, slope = kind
+    acts = (activation, activation if out == "same" else "none", slope)
+    torch.manual_seed(1)
+    sizes = (6, 9, 7, 4)
+    x = torch.randn(2, 5, sizes[0], dtype=torch.float64)
+    x[0, 0, 0] = float("nan")
+    weights = [
+        torch.randn(o, i, dtype=torch.float64) * i**-0.5
+        for i, o in zip(sizes, sizes[1:], strict=False)
+    ]
+    biases = [torch.randn(o, dtype=torch.float64) for o in sizes[1:]]
+    entries = {e.name: e for e in export.OPS}
+    y, hidden = torch.ops.fastmlp.mlp(x, weights, biases, *acts)
+    y_d, hidden_d = entries["fastmlp::mlp"].decomposition(x, weights, biases, *acts)
+    torch.testing.assert_close(y_d, y, equal_nan=True)
+    assert len(hidden_d) == len(hidden)
+    for a, b in zip(hidden_d, hidden, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    grad_y = torch.randn_like(y)
+    for mask in ([True] * 7, [False, True, False, True, False, True, False], [False] * 7):
+        want = torch.ops.fastmlp.mlp_backward(grad_y, x, weights, hidden, mask, *acts)
+        got = entries["fastmlp::mlp_backward"].decomposition(
+            grad_y, x, weights, hidden, mask, *acts
+        )
+        for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
+            torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_portable_program_every_activation(kind) -> None:
+    activation, slope = kind
+    torch.manual_seed(2)
+    model = MLP(
+        (6, 9, 4), activation=activation, output_activation=activation, negative_slope=slope
+    )
+    x = torch.randn(3, 6)
+    ep = torch.export.export(model, (x,))
+    assert _fused_ops(ep.graph_module)
+    p = export.portable(ep)
+    assert _fused_ops(p.graph_module) == []
+    torch.testing.assert_close(p.module()(x), model(x))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_onnx_export_every_activation(tmp_path: Path, dynamo: bool, kind) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    activation, slope = kind
+    torch.manual_seed(3)
+    # Two runs: a 3-layer one and a single Linear + activation (the per-layer op).
+    model = fastmlp.fuse(
+        torch.nn.Sequential(
+            *MLP(
+                (6, 9, 7, 5),
+                activation=activation,
+                output_activation=activation,
+                negative_slope=slope,
+            ).linear_relu_stack,
+            torch.nn.Softplus(),
+            *MLP((5, 4), output_activation=activation, negative_slope=slope).linear_relu_stack,
+        )
+    ).eval()
+    assert len(model.runs()) == (1 if activation == "none" else 2)
+    x = torch.randn(3, 6)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not any("fastmlp" in o or "linear_relu" in o or "mlp" in o for o in ops), ops
+    assert ops & {"Gemm", "MatMul"}, ops
+    found = ops & (ACTIVATION_OPS | {"Mul"})
+    assert any(want <= found for want in ONNX_OPS[activation]), (activation, ops)
+    if activation == "none":
+        assert not (ops & ACTIVATION_OPS), ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ sys.meta_path.insert(0, _NoExtension())
 # The library: modules that need the extension. The workflow must not import them at
 # module level.
 LIBRARY = ("fastmlp._C", "fastmlp.ops", "fastmlp.nn", "fastmlp.optim", "fastmlp.export")
-LIBRARY += ("fastmlp.engines", "fastmlp.transforms")
+LIBRARY += ("fastmlp.engines", "fastmlp.transforms", "fastmlp.fusion", "fastmlp.apex")
 
 # The workflow: modules that import and work where the extension cannot load ("fastmlp"
 # is fastmlp/__init__.py; fastmlp.__main__ runs the command when imported).

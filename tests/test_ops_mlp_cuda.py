@@ -175,3 +175,99 @@ def test_device_mix_raises_clear_error():
         mlp(torch.randn(2, 3, device="cuda"), weights)
     with pytest.raises(RuntimeError, match=r"weights\[0\] must be on x's device"):
         mlp(torch.randn(2, 3), [w.cuda() for w in weights])
+
+
+# --- every activation (issue 23): the aten engine computes them all ---------------------
+
+ACTS = [
+    ("relu", 0.01),
+    ("leaky_relu", 0.01),
+    ("leaky_relu", -0.3),
+    ("tanh", 0.01),
+    ("sigmoid", 0.01),
+    ("none", 0.01),
+    ("gelu", 0.01),
+    ("gelu_tanh", 0.01),
+    ("silu", 0.01),
+]
+ACT_IDS = [a if s == 0.01 else f"{a}{s}" for a, s in ACTS]
+ACT_GRID = list(itertools.product(range(len(ACTS)), (0, 1, 3, 129), DTYPES))
+
+
+def _act_fns(activation, output_activation, slope):
+    kw = dict(activation=activation, output_activation=output_activation, negative_slope=slope)
+
+    def ours(x, w, b):
+        return mlp(x, w, b, **kw)
+
+    def ref(x, w, b):
+        return mlp_ref(x, w, b, **kw)
+
+    return ours, ref
+
+
+@pytest.mark.parametrize(
+    "act,batch,prec",
+    ACT_GRID,
+    ids=[f"{ACT_IDS[a]}-b{b}-{p}" for a, b, p in ACT_GRID],
+)
+def test_every_activation_matches_torch(act, batch, prec):
+    case = ACT_GRID.index((act, batch, prec))
+    activation, slope = ACTS[act]
+    out = activation if case % 2 else "none"
+    layers, bias = 1 + case % 3, (case // 2) % 2 == 0
+    sizes = [WIDTHS[(case + i) % 3] for i in range(layers + 1)]
+    gen = torch.Generator().manual_seed(case)
+    dtype = DTYPES[prec]
+    weights, biases = _layers(sizes, dtype, bias, gen)
+    x = torch.randn(batch, sizes[0], generator=gen).to("cuda", dtype)
+    ours_fn, ref_fn = _act_fns(activation, out, slope)
+    y, grads, gy = _run(ours_fn, x, weights, biases)
+    y_t, grads_t, _ = _run(ref_fn, x, weights, biases, gy)
+    as64 = [w.double() for w in weights], None if biases is None else [b.double() for b in biases]
+    y_64, grads_64, _ = _run(ref_fn, x.double(), *as64, gy.double())
+    for ours, theirs, ref in zip([y, *grads], [y_t, *grads_t], [y_64, *grads_64], strict=True):
+        assert ours.shape == ref.shape and ours.dtype == dtype and ours.device == x.device
+        assert rel_err(ours, ref) <= 2 * rel_err(theirs, ref) + FLOOR[prec], (activation, out)
+
+
+@pytest.mark.parametrize("act", range(len(ACTS)), ids=ACT_IDS)
+def test_every_activation_nan_inf_and_opcheck(act):
+    activation, slope = ACTS[act]
+    gen = torch.Generator().manual_seed(6)
+    weights, biases = _layers((9, 11, 6, 3), torch.float32, True, gen)
+    x = torch.randn(6, 9, generator=gen).cuda()
+    x[2, 3], x[4, 1] = float("nan"), float("inf")
+    ours_fn, ref_fn = _act_fns(activation, activation, slope)
+    y, grads, gy = _run(ours_fn, x, weights, biases)
+    y_t, grads_t, _ = _run(ref_fn, x, weights, biases, gy)
+    for ours, theirs in zip([y, *grads], [y_t, *grads_t], strict=True):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    acts = (activation, activation, slope)
+    x = x.nan_to_num()
+    torch.library.opcheck(torch.ops.fastmlp.mlp.default, (x, weights, biases, *acts))
+    y, hidden = torch.ops.fastmlp.mlp(x, weights, biases, *acts)
+    assert len(hidden) == 3
+    args = (torch.randn_like(y), x, weights, hidden, [True] * 7, *acts)
+    torch.library.opcheck(torch.ops.fastmlp.mlp_backward.default, args)
+
+
+@pytest.mark.parametrize("act", range(len(ACTS)), ids=ACT_IDS)
+def test_every_activation_autocast_and_cpu_parity(act):
+    activation, slope = ACTS[act]
+    torch.manual_seed(7)
+    cpu = fastmlp.MLP(
+        (20, 16, 16, 4), activation=activation, output_activation=activation, negative_slope=slope
+    )
+    model = fastmlp.MLP(
+        (20, 16, 16, 4), activation=activation, output_activation=activation, negative_slope=slope
+    ).cuda()
+    model.load_state_dict(cpu.state_dict())
+    x = torch.randn(9, 20)
+    torch.testing.assert_close(model(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x.cuda())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().cpu(), cpu(x), atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

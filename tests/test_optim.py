@@ -190,15 +190,37 @@ def test_other_models_are_not_taken_for_mlps(model):
 
 
 @pytest.mark.parametrize(
-    "case", ["tanh-model", "dampening", "maximize", "fp16-autocast", "two-groups", "frozen"]
+    "case",
+    [
+        "tanh-model",
+        "dampening",
+        "maximize",
+        "fp16-autocast",
+        "two-groups",
+        "frozen",
+        "gelu-mlp",
+        "leaky-relu-mlp",
+        "linear-mlp",
+        "relu-output-mlp",
+    ],
 )
 def test_falls_back_to_the_autograd_step(case):
-    """Whatever the fused kernel cannot run, train_step still does exactly the eager step."""
+    """Whatever the fused kernel cannot run, train_step still does exactly the eager step.
+    The kernel computes ReLU MLPs only: an MLP with another activation, or with an output
+    activation, takes the autograd step."""
     torch.manual_seed(0)
     options: dict = {}
+    mlp_options = {
+        "gelu-mlp": {"activation": "gelu"},
+        "leaky-relu-mlp": {"activation": "leaky_relu", "negative_slope": 0.2},
+        "linear-mlp": {"activation": "none"},
+        "relu-output-mlp": {"output_activation": "relu"},
+    }
     if case == "tanh-model":
         model = NeuralNetwork()
         model.linear_relu_stack[1] = nn.Tanh()
+    elif case in mlp_options:
+        model = fastmlp.MLP((12, 9, 4), **mlp_options[case])
     else:
         model = fastmlp.MLP((12, 9, 4))
         options = {"dampening": {"momentum": 0.9, "dampening": 0.5}, "maximize": {"maximize": True}}

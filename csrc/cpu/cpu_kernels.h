@@ -55,39 +55,59 @@ struct BelowAutograd {
       c10::autograd_dispatch_keyset_with_ADInplaceOrView};
 };
 
-// ReLU that keeps NaN (like torch.relu): Vectorized::maximum propagates NaN.
+// out[0:n] = relu(in[0:n]), keeping NaN (like torch.relu):
+// Vectorized::maximum propagates NaN. out may be in.
 template <typename scalar_t>
-void relu_inplace(scalar_t* row, int64_t n) {
+void relu_row(const scalar_t* in, scalar_t* out, int64_t n) {
   using Vec = Vectorized<scalar_t>;
   const Vec zero(scalar_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::maximum(Vec::loadu(row + i), zero).store(row + i);
+    at::vec::maximum(Vec::loadu(in + i), zero).store(out + i);
   }
   if (i < n) {
-    at::vec::maximum(Vec::loadu(row + i, n - i), zero).store(row + i, n - i);
+    at::vec::maximum(Vec::loadu(in + i, n - i), zero).store(out + i, n - i);
   }
 }
 
-// out[0:rows, 0:cols] (row stride ldo) = relu(x_rows @ w_cols.T + bias_cols).
-// The block is first filled with the bias so that the GEMM accumulates onto it
-// (beta = 1): the pre-activation is rounded once, as in torch's addmm.
 template <typename scalar_t>
+void relu_inplace(scalar_t* row, int64_t n) {
+  relu_row(row, row, n);
+}
+
+// The forward epilogue of linear_relu and the ReLU layers of the MLP ops:
+// called as epilogue(z_row, a_row, n) on each row of a block right after its
+// GEMM, it writes relu(z_row) to a_row (the same row when in place). Other
+// activations have their own epilogues (activations.h).
+template <typename scalar_t>
+struct ReluRows {
+  void operator()(const scalar_t* z, scalar_t* a, int64_t n) const {
+    relu_row(z, a, n);
+  }
+};
+
+// z[0:rows, 0:cols] (row stride ldz) = x_rows @ w_cols.T + bias_cols, then
+// epilogue(z row, a row, cols) on each row, a (row stride lda) being the
+// activation's output (a == z: in place). The block is first filled with the
+// bias so that the GEMM accumulates onto it (beta = 1): the pre-activation is
+// rounded once, as in torch's addmm.
+template <typename scalar_t, typename Epilogue>
 void forward_block(const at::Tensor& x_rows, const at::Tensor& w_cols,
-                   const scalar_t* bias, at::Tensor out_block) {
-  const int64_t rows = out_block.size(0), cols = out_block.size(1);
-  scalar_t* out = out_block.data_ptr<scalar_t>();
-  const int64_t ldo = out_block.stride(0);
+                   const scalar_t* bias, at::Tensor z_block, scalar_t* a,
+                   int64_t lda, const Epilogue& epilogue) {
+  const int64_t rows = z_block.size(0), cols = z_block.size(1);
+  scalar_t* z = z_block.data_ptr<scalar_t>();
+  const int64_t ldz = z_block.stride(0);
   if (bias != nullptr) {
     for (int64_t r = 0; r < rows; ++r) {
-      std::copy(bias, bias + cols, out + r * ldo);
+      std::copy(bias, bias + cols, z + r * ldz);
     }
-    at::addmm_out(out_block, out_block, x_rows, w_cols.t());
+    at::addmm_out(z_block, z_block, x_rows, w_cols.t());
   } else {
-    at::mm_out(out_block, x_rows, w_cols.t());
+    at::mm_out(z_block, x_rows, w_cols.t());
   }
   for (int64_t r = 0; r < rows; ++r) {
-    relu_inplace(out + r * ldo, cols);
+    epilogue(z + r * ldz, a + r * lda, cols);
   }
 }
 
@@ -102,39 +122,45 @@ constexpr bool split_gemms_by_thread() {
   return !at::is_reduced_floating_point_v<scalar_t>;
 }
 
-// Library-threaded forward: one addmm (bias folded in, rounded once), then
-// the ReLU over row blocks in parallel.
-template <typename scalar_t>
+// Library-threaded forward: one addmm into z (bias folded in, rounded once),
+// then the epilogue over row blocks in parallel, into a (a == z: in place).
+template <typename scalar_t, typename Epilogue>
 void forward_whole(const at::Tensor& x2, const at::Tensor& w,
-                   const at::Tensor& bias, at::Tensor& out) {
+                   const at::Tensor& bias, at::Tensor& z, at::Tensor& a,
+                   const Epilogue& epilogue) {
   if (bias.defined()) {
-    at::addmm_out(out, bias, x2, w.t());
+    at::addmm_out(z, bias, x2, w.t());
   } else {
-    at::mm_out(out, x2, w.t());
+    at::mm_out(z, x2, w.t());
   }
-  const int64_t N = out.size(1);
-  scalar_t* data = out.data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0), std::max<int64_t>(1, 16384 / N),
+  const int64_t N = z.size(1);
+  const scalar_t* z_data = z.data_ptr<scalar_t>();
+  scalar_t* a_data = a.data_ptr<scalar_t>();
+  at::parallel_for(0, z.size(0), std::max<int64_t>(1, 16384 / N),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r) {
-                       relu_inplace(data + r * N, N);
+                       epilogue(z_data + r * N, a_data + r * N, N);
                      }
                    });
 }
 
-template <typename scalar_t>
-void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
-                              const at::Tensor& bias_t, at::Tensor& out) {
+// z = x2 @ w.T + bias and a = act(z) by the epilogue (see forward_block),
+// z and a contiguous (M x N), a == z for an activation computed in place.
+template <typename scalar_t, typename Epilogue>
+void linear_act_forward_impl(const at::Tensor& x2, const at::Tensor& w,
+                             const at::Tensor& bias_t, at::Tensor& z,
+                             at::Tensor& a, const Epilogue& epilogue) {
   if (!split_gemms_by_thread<scalar_t>()) {
-    forward_whole<scalar_t>(x2, w, bias_t, out);
+    forward_whole<scalar_t>(x2, w, bias_t, z, a, epilogue);
     return;
   }
   const scalar_t* bias =
       bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
+  scalar_t* a_data = a.data_ptr<scalar_t>();
   const int64_t M = x2.size(0), N = w.size(0);
   // Split over output columns: each thread reads only its slice of the
   // weight (which stays in its cache from one row block to the next) and
-  // owns out[:, n0:n1]. Rows go in blocks so the block fits in L2.
+  // owns z[:, n0:n1]. Rows go in blocks so the block fits in L2.
   const int64_t col_grain = block_per_thread(N, kColumnAlign);
   const int64_t row_block = std::max<int64_t>(
       16, kForwardBlockBytes / (static_cast<int64_t>(sizeof(scalar_t)) *
@@ -146,9 +172,18 @@ void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
       const int64_t rows = std::min(row_block, M - m0);
       forward_block<scalar_t>(x2.narrow(0, m0, rows), w_cols,
                               bias == nullptr ? nullptr : bias + n0,
-                              out.narrow(0, m0, rows).narrow(1, n0, n1 - n0));
+                              z.narrow(0, m0, rows).narrow(1, n0, n1 - n0),
+                              a_data + m0 * N + n0, N, epilogue);
     }
   });
+}
+
+// out = relu(x2 @ w.T + bias), computed in place in out.
+template <typename scalar_t>
+void linear_relu_forward_impl(const at::Tensor& x2, const at::Tensor& w,
+                              const at::Tensor& bias_t, at::Tensor& out) {
+  linear_act_forward_impl<scalar_t>(x2, w, bias_t, out, out,
+                                    ReluRows<scalar_t>{});
 }
 
 // Element arithmetic type: float for the 16-bit types (as torch accumulates),
@@ -207,20 +242,33 @@ void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
   }
 }
 
-// g[:, c0:c1] = sum of the parts' columns c0:c1, masked where y <= 0 (the
-// ReLU's threshold_backward rule: NaN passes, 0 blocks), with each column's
-// sum added into bias_acc[c - c0] (when given). Parts are rows x ld
-// row-major; g may be the first part. y == nullptr: no mask (a layer without
-// activation); g == nullptr: nothing stored (only the bias sums are wanted).
-// Sums are in math_t and in row order, so results do not depend on the
-// thread count or timing.
+// ReLU's backward on a vector of the incoming gradient g (in math_t) and the
+// saved output y: threshold_backward's rule, zero where y <= 0 (NaN passes,
+// 0 blocks). The pre-activation z gives the same mask (relu(z) <= 0 exactly
+// where z <= 0, and NaN where z is). Other activations: activations.h.
 template <typename scalar_t>
-void combine_grad_block(const std::vector<const scalar_t*>& parts,
-                        const scalar_t* y, scalar_t* g, int64_t rows,
-                        int64_t ld, int64_t c0, int64_t c1,
-                        math_t<scalar_t>* bias_acc) {
+struct ReluMask {
   using Vec = Vectorized<math_t<scalar_t>>;
-  const Vec zero(0);
+  Vec operator()(const Vec& g, const Vec& y) const {
+    return Vec::blendv(g, Vec(0), y <= Vec(0));
+  }
+};
+
+// g[:, c0:c1] = sum of the parts' columns c0:c1, passed through the
+// activation's backward deriv(sum, saved) (ReLU's mask by default) with
+// `saved` what the layer saved (its output y or pre-activation), with each
+// column's sum added into bias_acc[c - c0] (when given). Parts are rows x ld
+// row-major; g may be the first part. saved == nullptr: no activation (the
+// sum passes as it is); g == nullptr: nothing stored (only the bias sums are
+// wanted). Sums are in math_t and in row order, so results do not depend on
+// the thread count or timing.
+template <typename scalar_t, typename Deriv = ReluMask<scalar_t>>
+void combine_grad_block(const std::vector<const scalar_t*>& parts,
+                        const scalar_t* saved, scalar_t* g, int64_t rows,
+                        int64_t ld, int64_t c0, int64_t c1,
+                        math_t<scalar_t>* bias_acc,
+                        const Deriv& deriv = Deriv()) {
+  using Vec = Vectorized<math_t<scalar_t>>;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t off = r * ld;
     for (int64_t c = c0; c < c1; c += Vec::size()) {
@@ -229,8 +277,8 @@ void combine_grad_block(const std::vector<const scalar_t*>& parts,
       for (size_t p = 1; p < parts.size(); ++p) {
         sum = sum + load_math(parts[p] + off + c, n);
       }
-      if (y != nullptr) {
-        sum = Vec::blendv(sum, zero, load_math(y + off + c, n) <= zero);
+      if (saved != nullptr) {
+        sum = deriv(sum, load_math(saved + off + c, n));
       }
       if (g != nullptr) store_math(sum, g + off + c, n);
       if (bias_acc != nullptr) {

@@ -70,12 +70,14 @@ class Workspace {
 // B x K, W of N x K.
 //
 // d(loss)/d(y) arrives as the sum of `g_parts` (P x B x N, contiguous). `y`
-// is the layer's ReLU output, whose sign is the mask, or undefined for the
-// MLP's last layer (no activation). The output features are cut into one
-// block per thread; the thread that owns rows n0:n1 of W does everything that
-// touches them, with no barrier: it sums and masks its columns of the
-// gradient (in place into part 0; when there is one part and no mask, part 0
-// is read as it is and never written, so it may be the caller's grad_y),
+// is what the layer saved for its activation's backward, applied as
+// deriv(sum, y) (ReLU's mask by default: y is then the ReLU output), or
+// undefined for a layer without activation. The output features are cut into
+// one block per thread; the thread that owns rows n0:n1 of W does everything
+// that touches them, with no barrier: it sums and masks its columns of the
+// gradient (in place into part 0, or into g_dst (B x N) when given; when
+// there is one part and no mask, part 0 is read as it is and never written,
+// so it may be the caller's grad_y; with a mask, pass g_dst then),
 // reduces them into the bias gradient (when need_bias_grad), computes its
 // share of d(loss)/d(h) = g[:, n0:n1] @ W[n0:n1, :] (reading W before the
 // epilogue, which may update it), then calls
@@ -92,11 +94,14 @@ class Workspace {
 // float16 that is faster (see split_gemms_by_thread), and d(loss)/d(h) is
 // then one GEMM rounded once to the 16-bit type, as PyTorch's, instead of
 // per-thread parts each rounded before they are summed.
-template <typename scalar_t, typename Epilogue>
+template <typename scalar_t, typename Epilogue,
+          typename Deriv = ReluMask<scalar_t>>
 at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
                           const at::Tensor& weight_c, bool need_grad_h,
                           bool need_bias_grad, bool split_by_thread,
-                          Workspace& ws, Epilogue&& epilogue) {
+                          Workspace& ws, Epilogue&& epilogue,
+                          const Deriv& deriv = Deriv(),
+                          const at::Tensor& g_dst = at::Tensor()) {
   const int64_t P = g_parts.size(0), B = g_parts.size(1), N = g_parts.size(2);
   const int64_t K = weight_c.size(1);
   const int64_t grain = split_by_thread ? block_per_thread(N, kColumnAlign)
@@ -111,8 +116,9 @@ at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
   const scalar_t* mask = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
   // One unmasked part is the gradient already: read it, never write it.
   const bool combine = mask != nullptr || P > 1;
-  scalar_t* g = combine ? g_parts.data_ptr<scalar_t>() : nullptr;
-  const at::Tensor g_mat = g_parts.select(0, 0);
+  const at::Tensor g_mat =
+      combine && g_dst.defined() ? g_dst : g_parts.select(0, 0);
+  scalar_t* g = combine ? g_mat.data_ptr<scalar_t>() : nullptr;
   using acc_t = math_t<scalar_t>;
 
   const auto run_blocks = [&](int64_t b0, int64_t b1) {
@@ -123,7 +129,7 @@ at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
       if (combine || need_bias_grad) {
         combine_grad_block<scalar_t>(
             parts, mask, g, B, N, n0, n0 + rows,
-            need_bias_grad ? bias_grad.data() : nullptr);
+            need_bias_grad ? bias_grad.data() : nullptr, deriv);
       }
       const at::Tensor g_cols = g_mat.narrow(1, n0, rows);
       if (need_grad_h) {

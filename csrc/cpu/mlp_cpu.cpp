@@ -1,15 +1,18 @@
 // CPU kernels of fastmlp::mlp and fastmlp::mlp_backward: a whole MLP
-// (ReLU after every layer but the last) forward in one call, and its
-// backward in one call.
+// (an activation after every layer but the last, ReLU by default, and an
+// optional one after the last) forward in one call, and its backward in one
+// call.
 //
 // Why one op for the whole network: at the tutorial's batch 64 the GEMMs of
 // a training step take ~1.1 ms, and per-layer autograd adds a node per layer,
 // gradient tensors accumulated and zeroed by separate passes and bookkeeping
 // around each. Here forward is the fused Linear+ReLU block of every hidden
-// layer (the same one linear_relu and mlp_sgd_step run) and one addmm for the
-// last layer; backward is mlp_sgd_step's layer backward (mlp_blocks.h) with
-// an epilogue that writes each thread's rows of the weight gradient straight
-// into the tensor autograd hands to .grad, instead of updating the weights.
+// layer (the same one linear_relu and mlp_sgd_step run; another activation
+// is another epilogue of that block, activations.h) and one addmm for the
+// last layer (or the block again, with the output activation); backward is
+// mlp_sgd_step's layer backward (mlp_blocks.h) with an epilogue that writes
+// each thread's rows of the weight gradient straight into the tensor autograd
+// hands to .grad, instead of updating the weights.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,7 +22,9 @@
 #include <tuple>
 #include <vector>
 
+#include "activation.h"
 #include "checks.h"
+#include "cpu/activations.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/mlp_blocks.h"
 
@@ -28,29 +33,67 @@ namespace {
 
 using namespace cpu;  // NOLINT: the building blocks of this file
 
+// a = epilogue(z), row by row in parallel (z and a contiguous, same shape).
+template <typename scalar_t, typename Epilogue>
+void apply_rows(const at::Tensor& z, at::Tensor& a, const Epilogue& epilogue) {
+  const int64_t N = z.size(1);
+  const scalar_t* z_data = z.data_ptr<scalar_t>();
+  scalar_t* a_data = a.data_ptr<scalar_t>();
+  at::parallel_for(0, z.size(0), std::max<int64_t>(1, 16384 / N),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       epilogue(z_data + r * N, a_data + r * N, N);
+                     }
+                   });
+}
+
 template <typename scalar_t>
 void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                       const std::vector<at::Tensor>& b,
+                      const MlpActivations& act,
                       const std::vector<at::Tensor>& hidden, at::Tensor& out) {
   const size_t L = w.size();
+  Workspace& ws = Workspace::for_this_thread();
+  // A layer that saves its output computes the activation in place in
+  // hidden[l]; one that saves its pre-activation z (hidden[l]) writes act(z)
+  // to a temporary, the next layer's input.
+  const bool in_place = act.hidden_saves_output();
   at::Tensor h = x2;
-  for (size_t l = 0; l + 1 < L; ++l) {
-    at::Tensor y = hidden[l];
-    linear_relu_forward_impl<scalar_t>(h, w[l], b[l], y);
-    h = y;
+  with_activation_rows<scalar_t>(
+      act.hidden, act.negative_slope, [&](const auto& epilogue) {
+        for (size_t l = 0; l + 1 < L; ++l) {
+          at::Tensor z = hidden[l];
+          at::Tensor a = in_place ? z : ws.next(z.sizes(), z.options());
+          linear_act_forward_impl<scalar_t>(h, w[l], b[l], z, a, epilogue);
+          h = a;
+        }
+      });
+  if (act.output == Activation::kNone) {
+    // The last layer has no epilogue to fuse: one library-threaded GEMM, the
+    // bias folded in (rounded once, as F.linear).
+    if (b[L - 1].defined()) {
+      at::addmm_out(out, b[L - 1], h, w[L - 1].t());
+    } else {
+      at::mm_out(out, h, w[L - 1].t());
+    }
+    return;
   }
-  // The last layer has no epilogue to fuse: one library-threaded GEMM, the
-  // bias folded in (rounded once, as F.linear).
-  if (b[L - 1].defined()) {
-    at::addmm_out(out, b[L - 1], h, w[L - 1].t());
-  } else {
-    at::mm_out(out, h, w[L - 1].t());
-  }
+  // With an output activation the last layer is a block like the others,
+  // saving its pre-activation in hidden[L - 1].
+  at::Tensor z = hidden[L - 1];
+  with_activation_rows<scalar_t>(act.output, act.negative_slope,
+                                 [&](const auto& epilogue) {
+                                   linear_act_forward_impl<scalar_t>(
+                                       h, w[L - 1], b[L - 1], z, out, epilogue);
+                                 });
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(const at::Tensor& x,
-                                                        at::TensorList weights,
-                                                        at::TensorList biases) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    c10::string_view activation, c10::string_view output_activation,
+    double negative_slope) {
+  const MlpActivations act = parse_mlp_activations(
+      activation, output_activation, negative_slope, "fastmlp.mlp: ");
   check_mlp_args(x, weights, biases);
   const size_t L = weights.size();
   const at::Tensor x2 = as_rows(x);
@@ -59,13 +102,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(const at::Tensor& x,
   for (size_t l = 0; l < L; ++l) {
     w[l] = weights[l].contiguous();
     if (!biases.empty()) b[l] = biases[l].contiguous();
-    if (l + 1 < L) hidden.push_back(at::empty({M, w[l].size(0)}, x.options()));
+    if (l < act.hidden_count(L)) {
+      hidden.push_back(at::empty({M, w[l].size(0)}, x.options()));
+    }
   }
   at::Tensor out = at::empty({M, w[L - 1].size(0)}, x.options());
   if (M > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_cpu",
-        [&] { mlp_forward_impl<scalar_t>(x2, w, b, hidden, out); });
+        [&] { mlp_forward_impl<scalar_t>(x2, w, b, act, hidden, out); });
   }
   return {out.view(with_last(x.sizes(), w[L - 1].size(0))), hidden};
 }
@@ -100,34 +145,59 @@ template <typename scalar_t>
 void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
                        const std::vector<at::Tensor>& w,
                        const std::vector<at::Tensor>& hidden,
-                       const BackwardMask& m, at::Tensor& grad_x,
-                       std::vector<at::Tensor>& grad_w,
+                       const MlpActivations& act, const BackwardMask& m,
+                       at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
                        std::vector<at::Tensor>& grad_b) {
   const size_t L = w.size();
   Workspace& ws = Workspace::for_this_thread();
+  const bool saves_output = act.hidden_saves_output();
   // The gradient reaching layer l's output, as parts to be summed; at the
   // top it is grad_y itself, which layer_backward only reads.
   at::Tensor g_parts = gy2.unsqueeze(0);
   for (size_t l = L; l-- > m.lowest;) {
-    const at::Tensor& input = l == 0 ? x2 : hidden[l - 1];
-    const at::Tensor mask = l + 1 == L ? at::Tensor() : hidden[l];
     const bool need_w = m.weight[l];
+    // Layer l's input, for its weight gradient: x, or the layer below's
+    // output, recomputed when that layer saved its pre-activation.
+    at::Tensor input = l == 0 ? x2 : hidden[l - 1];
+    if (need_w && l > 0 && !saves_output) {
+      input = ws.next(hidden[l - 1].sizes(), hidden[l - 1].options());
+      with_activation_rows<scalar_t>(
+          act.hidden, act.negative_slope, [&](const auto& epilogue) {
+            apply_rows<scalar_t>(hidden[l - 1], input, epilogue);
+          });
+    }
+    // What the layer's activation saved: hidden[l] below the top (its output
+    // or pre-activation, see MlpActivations); at the top, the pre-activation
+    // when there is an output activation, else nothing (no mask).
+    const bool top = l + 1 == L;
+    const Activation kind = top ? act.output : act.hidden;
+    const at::Tensor saved =
+        kind == Activation::kNone ? at::Tensor() : hidden[l];
+    // The top's gradient through the output activation goes to a buffer of
+    // ours: the gradient reaching it is the caller's grad_y.
+    const at::Tensor g_dst = top && saved.defined()
+                                 ? ws.next(gy2.sizes(), gy2.options())
+                                 : at::Tensor();
     scalar_t* gb = m.bias[l] ? grad_b[l].data_ptr<scalar_t>() : nullptr;
     at::Tensor& gw = grad_w[l];
-    g_parts = layer_backward<scalar_t>(
-        g_parts, mask, w[l], l > m.lowest || m.grad_x, m.bias[l],
-        split_gemms_by_thread<scalar_t>(), ws,
-        [&](int64_t n0, int64_t rows, const at::Tensor& g_cols,
-            const math_t<scalar_t>* bias_grad) {
-          if (need_w) {
-            at::Tensor gw_rows = gw.narrow(0, n0, rows);
-            at::mm_out(gw_rows, g_cols.t(), input);
-          }
-          if (bias_grad != nullptr) {
-            for (int64_t i = 0; i < rows; ++i) {
-              gb[n0 + i] = static_cast<scalar_t>(bias_grad[i]);
-            }
-          }
+    const auto epilogue = [&](int64_t n0, int64_t rows,
+                              const at::Tensor& g_cols,
+                              const math_t<scalar_t>* bias_grad) {
+      if (need_w) {
+        at::Tensor gw_rows = gw.narrow(0, n0, rows);
+        at::mm_out(gw_rows, g_cols.t(), input);
+      }
+      if (bias_grad != nullptr) {
+        for (int64_t i = 0; i < rows; ++i) {
+          gb[n0 + i] = static_cast<scalar_t>(bias_grad[i]);
+        }
+      }
+    };
+    with_activation_deriv<scalar_t>(
+        kind, !top && saves_output, act.negative_slope, [&](const auto& deriv) {
+          g_parts = layer_backward<scalar_t>(
+              g_parts, saved, w[l], l > m.lowest || m.grad_x, m.bias[l],
+              split_gemms_by_thread<scalar_t>(), ws, epilogue, deriv, g_dst);
         });
   }
   if (m.grad_x) {
@@ -149,9 +219,13 @@ void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
                  at::TensorList weights, at::TensorList hidden,
-                 const c10::List<bool>& output_mask_list) {
+                 const c10::List<bool>& output_mask_list,
+                 c10::string_view activation,
+                 c10::string_view output_activation, double negative_slope) {
   const std::vector<bool> output_mask = output_mask_list.vec();
-  check_mlp_backward_args(grad_y, x, weights, hidden, output_mask);
+  const MlpActivations act = parse_mlp_activations(
+      activation, output_activation, negative_slope, "fastmlp.mlp_backward: ");
+  check_mlp_backward_args(grad_y, x, weights, hidden, output_mask, act);
   const size_t L = weights.size();
   const BackwardMask m = parse_mask(output_mask, L);
   const bool has_bias = output_mask.size() == 1 + 2 * L;
@@ -163,7 +237,7 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
   std::vector<at::Tensor> w(L), h, grad_w, grad_b;
   for (size_t l = 0; l < L; ++l) {
     w[l] = weights[l].contiguous();
-    if (l + 1 < L) h.push_back(hidden[l].contiguous());
+    if (l < hidden.size()) h.push_back(hidden[l].contiguous());
     grad_w.push_back(m.weight[l] ? at::empty(w[l].sizes(), grad_y.options())
                                  : empty());
     if (has_bias) {
@@ -183,7 +257,8 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, grad_y.scalar_type(), "mlp_backward_cpu",
         [&] {
-          mlp_backward_impl<scalar_t>(gy2, x2, w, h, m, grad_x, grad_w, grad_b);
+          mlp_backward_impl<scalar_t>(gy2, x2, w, h, act, m, grad_x, grad_w,
+                                      grad_b);
         });
   }
   if (m.grad_x) {

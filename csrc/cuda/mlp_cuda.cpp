@@ -1,7 +1,8 @@
 // CUDA kernels of fastmlp::mlp and fastmlp::mlp_backward: the argument
 // checks, the device guard and the "aten engine" (aten_engine.cpp): cuBLAS
-// GEMMs as torch.nn.functional.linear runs them, ReLU and its mask as
-// torch.relu and its backward do. It is correct on every GPU torch supports
+// GEMMs as torch.nn.functional.linear runs them, each activation and its
+// backward as the torch.nn.functional call and PyTorch's backward op do. It
+// is correct on every GPU torch supports
 // and keeps PyTorch's NaN semantics; no faster CUDA engine is validated for
 // the whole-MLP ops yet, so this is the only one (cuBLASLt's RELU_AUX_BIAS /
 // DRELU_BGRAD epilogues would fit, but turn NaN into 0). Every ATen call runs
@@ -22,20 +23,28 @@ namespace fastmlp {
 namespace {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
-    const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    c10::string_view activation, c10::string_view output_activation,
+    double negative_slope) {
+  const MlpActivations act = parse_mlp_activations(
+      activation, output_activation, negative_slope, "fastmlp.mlp: ");
   check_mlp_args(x, weights, biases);
   const c10::DeviceGuard guard(x.device());
-  return mlp_aten(x, weights, biases);
+  return mlp_aten(x, weights, biases, act);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mlp_backward_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
                   at::TensorList weights, at::TensorList hidden,
-                  const c10::List<bool>& output_mask_list) {
+                  const c10::List<bool>& output_mask_list,
+                  c10::string_view activation,
+                  c10::string_view output_activation, double negative_slope) {
   const std::vector<bool> mask = output_mask_list.vec();
-  check_mlp_backward_args(grad_y, x, weights, hidden, mask);
+  const MlpActivations act = parse_mlp_activations(
+      activation, output_activation, negative_slope, "fastmlp.mlp_backward: ");
+  check_mlp_backward_args(grad_y, x, weights, hidden, mask, act);
   const c10::DeviceGuard guard(grad_y.device());
-  return mlp_backward_aten(grad_y, x, weights, hidden, mask);
+  return mlp_backward_aten(grad_y, x, weights, hidden, mask, act);
 }
 
 }  // namespace

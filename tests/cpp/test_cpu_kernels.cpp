@@ -366,26 +366,35 @@ using MlpResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 using MlpGrads =
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-MlpResult mlp(const at::Tensor& x, at::TensorList w, at::TensorList b) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmlp::mlp", "")
-                       .typed<MlpResult(const at::Tensor&, at::TensorList,
-                                        at::TensorList)>();
-  return op.call(x, w, b);
+MlpResult mlp(const at::Tensor& x, at::TensorList w, at::TensorList b,
+              const std::string& activation = "relu",
+              const std::string& output_activation = "none",
+              double negative_slope = 0.01) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp", "")
+          .typed<MlpResult(const at::Tensor&, at::TensorList, at::TensorList,
+                           c10::string_view, c10::string_view, double)>();
+  return op.call(x, w, b, activation, output_activation, negative_slope);
 }
 
 MlpGrads mlp_backward(const at::Tensor& gy, const std::optional<at::Tensor>& x,
                       at::TensorList w, at::TensorList hidden,
-                      const std::vector<bool>& mask) {
+                      const std::vector<bool>& mask,
+                      const std::string& activation = "relu",
+                      const std::string& output_activation = "none",
+                      double negative_slope = 0.01) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastmlp::mlp_backward", "")
           .typed<MlpGrads(const at::Tensor&, const std::optional<at::Tensor>&,
                           at::TensorList, at::TensorList,
-                          const c10::List<bool>&)>();
+                          const c10::List<bool>&, c10::string_view,
+                          c10::string_view, double)>();
   c10::List<bool> list;
   for (const bool m : mask) list.push_back(m);
-  return op.call(gy, x, w, hidden, list);
+  return op.call(gy, x, w, hidden, list, activation, output_activation,
+                 negative_slope);
 }
 
 // The whole-MLP op and its backward against ATen in float64, with every
@@ -472,6 +481,165 @@ void test_mlp() {
   expect_error([&] { mlp(x, {}, {}); }, "at least one layer", "mlp no layers");
 }
 
+// act(z) as torch.nn.functional computes it, for the reference.
+at::Tensor reference_activation(const at::Tensor& z, const std::string& kind,
+                                double slope) {
+  if (kind == "relu") return at::relu(z);
+  if (kind == "leaky_relu") return at::leaky_relu(z, slope);
+  if (kind == "tanh") return at::tanh(z);
+  if (kind == "sigmoid") return at::sigmoid(z);
+  if (kind == "gelu") return at::gelu(z, "none");
+  if (kind == "gelu_tanh") return at::gelu(z, "tanh");
+  if (kind == "silu") return at::silu(z);
+  return z;  // "none"
+}
+
+const char* const kActivations[] = {"relu",      "leaky_relu", "tanh",
+                                    "sigmoid",   "none",       "gelu",
+                                    "gelu_tanh", "silu"};
+
+// Every activation, hidden and on the output, forward and backward of a
+// small MLP against ATen's own ops differentiated by autograd, in float64
+// (and float32 against the same reference); the aten engine (the CUDA
+// implementation) on CPU tensors against it too. Also: what hidden holds,
+// grad_y left as it was, the gradient at a pre-activation of exactly 0.
+void test_mlp_activations() {
+  struct Case {
+    std::string kind, out;
+    double slope;
+  };
+  std::vector<Case> cases;
+  for (const char* kind : kActivations) {
+    for (const char* out : {"none", kind, "sigmoid"}) {
+      cases.push_back({kind, out, 0.01});
+    }
+  }
+  cases.push_back({"leaky_relu", "leaky_relu", -0.3});
+  cases.push_back({"leaky_relu", "none", 0.0});
+  const std::vector<int64_t> sizes = {7, 513, 1, 9};
+  const size_t L = sizes.size() - 1;
+  for (const auto& c : cases) {
+    for (auto dtype : {at::kDouble, at::kFloat}) {
+      const auto opts = at::TensorOptions().dtype(dtype);
+      const int64_t B = dtype == at::kDouble ? 129 : 3;
+      std::vector<at::Tensor> w, b;
+      for (size_t l = 0; l < L; ++l) {
+        w.push_back(at::randn({sizes[l + 1], sizes[l]}, opts)
+                        .mul_(1.5 / std::sqrt(sizes[l])));
+        b.push_back(at::randn({sizes[l + 1]}, opts));
+      }
+      const at::Tensor x = at::randn({B, sizes[0]}, opts);
+      const std::string name = "mlp " + c.kind + "/" + c.out +
+                               " slope=" + std::to_string(c.slope) + " " +
+                               c10::toString(dtype);
+      // The reference, in float64 through autograd.
+      std::vector<at::Tensor> leaves = {
+          x.to(at::kDouble).clone().requires_grad_(true)};
+      for (const auto& t : w)
+        leaves.push_back(t.to(at::kDouble).clone().requires_grad_());
+      for (const auto& t : b)
+        leaves.push_back(t.to(at::kDouble).clone().requires_grad_());
+      std::vector<at::Tensor> z_ref, a_ref;
+      at::Tensor h = leaves[0];
+      for (size_t l = 0; l < L; ++l) {
+        const at::Tensor z = at::linear(h, leaves[1 + l], leaves[1 + L + l]);
+        h = reference_activation(z, l + 1 < L ? c.kind : c.out, c.slope);
+        z_ref.push_back(z.detach());
+        a_ref.push_back(h.detach());
+      }
+      const at::Tensor gy = at::randn({B, sizes[L]}, opts);
+      const at::Tensor gy_before = gy.clone();
+      h.backward(gy.to(at::kDouble));
+      const double tol = dtype == at::kDouble ? 1e-10 : 1e-4;
+      const auto close = [&](const at::Tensor& a, const at::Tensor& ref) {
+        return a.scalar_type() == dtype && a.sizes() == ref.sizes() &&
+               (a.to(at::kDouble) - ref).norm().item<double>() <=
+                   tol * std::max(1.0, ref.norm().item<double>());
+      };
+      const bool saves_output = c.kind == "relu" || c.kind == "tanh" ||
+                                c.kind == "sigmoid" || c.kind == "none" ||
+                                (c.kind == "leaky_relu" && c.slope >= 0);
+      fastmlp::MlpActivations act =
+          fastmlp::parse_mlp_activations(c.kind, c.out, c.slope, "test: ");
+      for (int engine = 0; engine < 2; ++engine) {
+        const std::string who = name + (engine == 1 ? " aten engine" : "");
+        auto [y, hidden] = engine == 0 ? mlp(x, w, b, c.kind, c.out, c.slope)
+                                       : fastmlp::mlp_aten(x, w, b, act);
+        check(close(y, a_ref[L - 1]), who + ": forward");
+        const size_t H = L - 1 + (c.out != "none" ? 1 : 0);
+        check(hidden.size() == H, who + ": hidden count");
+        for (size_t l = 0; l < std::min(H, hidden.size()); ++l) {
+          const at::Tensor& want =
+              l + 1 < L && saves_output ? a_ref[l] : z_ref[l];
+          check(close(hidden[l], want),
+                who + ": hidden[" + std::to_string(l) + "]");
+        }
+        std::vector<bool> mask(1 + 2 * L, true);
+        auto [gx, gw, gb] =
+            engine == 0
+                ? mlp_backward(gy, x, w, hidden, mask, c.kind, c.out, c.slope)
+                : fastmlp::mlp_backward_aten(gy, x, w, hidden, mask, act);
+        check(at::equal(gy, gy_before), who + ": grad_y left as it was");
+        check(close(gx, leaves[0].grad()), who + ": grad_x");
+        for (size_t l = 0; l < L; ++l) {
+          check(close(gw[l], leaves[1 + l].grad()),
+                who + ": grad_w" + std::to_string(l));
+          check(close(gb[l], leaves[1 + L + l].grad()),
+                who + ": grad_b" + std::to_string(l));
+        }
+        // Only the top weight's gradient: the layer below's output is
+        // recomputed (or read) for it, nothing else is run.
+        std::vector<bool> top(1 + 2 * L, false);
+        top[L] = true;
+        auto [gx2, gw2, gb2] = engine == 0
+                                   ? mlp_backward(gy, std::nullopt, w, hidden,
+                                                  top, c.kind, c.out, c.slope)
+                                   : fastmlp::mlp_backward_aten(
+                                         gy, std::nullopt, w, hidden, top, act);
+        check(close(gw2[L - 1], leaves[L].grad()) && gx2.numel() == 0,
+              who + ": top weight's gradient alone");
+      }
+    }
+  }
+  // The gradient at a pre-activation of exactly 0, hidden and on the output.
+  const std::vector<std::pair<std::string, double>> at_zero = {
+      {"relu", 0.0}, {"leaky_relu", 0.2}, {"tanh", 1.0},      {"sigmoid", 0.25},
+      {"none", 1.0}, {"gelu", 0.5},       {"gelu_tanh", 0.5}, {"silu", 0.5}};
+  for (const auto& [kind, want] : at_zero) {
+    const at::Tensor x = at::zeros({3, 1});
+    const at::Tensor one = at::ones({1, 1});
+    for (int hidden_layer = 0; hidden_layer < 2; ++hidden_layer) {
+      const std::vector<at::Tensor> w = hidden_layer
+                                            ? std::vector<at::Tensor>{one, one}
+                                            : std::vector<at::Tensor>{one};
+      const std::string k = hidden_layer ? kind : "none";
+      const std::string o = hidden_layer ? "none" : kind;
+      auto [y, hidden] = mlp(x, w, {}, k, o, 0.2);
+      std::vector<bool> mask(1 + w.size(), false);
+      mask[0] = true;
+      auto grads = mlp_backward(at::ones_like(y), std::nullopt, w, hidden, mask,
+                                k, o, 0.2);
+      check((std::get<0>(grads) == want).all().item<bool>(),
+            "gradient at 0 of " + kind + (hidden_layer ? " (hidden)" : ""));
+    }
+  }
+  const at::Tensor x = at::randn({2, 3});
+  const std::vector<at::Tensor> w = {at::randn({4, 3}), at::randn({2, 4})};
+  expect_error([&] { mlp(x, w, {}, "gelu_erf"); },
+               "activation must be one of relu, leaky_relu, tanh",
+               "unknown activation");
+  expect_error([&] { mlp(x, w, {}, "relu", "softmax"); },
+               "output_activation must be one of", "unknown output activation");
+  expect_error([&] { mlp(x, w, {}, "leaky_relu", "none", std::nan("")); },
+               "negative_slope must be a finite number", "NaN slope");
+  expect_error(
+      [&] {
+        mlp_backward(at::randn({2, 2}), x, w, {at::randn({2, 4})},
+                     {true, true, true}, "relu", "tanh");
+      },
+      "hidden must hold 2 tensors", "hidden count with output activation");
+}
+
 int main() {
   at::manual_seed(0);
   test_grid();
@@ -481,6 +649,7 @@ int main() {
   test_mlp_sgd_step();
   test_aten_engine();
   test_mlp();
+  test_mlp_activations();
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,105 @@
+// The activations of the whole-MLP ops (fastmlp::mlp / mlp_backward): their
+// names, parsed in this one place for every backend, and what each saves for
+// the backward. Device-generic (no vector code): the CPU kernels are in
+// cpu/activations.h, the ATen versions in aten_engine.cpp.
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <cstddef>
+#include <string>
+
+namespace fastmlp {
+
+// Each one is exactly the torch.nn.functional call of the same name:
+// relu, leaky_relu(z, negative_slope), tanh, sigmoid, identity ("none"),
+// gelu(z, approximate="none"), gelu(z, approximate="tanh"), silu.
+enum class Activation {
+  kReLU,
+  kLeakyReLU,
+  kTanh,
+  kSigmoid,
+  kNone,
+  kGelu,
+  kGeluTanh,
+  kSilu,
+};
+
+inline constexpr const char* kActivationNames =
+    "relu, leaky_relu, tanh, sigmoid, none, gelu, gelu_tanh, silu";
+
+// `name` as an Activation; an unknown name is an error naming the argument
+// (`arg`, e.g. "activation") and listing the valid names.
+inline Activation parse_activation(c10::string_view name, const char* op,
+                                   const char* arg) {
+  struct Entry {
+    const char* name;
+    Activation kind;
+  };
+  static constexpr Entry kEntries[] = {
+      {"relu", Activation::kReLU},
+      {"leaky_relu", Activation::kLeakyReLU},
+      {"tanh", Activation::kTanh},
+      {"sigmoid", Activation::kSigmoid},
+      {"none", Activation::kNone},
+      {"gelu", Activation::kGelu},
+      {"gelu_tanh", Activation::kGeluTanh},
+      {"silu", Activation::kSilu},
+  };
+  for (const Entry& e : kEntries) {
+    if (name == e.name) return e.kind;
+  }
+  TORCH_CHECK(false, op, arg, " must be one of ", kActivationNames, ", got '",
+              std::string(name.data(), name.size()), "'");
+}
+
+// Whether a layer with this activation saves its output for the backward
+// (the derivative is a function of the output: relu's mask, 1 - y^2,
+// (1 - y) y, leaky_relu's sign when the slope keeps it) rather than its
+// pre-activation z (gelu, gelu_tanh, silu, leaky_relu with a negative slope).
+inline bool saves_output(Activation a, double negative_slope) {
+  switch (a) {
+    case Activation::kGelu:
+    case Activation::kGeluTanh:
+    case Activation::kSilu:
+      return false;
+    case Activation::kLeakyReLU:
+      return negative_slope >= 0;
+    default:
+      return true;
+  }
+}
+
+// The activation arguments of mlp / mlp_backward, parsed and checked.
+struct MlpActivations {
+  Activation hidden = Activation::kReLU;  // after every layer but the last
+  Activation output = Activation::kNone;  // after the last layer
+  double negative_slope = 0.01;           // leaky_relu's
+
+  // mlp's hidden outputs: per layer but the last, what it saves (its output
+  // or its pre-activation); with an output activation, one more: the last
+  // layer's pre-activation.
+  size_t hidden_count(size_t layers) const {
+    return layers - 1 + (output != Activation::kNone ? 1 : 0);
+  }
+  bool hidden_saves_output() const {
+    return saves_output(hidden, negative_slope);
+  }
+};
+
+inline MlpActivations parse_mlp_activations(c10::string_view activation,
+                                            c10::string_view output_activation,
+                                            double negative_slope,
+                                            const char* op) {
+  TORCH_CHECK(std::isfinite(negative_slope), op,
+              "negative_slope must be a finite number, got ", negative_slope);
+  MlpActivations a;
+  a.hidden = parse_activation(activation, op, "activation");
+  a.output = parse_activation(output_activation, op, "output_activation");
+  a.negative_slope = negative_slope;
+  return a;
+}
+
+}  // namespace fastmlp

@@ -1,0 +1,189 @@
+"""Which children of an ``nn.Sequential`` :func:`fastmlp.fuse` computes as one op: the
+activation modules it recognises, a run (:class:`_FusableRun`: Linear layers with one activation
+between them and optionally one after the last) and the plan of a Sequential (its
+children with each run in place of the children it covers). Used by
+:class:`fastmlp.nn.FusedSequential`, :func:`fastmlp.nn.fuse` and :class:`fastmlp.nn.MLP`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmlp.ops import apply_activation, check_activation, linear_act, linear_relu, mlp
+
+__all__ = ["activation_module"]
+
+# The activation modules fuse() recognises: exact classes (a subclass may have its own
+# forward), as the names of fastmlp.ops.ACTIVATIONS.
+_SIMPLE_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.SiLU: "silu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+}
+_DEFAULT_SLOPE = 0.01
+
+
+def _activation_of(module: nn.Module) -> tuple[str, float | None] | None:
+    """``(name, negative_slope)`` of an activation module fuse() fuses (the slope only for
+    LeakyReLU), else None."""
+    kind = _SIMPLE_ACTIVATIONS.get(type(module))
+    if kind is not None:
+        return kind, None
+    if type(module) is nn.GELU and module.approximate in ("none", "tanh"):
+        return ("gelu" if module.approximate == "none" else "gelu_tanh"), None
+    if type(module) is nn.LeakyReLU and math.isfinite(module.negative_slope):
+        return "leaky_relu", float(module.negative_slope)
+    return None
+
+
+def activation_module(name: str, negative_slope: float = _DEFAULT_SLOPE) -> nn.Module | None:
+    """The torch.nn module computing activation ``name`` (None for "none")."""
+    check_activation(name)
+    if name == "none":
+        return None
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    return {v: k for k, v in _SIMPLE_ACTIVATIONS.items()}[name]()
+
+
+def _describe_activation(name: str, negative_slope: float) -> str:
+    return repr(activation_module(name, negative_slope)) if name != "none" else "no activation"
+
+
+@dataclass(frozen=True)
+class _FusableRun:
+    """Consecutive children of a Sequential computed as one whole-MLP op: Linear layers
+    with the same activation between each pair, and optionally one after the last."""
+
+    names: tuple[str, ...]  # every child the run covers, activations and no-ops included
+    linears: tuple[nn.Linear, ...]
+    activation: str = "relu"  # between the Linear layers
+    output_activation: str = "none"  # after the last one
+    negative_slope: float = _DEFAULT_SLOPE  # LeakyReLU's, for either
+
+    @property
+    def relu_last(self) -> bool:
+        return self.output_activation == "relu"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linears = self.linears
+        if torch.onnx.is_in_onnx_export() and (len(linears) > 1 or not self.relu_last):
+            # The TorchScript ONNX exporter cannot express the whole-MLP op's list
+            # arguments: export the same layers one by one, each activation as the
+            # standard ONNX op (fastmlp.export).
+            for i, lin in enumerate(linears):
+                kind = self.activation if i + 1 < len(linears) else self.output_activation
+                if kind == "relu":
+                    x = linear_relu(x, lin.weight, lin.bias)
+                else:
+                    x = apply_activation(
+                        F.linear(x, lin.weight, lin.bias), kind, self.negative_slope
+                    )
+            return x
+        if len(linears) == 1:  # Linear + activation: the per-layer op
+            lin = linears[0]
+            return linear_act(x, lin.weight, lin.bias, self.output_activation, self.negative_slope)
+        weights = [lin.weight for lin in linears]
+        biases = None if linears[0].bias is None else [lin.bias for lin in linears]
+        return mlp(x, weights, biases, self.activation, self.output_activation, self.negative_slope)
+
+    def describe(self) -> str:
+        """What the run computes, for describe_fusion."""
+        n, slope = len(self.linears), self.negative_slope
+        text = f"{n} Linear layers"
+        if n > 1 and self.activation != "relu":
+            text += f", {_describe_activation(self.activation, slope)} between"
+        if self.output_activation != "none" and (n > 1 or not self.relu_last):
+            text += f", {_describe_activation(self.output_activation, slope)} after the last"
+        return text
+
+
+def _is_no_op(module: nn.Module) -> bool:
+    # What may sit inside a run without changing it: torchvision.ops.MLP puts a
+    # Dropout(p=0.0) after every layer.
+    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
+
+
+def _plan(seq: nn.Sequential) -> list[nn.Module | _FusableRun]:
+    """The Sequential's children, with each fusable run replaced by a _FusableRun.
+
+    Only the exact classes of ``nn.Linear`` and of the activations fuse() knows are fused:
+    a subclass may have its own forward. A run needs at least two Linears, or one
+    followed by an activation, and the same bias presence throughout (the op takes biases
+    for all layers or none).
+    """
+    items = list(seq._modules.items())
+    plan: list[nn.Module | _FusableRun] = []
+    i = 0
+    while i < len(items):
+        run = _run_at(items, i)
+        if run is None:
+            plan.append(items[i][1])
+            i += 1
+        else:
+            plan.append(run)
+            i += len(run.names)
+    return plan
+
+
+def _skip_no_ops(items: list[tuple[str, nn.Module]], i: int) -> int:
+    while i < len(items) and _is_no_op(items[i][1]):
+        i += 1
+    return i
+
+
+def _gap(items: list[tuple[str, nn.Module]], i: int) -> tuple[str, float | None, int]:
+    """What follows a Linear that ends at ``i``: the activation's name ("none" when there
+    is none, only no-ops), LeakyReLU's slope, and where the gap ends."""
+    i = _skip_no_ops(items, i)
+    act = _activation_of(items[i][1]) if i < len(items) else None
+    if act is None:
+        return "none", None, i
+    return act[0], act[1], _skip_no_ops(items, i + 1)
+
+
+def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | None:
+    if type(items[start][1]) is not nn.Linear:
+        return None
+    has_bias = items[start][1].bias is not None
+
+    def is_linear(j: int) -> bool:
+        return (
+            j < len(items)
+            and type(items[j][1]) is nn.Linear
+            and (items[j][1].bias is not None) == has_bias
+        )
+
+    linears: list[nn.Linear] = []
+    kind: str | None = None  # the activation between the Linears, once there are two
+    slope: float | None = None
+    out, out_slope = "none", None
+    i = start
+    while True:
+        linears.append(items[i][1])
+        gap_kind, gap_slope, j = _gap(items, i + 1)
+        if is_linear(j) and (kind is None or (gap_kind, gap_slope) == (kind, slope)):
+            kind, slope, i = gap_kind, gap_slope, j
+            continue
+        # The run ends with this Linear; an activation right after it is the run's output
+        # activation (one negative_slope serves both: LeakyReLUs must agree on it).
+        if gap_kind != "none" and not (kind == gap_kind == "leaky_relu" and slope != gap_slope):
+            out, out_slope, end = gap_kind, gap_slope, j
+        else:
+            end = _skip_no_ops(items, i + 1)
+        break
+    if len(linears) < 2 and out == "none":
+        return None
+    names = tuple(name for name, _ in items[start:end])
+    negative_slope = next((s for s in (slope, out_slope) if s is not None), _DEFAULT_SLOPE)
+    return _FusableRun(names, tuple(linears), kind or "relu", out, negative_slope)
