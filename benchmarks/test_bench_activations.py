@@ -16,6 +16,11 @@ cleared before each step (as ``zero_grad`` does); ``infer`` times forward under
 ``INNER`` steps; compare rounds' minima across implementations of one group.
 
     python -m pytest benchmarks/test_bench_activations.py --benchmark-json=act.json
+    python benchmarks/test_bench_activations.py   # the same cases interleaved: one table
+
+Run as a script, the three implementations of each case alternate round by round in one
+process (FASTMLP_BENCH_ROUNDS rounds of FASTMLP_BENCH_INNER steps after one warm-up
+round), and the table gives the median ms per step and the ratios of medians.
 
 Knobs as in the other suites: FASTMLP_BENCH_ROUNDS (default 10), FASTMLP_BENCH_INNER
 (default 5); FASTMLP_BENCH_SHORT=1 makes both 1, shrinks the batches to 64 and skips the
@@ -107,3 +112,56 @@ def test_mlp_with_activation(benchmark, workload, activation, impl, mode):
         threads=torch.get_num_threads(),
     )
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0 if SHORT else 2)
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+def interleaved_table(rounds: int = ROUNDS) -> str:
+    """Every workload and activation, the implementations alternating round by round."""
+    import time
+
+    from fastmlp import hardware
+
+    rows = [
+        f"Machine: {hardware.describe_cpu(hardware.describe())}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"median ms per step of {rounds} rounds x {INNER} steps",
+        "",
+        "| workload | activation | mode | "
+        + " | ".join(f"{i} ms" for i in IMPLS)
+        + " | "
+        + " | ".join(f"{i} / fastmlp" for i in IMPLS[1:])
+        + " |",
+        "|---|---|---|" + "---:|" * (2 * len(IMPLS) - 1),
+    ]
+    for workload, (sizes, batch, activations) in WORKLOADS.items():
+        batch = 64 if SHORT else batch
+        x = torch.randn(batch, sizes[0], generator=torch.Generator().manual_seed(1))
+        for activation in activations:
+            for mode in ("train", "infer"):
+                runs = {i: _step(_model(i, sizes, activation), x, mode) for i in IMPLS}
+                for run in runs.values():  # warm-up (and torch.compile's compilation)
+                    run()
+                times: dict[str, list[float]] = {i: [] for i in IMPLS}
+                for _ in range(rounds):
+                    for impl, run in runs.items():
+                        t0 = time.perf_counter()
+                        run()
+                        times[impl].append((time.perf_counter() - t0) / INNER * 1e3)
+                med = {i: _median(t) for i, t in times.items()}
+                rows.append(
+                    f"| {workload} b{batch} | {activation} | {mode} | "
+                    + " | ".join(f"{med[i]:.2f}" for i in IMPLS)
+                    + " | "
+                    + " | ".join(f"{med[i] / med['fastmlp']:.2f}x" for i in IMPLS[1:])
+                    + " |"
+                )
+                print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(interleaved_table())
