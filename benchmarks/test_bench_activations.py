@@ -142,6 +142,7 @@ def interleaved_table(rounds: int = ROUNDS) -> str:
         x = torch.randn(batch, sizes[0], generator=torch.Generator().manual_seed(1))
         for activation in activations:
             for mode in ("train", "infer"):
+                torch._dynamo.reset()  # each case compiles afresh (no recompile limit)
                 runs = {i: _step(_model(i, sizes, activation), x, mode) for i in IMPLS}
                 for run in runs.values():  # warm-up (and torch.compile's compilation)
                     run()
