@@ -31,6 +31,7 @@ __all__ = [
     "linear_relu_ref",
     "magnitude_refs",
     "mlp_forward_backward",
+    "mlp_layers",
     "mlp_ref",
     "rel_err",
     "scaled_err",
@@ -75,6 +76,19 @@ class NeuralNetwork(nn.Module):
 def linear_relu_ref(x, weight, bias=None):
     """relu(x @ weight.T + bias): what fastmlp.linear_relu must compute."""
     return torch.relu(F.linear(x, weight, bias))
+
+
+def mlp_layers(sizes, dtype=torch.float32, bias=True, generator=None):
+    """Random weights and biases of an MLP with layer widths ``sizes``, at nn.Linear's
+    init scale (pre-activations of both signs, about half the ReLUs active); biases None
+    when not ``bias``. Drawn in float32 from ``generator``, then cast to ``dtype``."""
+    weights, biases = [], []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
+        scale = fan_in**-0.5
+        weights.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * scale)
+        biases.append((torch.rand(fan_out, generator=generator) * 2 - 1) * scale)
+    weights = [w.to(dtype) for w in weights]
+    return weights, [b.to(dtype) for b in biases] if bias else None
 
 
 def activation_ref(z, activation="relu", negative_slope=0.01):

@@ -19,7 +19,7 @@ from torch import nn
 import fastmlp
 from fastmlp.nn import MLP, FusedSequential, describe_fusion, fuse, unfuse
 from fastmlp.ops import ACTIVATIONS, linear_act, mlp
-from fastmlp.testing import activation_ref, mlp_ref, rel_err
+from fastmlp.testing import activation_ref, mlp_layers, mlp_ref, rel_err
 from fastmlp.testing import mlp_forward_backward as _run
 
 # (activation, negative_slope): leaky_relu with a negative slope saves its pre-activation.
@@ -33,16 +33,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # relative (grad_x, activation none, 3 layers, batch 1). A wrong mask, term or layer is off
 # by O(1), so 1e-10 still catches every real mistake.
 ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def _layers(sizes, dtype, bias=True, generator=None):
-    """Weights and biases at nn.Linear's init scale (pre-activations of both signs)."""
-    weights, biases = [], []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
-        scale = fan_in**-0.5
-        weights.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * scale)
-        biases.append((torch.rand(fan_out, generator=generator) * 2 - 1) * scale)
-    return [w.to(dtype) for w in weights], [b.to(dtype) for b in biases] if bias else None
 
 
 def _fns(activation, output_activation, slope):
@@ -94,7 +84,7 @@ def test_forward_backward_matches_torch(kind, batch, dtype):
     output_activation = activation if (case // 2) % 2 else "none"
     sizes = [WIDTHS[(case + i) % 3] for i in range(layers + 1)]
     gen = torch.Generator().manual_seed(case)
-    weights, biases = _layers(sizes, dtype, bias, gen)
+    weights, biases = mlp_layers(sizes, dtype, bias, gen)
     x = torch.randn(batch, sizes[0], generator=gen).to(dtype)
     torch.manual_seed(case)  # grad_y too: a failure reproduces whatever ran before
     assert_matches_torch(x, weights, biases, activation, output_activation, slope)
@@ -103,7 +93,7 @@ def test_forward_backward_matches_torch(kind, batch, dtype):
 @pytest.mark.parametrize("output_activation", ACTIVATIONS)
 def test_output_activation_after_relu_layers(output_activation):
     gen = torch.Generator().manual_seed(3)
-    weights, biases = _layers((13, 33, 9, 5), torch.float32, True, gen)
+    weights, biases = mlp_layers((13, 33, 9, 5), torch.float32, True, gen)
     x = torch.randn(17, 13, generator=gen)
     assert_matches_torch(x, weights, biases, "relu", output_activation, 0.2)
 
@@ -123,7 +113,7 @@ SUBSETS = {
 def test_only_requested_gradients_are_computed(kind, subset):
     activation, slope = kind
     gen = torch.Generator().manual_seed(7)
-    weights, biases = _layers((13, 33, 9, 5), torch.float64, True, gen)
+    weights, biases = mlp_layers((13, 33, 9, 5), torch.float64, True, gen)
     x = torch.randn(17, 13, generator=gen, dtype=torch.float64)
     needs = [i in subset for i in range(7)]
     assert_matches_torch(x, weights, biases, activation, activation, slope, needs)
@@ -133,7 +123,9 @@ def test_only_requested_gradients_are_computed(kind, subset):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_nan_and_inf_propagate_like_torch(kind):
     activation, slope = kind
-    weights, biases = _layers((9, 11, 6, 3), torch.float32, True, torch.Generator().manual_seed(1))
+    weights, biases = mlp_layers(
+        (9, 11, 6, 3), torch.float32, True, torch.Generator().manual_seed(1)
+    )
     x = torch.randn(6, 9, generator=torch.Generator().manual_seed(2))
     x[2, 3] = float("nan")
     x[4, 1] = float("inf")
@@ -156,7 +148,7 @@ def test_nan_and_inf_propagate_like_torch(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_gradient_at_zero_preactivation_is_torchs(kind):
     activation, slope = kind
-    weights, biases = _layers((5, 6, 4), torch.float64, True, torch.Generator().manual_seed(4))
+    weights, biases = mlp_layers((5, 6, 4), torch.float64, True, torch.Generator().manual_seed(4))
     for w, b in zip(weights, biases, strict=True):
         w[:2] = 0.0
         b[:2] = 0.0  # units 0 and 1 of each layer: pre-activation exactly 0
@@ -171,7 +163,9 @@ def test_gradient_at_zero_preactivation_is_torchs(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_gradcheck_float64(kind):
     activation, slope = kind
-    weights, biases = _layers((4, 5, 3, 2), torch.float64, True, torch.Generator().manual_seed(5))
+    weights, biases = mlp_layers(
+        (4, 5, 3, 2), torch.float64, True, torch.Generator().manual_seed(5)
+    )
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     params = [t.requires_grad_() for t in [*weights, *biases]]
     for out in ("none", activation):
@@ -185,7 +179,7 @@ def test_gradcheck_float64(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_opcheck(kind, dtype):
     activation, slope = kind
-    weights, biases = _layers((5, 7, 3), dtype, True, torch.Generator().manual_seed(6))
+    weights, biases = mlp_layers((5, 7, 3), dtype, True, torch.Generator().manual_seed(6))
     x = torch.randn(6, 5).to(dtype)
     grad = [t.detach().clone().requires_grad_() for t in [x, *weights, *biases]]
     for out in ("none", activation):
@@ -209,7 +203,9 @@ def test_hidden_saves_what_each_activation_needs():
     # The output for relu/tanh/sigmoid/none/leaky_relu (slope >= 0), the pre-activation
     # for gelu/gelu_tanh/silu and leaky_relu with a negative slope; with an output
     # activation, one more entry: the last layer's pre-activation.
-    weights, biases = _layers((4, 6, 5, 3), torch.float64, True, torch.Generator().manual_seed(9))
+    weights, biases = mlp_layers(
+        (4, 6, 5, 3), torch.float64, True, torch.Generator().manual_seed(9)
+    )
     x = torch.randn(7, 4, dtype=torch.float64)
     for activation, slope in KINDS:
         for out in ("none", "sigmoid"):
@@ -228,7 +224,7 @@ def test_hidden_saves_what_each_activation_needs():
 
 
 def test_torch_compile_fullgraph_every_activation():
-    weights, biases = _layers(
+    weights, biases = mlp_layers(
         (20, 16, 16, 4), torch.float32, True, torch.Generator().manual_seed(2)
     )
     params = [t.requires_grad_() for t in [*weights, *biases]]
@@ -256,7 +252,7 @@ def test_torch_compile_fullgraph_every_activation():
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 def test_autocast_cpu_bfloat16(kind):
     activation, slope = kind
-    weights, biases = _layers((12, 10, 6), torch.float32, True, torch.Generator().manual_seed(3))
+    weights, biases = mlp_layers((12, 10, 6), torch.float32, True, torch.Generator().manual_seed(3))
     params = [t.requires_grad_() for t in [*weights, *biases]]
     x = torch.randn(16, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):

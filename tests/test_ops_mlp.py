@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastmlp
 from fastmlp.ops import mlp
 from fastmlp.testing import mlp_forward_backward as _run
-from fastmlp.testing import mlp_ref, rel_err
+from fastmlp.testing import mlp_layers, mlp_ref, rel_err
 
 BATCHES = (0, 1, 3, 64, 129)
 WIDTHS = (1, 7, 513)
@@ -22,18 +22,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # same dtype plus this floor (room for rounding where PyTorch is exact by chance).
 # A wrong mask, a missing term or a gradient of the wrong layer is off by O(1).
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def _layers(sizes, dtype, bias=True, generator=None):
-    """Weights and biases at nn.Linear's init scale (about half the units active)."""
-    weights, biases = [], []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
-        scale = fan_in**-0.5
-        weights.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * scale)
-        biases.append((torch.rand(fan_out, generator=generator) * 2 - 1) * scale)
-    weights = [w.to(dtype) for w in weights]
-    biases = [b.to(dtype) for b in biases] if bias else None
-    return weights, biases
 
 
 def assert_matches_torch(x, weights, biases, needs=None):
@@ -72,7 +60,7 @@ def test_forward_backward_matches_torch(layers, batch, dtype, bias):
     # Every width at every position across the grid: rotate through 1, 7, 513.
     sizes = [WIDTHS[(case + i) % 3] for i in range(layers + 1)]
     gen = torch.Generator().manual_seed(case)
-    weights, biases = _layers(sizes, dtype, bias, gen)
+    weights, biases = mlp_layers(sizes, dtype, bias, gen)
     x = torch.randn(batch, sizes[0], generator=gen).to(dtype)
     assert_matches_torch(x, weights, biases)
 
@@ -93,7 +81,7 @@ SUBSETS = {
 @pytest.mark.parametrize("subset", SUBSETS.values(), ids=SUBSETS.keys())
 def test_only_requested_gradients_are_computed(subset):
     gen = torch.Generator().manual_seed(7)
-    weights, biases = _layers((13, 33, 9, 5), torch.float64, True, gen)
+    weights, biases = mlp_layers((13, 33, 9, 5), torch.float64, True, gen)
     x = torch.randn(17, 13, generator=gen, dtype=torch.float64)
     needs = [i in subset for i in range(7)]
     assert_matches_torch(x, weights, biases, needs)
@@ -101,7 +89,7 @@ def test_only_requested_gradients_are_computed(subset):
 
 def test_backward_op_computes_only_what_the_mask_asks():
     gen = torch.Generator().manual_seed(8)
-    weights, biases = _layers((6, 8, 8, 3), torch.float32, True, gen)
+    weights, biases = mlp_layers((6, 8, 8, 3), torch.float32, True, gen)
     x = torch.randn(5, 6, generator=gen)
     y, hidden = torch.ops.fastmlp.mlp(x, weights, biases)
     gy = torch.randn_like(y)
@@ -117,14 +105,14 @@ def test_backward_op_computes_only_what_the_mask_asks():
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 5), (4, 1, 2, 5)])
 def test_any_leading_dimensions(shape):
-    weights, biases = _layers((5, 6, 4), torch.float64)
+    weights, biases = mlp_layers((5, 6, 4), torch.float64)
     x = torch.randn(*shape, dtype=torch.float64)
     assert mlp(x, weights, biases).shape == (*shape[:-1], 4)
     assert_matches_torch(x, weights, biases)
 
 
 def test_zero_size_batch_gives_zero_gradients():
-    weights, biases = _layers((5, 6, 4), torch.float32)
+    weights, biases = mlp_layers((5, 6, 4), torch.float32)
     y, grads, _ = _run(mlp, torch.randn(0, 5), weights, biases)
     assert y.shape == (0, 4)
     for g, t in zip(grads, [torch.empty(0, 5), *weights, *biases], strict=True):
@@ -132,7 +120,7 @@ def test_zero_size_batch_gives_zero_gradients():
 
 
 def test_non_contiguous_weights_and_input():
-    weights, biases = _layers((9, 11, 4), torch.float64)
+    weights, biases = mlp_layers((9, 11, 4), torch.float64)
     weights = [w.t().contiguous().t() for w in weights]  # transposed storage
     x = torch.randn(12, 18, dtype=torch.float64)[:, ::2]
     assert not x.is_contiguous() and not weights[0].is_contiguous()
@@ -140,7 +128,7 @@ def test_non_contiguous_weights_and_input():
 
 
 def test_nan_propagates_like_torch_relu():
-    weights, biases = _layers((9, 11, 6, 3), torch.float32)
+    weights, biases = mlp_layers((9, 11, 6, 3), torch.float32)
     x = torch.randn(6, 9)
     x[2, 3] = float("nan")
     weights[1][4, 0] = float("inf")
@@ -152,7 +140,7 @@ def test_nan_propagates_like_torch_relu():
 
 
 def test_gradient_is_zero_where_preactivation_is_exactly_zero():
-    weights, biases = _layers((5, 6, 3), torch.float32)
+    weights, biases = mlp_layers((5, 6, 3), torch.float32)
     weights[0][:3] = 0.0
     biases[0][:3] = 0.0  # hidden units 0..2: pre-activation exactly 0
     x = torch.randn(8, 5)
@@ -165,7 +153,7 @@ def test_gradient_is_zero_where_preactivation_is_exactly_zero():
 
 
 def test_results_are_deterministic():
-    weights, biases = _layers((130, 257, 65, 10), torch.float32)
+    weights, biases = mlp_layers((130, 257, 65, 10), torch.float32)
     x = torch.randn(300, 130)
     first = _run(mlp, x, weights, biases)
     second = _run(mlp, x, weights, biases, first[2])
@@ -175,7 +163,7 @@ def test_results_are_deterministic():
 
 
 def test_gradients_accumulate_into_existing_grad():
-    weights, biases = _layers((6, 5, 3), torch.float64)
+    weights, biases = mlp_layers((6, 5, 3), torch.float64)
     params = [t.clone().requires_grad_() for t in [*weights, *biases]]
     x = torch.randn(4, 6, dtype=torch.float64)
     for _ in range(2):
@@ -187,7 +175,7 @@ def test_gradients_accumulate_into_existing_grad():
 
 
 def test_one_autograd_node_for_the_whole_mlp():
-    weights, biases = _layers((6, 5, 5, 3), torch.float32)
+    weights, biases = mlp_layers((6, 5, 5, 3), torch.float32)
     params = [t.requires_grad_() for t in [*weights, *biases]]
     y = mlp(torch.randn(2, 6), params[:3], params[3:])
     assert y.grad_fn.name().endswith("MlpFunction>")
@@ -197,7 +185,7 @@ def test_one_autograd_node_for_the_whole_mlp():
 
 
 def test_gradcheck_float64():
-    weights, biases = _layers((4, 5, 3, 2), torch.float64)
+    weights, biases = mlp_layers((4, 5, 3, 2), torch.float64)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     params = [t.requires_grad_() for t in [*weights, *biases]]
     assert torch.autograd.gradcheck(lambda x, *p: mlp(x, p[:3], p[3:]), (x, *params))
@@ -205,7 +193,7 @@ def test_gradcheck_float64():
 
 
 def test_double_backward_raises_clear_error():
-    weights, biases = _layers((4, 5, 3), torch.float64)
+    weights, biases = mlp_layers((4, 5, 3), torch.float64)
     weights = [w.requires_grad_() for w in weights]
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(mlp(x, weights, biases).sum(), x, create_graph=True)
@@ -215,7 +203,7 @@ def test_double_backward_raises_clear_error():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
-    weights, biases = _layers((5, 7, 3), dtype)
+    weights, biases = mlp_layers((5, 7, 3), dtype)
     x = torch.randn(6, 5).to(dtype)
     grad = [t.detach().clone().requires_grad_() for t in [x, *weights, *biases]]
     samples = [
@@ -235,7 +223,7 @@ def test_opcheck(dtype):
 
 
 def test_torch_compile_fullgraph():
-    weights, biases = _layers((20, 16, 16, 4), torch.float32)
+    weights, biases = mlp_layers((20, 16, 16, 4), torch.float32)
     params = [t.requires_grad_() for t in [*weights, *biases]]
     ref = [t.detach().clone().requires_grad_() for t in params]
     x = torch.randn(9, 20)
@@ -253,7 +241,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_autocast_cpu_bfloat16():
-    weights, biases = _layers((12, 10, 6), torch.float32)
+    weights, biases = mlp_layers((12, 10, 6), torch.float32)
     params = [t.requires_grad_() for t in [*weights, *biases]]
     x = torch.randn(16, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
