@@ -25,6 +25,7 @@ __all__ = [
     "activation_ref",
     "allow_tf32",
     "assert_error_bounded",
+    "assert_mlp_matches_torch",
     "capture_cuda_graph",
     "forward_backward",
     "layer_inputs",
@@ -133,6 +134,33 @@ def mlp_forward_backward(fn, x, weights, biases, grad_y=None, needs=None):
     if y.requires_grad:
         y.backward(grad_y)
     return y.detach(), [t.grad for t in leaves], grad_y
+
+
+def assert_mlp_matches_torch(fn, ref_fn, x, weights, biases, floor, needs=None, what=""):
+    """``fn`` (a whole-MLP op) forward and backward against ``ref_fn`` (its PyTorch
+    reference) in float64: the output and every gradient asked for (``needs``, as in
+    :func:`mlp_forward_backward`) may be off by at most twice what ``ref_fn`` in x's dtype
+    is off, plus ``floor``; a gradient not asked for must stay None. ``what`` names the
+    case in the failure message."""
+    y, grads, gy = mlp_forward_backward(fn, x, weights, biases, needs=needs)
+    y_t, grads_t, _ = mlp_forward_backward(ref_fn, x, weights, biases, gy, needs)
+    as64 = [t.double() for t in weights], None if biases is None else [b.double() for b in biases]
+    y_64, grads_64, _ = mlp_forward_backward(ref_fn, x.double(), *as64, gy.double(), needs)
+    n = len(weights)
+    names = ["y", "grad_x"] + [f"grad_w{i}" for i in range(n)] + [f"grad_b{i}" for i in range(n)]
+    for name, ours, theirs, ref in zip(
+        names, [y, *grads], [y_t, *grads_t], [y_64, *grads_64], strict=False
+    ):
+        if ref is None:
+            assert ours is None, f"{name} was not asked for but computed"
+            continue
+        assert ours is not None, f"{name} missing"
+        assert ours.shape == ref.shape and ours.dtype == x.dtype, name
+        err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
+        assert err <= 2 * err_torch + floor, (
+            f"{name}: error {err:.3g} vs PyTorch's {err_torch:.3g} ({what}{x.dtype}, "
+            f"x {tuple(x.shape)}, widths {[tuple(w.shape) for w in weights]})"
+        )
 
 
 def layer_inputs(

@@ -19,7 +19,7 @@ from torch import nn
 import fastmlp
 from fastmlp.nn import MLP, FusedSequential, describe_fusion, fuse, unfuse
 from fastmlp.ops import ACTIVATIONS, linear_act, mlp
-from fastmlp.testing import activation_ref, mlp_layers, mlp_ref, rel_err
+from fastmlp.testing import activation_ref, assert_mlp_matches_torch, mlp_layers, mlp_ref
 from fastmlp.testing import mlp_forward_backward as _run
 
 # (activation, negative_slope): leaky_relu with a negative slope saves its pre-activation.
@@ -42,26 +42,9 @@ def _fns(activation, output_activation, slope):
 
 def assert_matches_torch(x, weights, biases, activation, output_activation, slope, needs=None):
     ours_fn, ref_fn = _fns(activation, output_activation, slope)
-    y, grads, gy = _run(ours_fn, x, weights, biases, needs=needs)
-    y_t, grads_t, _ = _run(ref_fn, x, weights, biases, gy, needs)
-    as64 = [t.double() for t in weights], None if biases is None else [b.double() for b in biases]
-    y_64, grads_64, _ = _run(ref_fn, x.double(), *as64, gy.double(), needs)
-    n = len(weights)
-    names = ["y", "grad_x"] + [f"grad_w{i}" for i in range(n)] + [f"grad_b{i}" for i in range(n)]
-    for name, ours, theirs, ref in zip(
-        names, [y, *grads], [y_t, *grads_t], [y_64, *grads_64], strict=False
-    ):
-        if ref is None:
-            assert ours is None, f"{name} was not asked for but computed"
-            continue
-        assert ours is not None, f"{name} missing"
-        assert ours.shape == ref.shape and ours.dtype == x.dtype, name
-        err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
-        assert err <= 2 * err_torch + ERROR_FLOOR[x.dtype], (
-            f"{name}: error {err:.3g} vs PyTorch's {err_torch:.3g} ({activation}/"
-            f"{output_activation}, {x.dtype}, x {tuple(x.shape)}, "
-            f"widths {[tuple(w.shape) for w in weights]})"
-        )
+    what = f"{activation}/{output_activation}, "
+    floor = ERROR_FLOOR[x.dtype]
+    assert_mlp_matches_torch(ours_fn, ref_fn, x, weights, biases, floor, needs, what)
 
 
 # Per activation: every batch and dtype; layers 1..3, bias and the output activation

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import fastmlp
 from fastmlp.ops import mlp
+from fastmlp.testing import assert_mlp_matches_torch, mlp_layers, mlp_ref
 from fastmlp.testing import mlp_forward_backward as _run
-from fastmlp.testing import mlp_layers, mlp_ref, rel_err
 
 BATCHES = (0, 1, 3, 64, 129)
 WIDTHS = (1, 7, 513)
@@ -25,26 +25,7 @@ ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def assert_matches_torch(x, weights, biases, needs=None):
-    y, grads, gy = _run(mlp, x, weights, biases, needs=needs)
-    y_t, grads_t, _ = _run(mlp_ref, x, weights, biases, gy, needs)
-    as64 = [t.double() for t in weights], None if biases is None else [b.double() for b in biases]
-    y_64, grads_64, _ = _run(mlp_ref, x.double(), *as64, gy.double(), needs)
-    floor = ERROR_FLOOR[x.dtype]
-    n = len(weights)
-    names = ["y", "grad_x"] + [f"grad_w{i}" for i in range(n)] + [f"grad_b{i}" for i in range(n)]
-    for name, ours, theirs, ref in zip(
-        names, [y, *grads], [y_t, *grads_t], [y_64, *grads_64], strict=False
-    ):
-        if ref is None:
-            assert ours is None, f"{name} was not asked for but computed"
-            continue
-        assert ours is not None, f"{name} missing"
-        assert ours.shape == ref.shape and ours.dtype == x.dtype, name
-        err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
-        assert err <= 2 * err_torch + floor, (
-            f"{name}: error {err:.3g} vs PyTorch's {err_torch:.3g} "
-            f"({x.dtype}, x {tuple(x.shape)}, widths {[w.shape for w in weights]})"
-        )
+    assert_mlp_matches_torch(mlp, mlp_ref, x, weights, biases, ERROR_FLOOR[x.dtype], needs)
 
 
 GRID = list(itertools.product(range(1, 5), BATCHES, DTYPES, (True, False)))

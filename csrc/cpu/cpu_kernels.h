@@ -122,6 +122,21 @@ constexpr bool split_gemms_by_thread() {
   return !at::is_reduced_floating_point_v<scalar_t>;
 }
 
+// a = epilogue(z), row by row in parallel (z and a contiguous, same shape;
+// a == z for an epilogue in place).
+template <typename scalar_t, typename Epilogue>
+void apply_rows(const at::Tensor& z, at::Tensor& a, const Epilogue& epilogue) {
+  const int64_t N = z.size(1);
+  const scalar_t* z_data = z.data_ptr<scalar_t>();
+  scalar_t* a_data = a.data_ptr<scalar_t>();
+  at::parallel_for(0, z.size(0), std::max<int64_t>(1, 16384 / N),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       epilogue(z_data + r * N, a_data + r * N, N);
+                     }
+                   });
+}
+
 // Library-threaded forward: one addmm into z (bias folded in, rounded once),
 // then the epilogue over row blocks in parallel, into a (a == z: in place).
 template <typename scalar_t, typename Epilogue>
@@ -133,15 +148,7 @@ void forward_whole(const at::Tensor& x2, const at::Tensor& w,
   } else {
     at::mm_out(z, x2, w.t());
   }
-  const int64_t N = z.size(1);
-  const scalar_t* z_data = z.data_ptr<scalar_t>();
-  scalar_t* a_data = a.data_ptr<scalar_t>();
-  at::parallel_for(0, z.size(0), std::max<int64_t>(1, 16384 / N),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       epilogue(z_data + r * N, a_data + r * N, N);
-                     }
-                   });
+  apply_rows<scalar_t>(z, a, epilogue);
 }
 
 // z = x2 @ w.T + bias and a = act(z) by the epilogue (see forward_block),

@@ -33,20 +33,6 @@ namespace {
 
 using namespace cpu;  // NOLINT: the building blocks of this file
 
-// a = epilogue(z), row by row in parallel (z and a contiguous, same shape).
-template <typename scalar_t, typename Epilogue>
-void apply_rows(const at::Tensor& z, at::Tensor& a, const Epilogue& epilogue) {
-  const int64_t N = z.size(1);
-  const scalar_t* z_data = z.data_ptr<scalar_t>();
-  scalar_t* a_data = a.data_ptr<scalar_t>();
-  at::parallel_for(0, z.size(0), std::max<int64_t>(1, 16384 / N),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       epilogue(z_data + r * N, a_data + r * N, N);
-                     }
-                   });
-}
-
 template <typename scalar_t>
 void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                       const std::vector<at::Tensor>& b,
