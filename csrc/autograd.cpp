@@ -1,4 +1,5 @@
-// Autograd for fastmlp::linear_relu and fastmlp::mlp, for every backend:
+// Autograd for fastmlp::linear_relu and fastmlp::mlp, for every backend
+// (and mlp_inference's refusal of it):
 // their backwards are the fastmlp::linear_relu_backward and
 // fastmlp::mlp_backward ops.
 //
@@ -223,6 +224,35 @@ MlpResult mlp_autograd(const at::Tensor& x, at::TensorList weights,
   return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
 }
 
+// mlp_inference saves nothing, so it has no backward: refuse to record it
+// (else autograd would leave the inputs without gradients, silently).
+at::Tensor mlp_inference_autograd(const at::Tensor& x, at::TensorList weights,
+                                  at::TensorList biases,
+                                  c10::string_view activation,
+                                  c10::string_view output_activation,
+                                  double negative_slope) {
+  const auto records = [](const at::Tensor& t) {
+    return (at::GradMode::is_enabled() && t.requires_grad()) ||
+           t._fw_grad(/*level=*/0).defined();
+  };
+  bool recorded = records(x);
+  for (const auto& list : {weights, biases}) {
+    for (const auto& t : list) recorded = recorded || records(t);
+  }
+  TORCH_CHECK(!recorded,
+              "fastmlp.mlp_inference is not differentiable (it saves nothing "
+              "for backward); call fastmlp.mlp, which runs it when no "
+              "gradient is recorded");
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmlp::mlp_inference", "")
+          .typed<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList,
+                            c10::string_view, c10::string_view, double)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, weights, biases, activation, output_activation,
+                 negative_slope);
+}
+
 at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
   return LinearReLUFunction::apply(x, weight, bias);
@@ -233,6 +263,7 @@ at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight,
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_relu", &linear_relu_autograd);
   m.impl("mlp", &mlp_autograd);
+  m.impl("mlp_inference", &mlp_inference_autograd);
 }
 
 }  // namespace fastmlp

@@ -31,6 +31,13 @@ TORCH_LIBRARY(fastmlp, m) {
       "mlp(Tensor x, Tensor[] weights, Tensor[] biases, "
       "str activation='relu', str output_activation='none', "
       "float negative_slope=0.01) -> (Tensor, Tensor[])");
+  // mlp's output alone, nothing saved: what fastmlp.mlp runs when no
+  // gradient is recorded (torch.no_grad, torch.inference_mode). Not
+  // differentiable (use mlp).
+  m.def(
+      "mlp_inference(Tensor x, Tensor[] weights, Tensor[] biases, "
+      "str activation='relu', str output_activation='none', "
+      "float negative_slope=0.01) -> Tensor");
   // Gradients of mlp from grad_y and what forward saved (hidden, and the
   // same activation arguments), in one call.
   // output_mask = (grad_x, grad of each weight, then of each bias when the

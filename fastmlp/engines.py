@@ -1,4 +1,18 @@
-"""Which engine fastmlp's CUDA ops run on a GPU, and why.
+"""Which engine fastmlp's whole-MLP ops run, on the CPU and on a GPU, and why.
+
+**CPU.** Two paths implement ``fastmlp::mlp``, ``mlp_inference`` and ``mlp_backward``:
+``layered`` (layer by layer over the whole batch, each layer's GEMM split over threads
+by output features, bias and activation fused in) and ``row_blocked`` (a block of rows
+goes through every layer before the next block, so its activations stay in cache;
+backward likewise, weight gradients summed per thread and reduced once). The rule, in
+``csrc/cpu/engine_rule.cpp``, picks ``row_blocked`` for float32/float64 networks whose
+layers are all at most 256 wide, and for inference batches that fit one block;
+``layered`` otherwise (wide layers, 16-bit types). :func:`cpu_path` says which and why
+for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process),
+:func:`set_cpu_path` and :func:`force_cpu_path` force one (tests run every path so).
+Both paths compute the same function; results differ only by rounding.
+
+**CUDA.**
 
 Three engines implement the ops on CUDA: ``custom`` (fastmlp's own tensor-core
 kernels), ``cublaslt`` (cuBLASLt GEMMs with fastmlp's mask and ReLU passes) and
@@ -28,6 +42,14 @@ import torch
 from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp._cuda_*)
 
 __all__ = [
+    "CPU_PATHS",
+    "CPU_PHASES",
+    "CpuPathChoice",
+    "cpu_path",
+    "cpu_path_report",
+    "force_cpu_path",
+    "requested_cpu_path",
+    "set_cpu_path",
     "ENGINES",
     "ENGINE_PRECISIONS",
     "EngineChoice",
@@ -63,6 +85,77 @@ class EngineChoice:
     engine: str
     reason: str
     detail: str
+
+
+CPU_PATHS = ("auto", "layered", "row_blocked")
+# What an MLP call computes: forward saving for backward, forward only (no_grad,
+# inference_mode), or backward.
+CPU_PHASES = ("train", "inference", "backward")
+
+
+@dataclass(frozen=True)
+class CpuPathChoice:
+    """The CPU path one phase of an MLP call takes, and why (``"forced"`` when forced)."""
+
+    phase: str
+    path: str
+    reason: str
+
+
+def set_cpu_path(name: str | None) -> None:
+    """Run the CPU whole-MLP ops on path ``name`` (one of :data:`CPU_PATHS`) from now on
+    in this process; ``None`` or ``"auto"`` goes back to the rule."""
+    if name is not None and name not in CPU_PATHS:
+        raise ValueError(f"CPU path must be one of {', '.join(CPU_PATHS)}; got {name!r}")
+    torch.ops.fastmlp._set_cpu_path(name)
+
+
+def requested_cpu_path() -> str:
+    """The CPU path forced in this process (``FASTMLP_CPU_PATH`` or :func:`set_cpu_path`),
+    or ``"auto"``."""
+    return torch.ops.fastmlp._cpu_requested_path()
+
+
+@contextlib.contextmanager
+def force_cpu_path(name: str) -> Iterator[None]:
+    """Context manager: run the CPU whole-MLP ops on path ``name``, then restore the path
+    forced before (or the rule)."""
+    previous = requested_cpu_path()
+    set_cpu_path(name)
+    try:
+        yield
+    finally:
+        set_cpu_path(previous)
+
+
+def cpu_path(
+    widths: Sequence[int],
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+    phase: str = "train",
+) -> CpuPathChoice:
+    """The path the CPU ops take for an MLP of ``widths`` (in_features, then each layer's
+    out_features) over ``batch`` rows of ``dtype``, in ``phase`` (one of
+    :data:`CPU_PHASES`), and why. Raises if a path is forced that cannot run ``dtype``."""
+    if phase not in CPU_PHASES:
+        raise ValueError(f"phase must be one of {', '.join(CPU_PHASES)}; got {phase!r}")
+    widths = [int(w) for w in widths]
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(
+            "widths must list in_features and each layer's out_features (at least 2 "
+            f"positive numbers); got {widths}"
+        )
+    if int(batch) < 0:
+        raise ValueError(f"batch must be >= 0; got {batch}")
+    path, reason = torch.ops.fastmlp._cpu_path(int(batch), widths, dtype, phase)
+    return CpuPathChoice(phase, path, reason)
+
+
+def cpu_path_report(
+    widths: Sequence[int], batch: int, dtype: torch.dtype = torch.float32
+) -> list[CpuPathChoice]:
+    """:func:`cpu_path` for each of :data:`CPU_PHASES`."""
+    return [cpu_path(widths, batch, dtype, phase) for phase in CPU_PHASES]
 
 
 def set_cuda_engine(name: str | None) -> None:
@@ -150,7 +243,44 @@ def format_report(report: Sequence[EngineChoice]) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m fastmlp.engines: the report for this machine's GPU
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from fastmlp import hardware  # the workflow layer, for the CPU's name only
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmlp.engines",
+        description="Which engine fastmlp's whole-MLP ops run here, and why: the CPU path "
+        "for an MLP shape, then the CUDA engine of each precision.",
+    )
+    parser.add_argument(
+        "--widths",
+        default="784,512,512,10",
+        help="in_features and each layer's out_features, comma-separated (default: the "
+        "tutorial MLP, 784,512,512,10)",
+    )
+    parser.add_argument("--batch", type=int, default=64, help="rows per call (default 64)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16", "float16"],
+        help="the dtype the ops compute in (default float32)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        parser.error(f"--widths must be comma-separated integers; got {args.widths!r}")
+    dtype = getattr(torch, args.dtype)
+    print(f"CPU: {hardware.describe_cpu(hardware.describe())}, {torch.get_num_threads()} threads")
+    print(f"FASTMLP_CPU_PATH: {requested_cpu_path()}")
+    print(f"CPU path for widths {widths}, batch {args.batch}, {args.dtype}:")
+    rows = [(c.phase, c.path, c.reason) for c in cpu_path_report(widths, args.batch, dtype)]
+    width = max(len(r[0]) for r in rows)
+    path_width = max(len(r[1]) for r in rows)
+    for phase, path, reason in rows:
+        print(f"  {phase.ljust(width)}  {path.ljust(path_width)}  {reason}")
+    print()
     print(f"FASTMLP_CUDA_ENGINE: {requested_cuda_engine()}")
     print(f"validated entries: {validated_engines() or 'none'}")
     if torch.cuda.is_available():
@@ -160,3 +290,8 @@ if __name__ == "__main__":  # python -m fastmlp.engines: the report for this mac
     else:
         print("no CUDA device; for an H100/H200 (compute capability 9.0):")
         print(format_report(cuda_engine_report(capability=(9, 0))))
+    return 0
+
+
+if __name__ == "__main__":  # python -m fastmlp.engines: the report for this machine
+    raise SystemExit(_main())

@@ -174,6 +174,17 @@ def _mlp(
     return h.reshape(*x.shape[:-1], h.shape[-1]), hidden
 
 
+def _mlp_inference(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    return _mlp(x, weights, biases, activation, output_activation, negative_slope)[0]
+
+
 def _mlp_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor | None,
@@ -220,6 +231,7 @@ OPS: tuple[OpExport, ...] = (
     OpExport("fastmlp::linear_relu", _linear_relu, _linear_relu_symbolic),
     OpExport("fastmlp::linear_relu_backward", _linear_relu_backward),
     OpExport("fastmlp::mlp", _mlp),
+    OpExport("fastmlp::mlp_inference", _mlp_inference),
     OpExport("fastmlp::mlp_backward", _mlp_backward),
 )
 

@@ -204,6 +204,11 @@ def mlp(
     dtype, as ``F.linear`` would be. Under ``torch.func`` transforms (grad, jacrev, jacfwd,
     vmap, ``vmap(grad(...))``) it computes as plain PyTorch does, see
     :mod:`fastmlp.transforms`.
+
+    With gradients off (``torch.no_grad()``, ``torch.inference_mode()``) it runs the op
+    ``mlp_inference``, which saves nothing. On CPU either op runs on the engine that
+    :func:`fastmlp.engines.cpu_path` names for the shape (row-blocked for narrow
+    networks and small batches, layer by layer otherwise).
     """
     if activation != "relu":
         check_activation(activation)
@@ -218,6 +223,11 @@ def mlp(
         x = _autocast(x, dtype)
         weights = [_autocast(w, dtype) for w in weights]
         biases = [_autocast(b, dtype) for b in biases]
+    if not torch.is_grad_enabled():
+        # Nothing will be differentiated: the op that saves nothing for backward.
+        return torch.ops.fastmlp.mlp_inference(
+            x, weights, biases, activation, output_activation, negative_slope
+        )
     return torch.ops.fastmlp.mlp(x, weights, biases, activation, output_activation, negative_slope)[
         0
     ]
@@ -402,6 +412,13 @@ def _mlp_fake(x, weights, biases, activation="relu", output_activation="none", n
         if i + 1 < len(weights) or output_activation != "none":
             hidden.append(x.new_empty((rows, features)))
     return x.new_empty((*x.shape[:-1], features)), hidden
+
+
+@torch.library.register_fake("fastmlp::mlp_inference")
+def _mlp_inference_fake(
+    x, weights, biases, activation="relu", output_activation="none", negative_slope=0.01
+):
+    return _mlp_fake(x, weights, biases, activation, output_activation, negative_slope)[0]
 
 
 @torch.library.register_fake("fastmlp::mlp_backward")

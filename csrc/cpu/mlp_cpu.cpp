@@ -26,7 +26,9 @@
 #include "checks.h"
 #include "cpu/activations.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/engine_rule.h"
 #include "cpu/mlp_blocks.h"
+#include "cpu/mlp_rowblock.h"
 
 namespace fastmlp {
 namespace {
@@ -74,44 +76,99 @@ void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                                  });
 }
 
+// The widths of an MLP as the engine rule reads them: in_features, then
+// each layer's out_features.
+std::vector<int64_t> mlp_widths(const std::vector<at::Tensor>& w) {
+  std::vector<int64_t> widths{w[0].size(1)};
+  for (const auto& t : w) widths.push_back(t.size(0));
+  return widths;
+}
+
+// mlp's forward into out on the path the rule picks, saving what backward
+// reads into `hidden` (mlp), or nothing (inference: hidden empty).
+void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
+                 const std::vector<at::Tensor>& b, const MlpActivations& act,
+                 std::vector<at::Tensor> hidden, at::Tensor& out,
+                 MlpPhase phase) {
+  const int64_t M = x2.size(0);
+  if (M == 0) return;
+  const bool inference = phase == MlpPhase::kInference;
+  const CpuPath path =
+      choose_cpu_path(M, mlp_widths(w), x2.scalar_type(), phase).path;
+  if (path == CpuPath::kRowBlocked) {
+    AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "mlp_rowblock", [&] {
+      rowblock_forward<scalar_t>(x2, w, b, act, hidden, out);
+    });
+    return;
+  }
+  if (inference) {
+    // The layered engine keeps each layer's activations in these.
+    for (size_t l = 0; l < act.hidden_count(w.size()); ++l) {
+      hidden.push_back(at::empty({M, w[l].size(0)}, x2.options()));
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x2.scalar_type(), "mlp_cpu",
+      [&] { mlp_forward_impl<scalar_t>(x2, w, b, act, hidden, out); });
+}
+
+// The checked, contiguous arguments of mlp and mlp_inference.
+struct MlpArgs {
+  MlpActivations act;
+  at::Tensor x2;
+  std::vector<at::Tensor> w, b;
+};
+
+MlpArgs mlp_args(const at::Tensor& x, at::TensorList weights,
+                 at::TensorList biases, c10::string_view activation,
+                 c10::string_view output_activation, double negative_slope,
+                 const char* op) {
+  MlpArgs a;
+  a.act =
+      parse_mlp_activations(activation, output_activation, negative_slope, op);
+  check_mlp_args(x, weights, biases);
+  a.x2 = as_rows(x);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    a.w.push_back(weights[l].contiguous());
+    a.b.push_back(biases.empty() ? at::Tensor() : biases[l].contiguous());
+  }
+  return a;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::string_view activation, c10::string_view output_activation,
     double negative_slope) {
-  const MlpActivations act = parse_mlp_activations(
-      activation, output_activation, negative_slope, "fastmlp.mlp: ");
-  check_mlp_args(x, weights, biases);
-  const size_t L = weights.size();
-  const at::Tensor x2 = as_rows(x);
-  const int64_t M = x2.size(0);
-  std::vector<at::Tensor> w(L), b(L), hidden;
-  for (size_t l = 0; l < L; ++l) {
-    w[l] = weights[l].contiguous();
-    if (!biases.empty()) b[l] = biases[l].contiguous();
-    if (l < act.hidden_count(L)) {
-      hidden.push_back(at::empty({M, w[l].size(0)}, x.options()));
-    }
+  MlpArgs a = mlp_args(x, weights, biases, activation, output_activation,
+                       negative_slope, "fastmlp.mlp: ");
+  const size_t L = a.w.size();
+  const int64_t M = a.x2.size(0);
+  std::vector<at::Tensor> hidden;
+  for (size_t l = 0; l < a.act.hidden_count(L); ++l) {
+    hidden.push_back(at::empty({M, a.w[l].size(0)}, x.options()));
   }
-  at::Tensor out = at::empty({M, w[L - 1].size(0)}, x.options());
-  if (M > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_cpu",
-        [&] { mlp_forward_impl<scalar_t>(x2, w, b, act, hidden, out); });
-  }
-  return {out.view(with_last(x.sizes(), w[L - 1].size(0))), hidden};
+  at::Tensor out = at::empty({M, a.w[L - 1].size(0)}, x.options());
+  mlp_forward(a.x2, a.w, a.b, a.act, hidden, out, MlpPhase::kTrainForward);
+  return {out.view(with_last(x.sizes(), a.w[L - 1].size(0))), hidden};
 }
 
-// What mlp_backward computes: grad_x, each layer's weight and bias gradient,
-// and the lowest layer the gradient must reach (layers below it are skipped).
-struct BackwardMask {
-  bool grad_x = false;
-  std::vector<bool> weight, bias;
-  size_t lowest = 0;
-  bool any = false;
-};
+// mlp's output only: nothing saved for backward (no_grad, inference_mode).
+at::Tensor mlp_inference_cpu(const at::Tensor& x, at::TensorList weights,
+                             at::TensorList biases, c10::string_view activation,
+                             c10::string_view output_activation,
+                             double negative_slope) {
+  MlpArgs a = mlp_args(x, weights, biases, activation, output_activation,
+                       negative_slope, "fastmlp.mlp_inference: ");
+  const size_t L = a.w.size();
+  at::Tensor out = at::empty({a.x2.size(0), a.w[L - 1].size(0)}, x.options());
+  mlp_forward(a.x2, a.w, a.b, a.act, {}, out, MlpPhase::kInference);
+  return out.view(with_last(x.sizes(), a.w[L - 1].size(0)));
+}
 
-BackwardMask parse_mask(const std::vector<bool>& mask, size_t L) {
-  BackwardMask m;
+// What mlp_backward computes (GradRequest, mlp_rowblock.h) from its
+// output_mask.
+GradRequest parse_mask(const std::vector<bool>& mask, size_t L) {
+  GradRequest m;
   m.grad_x = mask[0];
   const bool has_bias = mask.size() == 1 + 2 * L;
   for (size_t l = 0; l < L; ++l) {
@@ -123,7 +180,6 @@ BackwardMask parse_mask(const std::vector<bool>& mask, size_t L) {
     if (m.weight[l] || m.bias[l]) m.lowest = l;
   }
   if (m.grad_x) m.lowest = 0;
-  m.any = m.lowest < L;
   return m;
 }
 
@@ -131,7 +187,7 @@ template <typename scalar_t>
 void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
                        const std::vector<at::Tensor>& w,
                        const std::vector<at::Tensor>& hidden,
-                       const MlpActivations& act, const BackwardMask& m,
+                       const MlpActivations& act, const GradRequest& m,
                        at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
                        std::vector<at::Tensor>& grad_b) {
   const size_t L = w.size();
@@ -213,7 +269,7 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
       activation, output_activation, negative_slope, "fastmlp.mlp_backward: ");
   check_mlp_backward_args(grad_y, x, weights, hidden, output_mask, act);
   const size_t L = weights.size();
-  const BackwardMask m = parse_mask(output_mask, L);
+  const GradRequest m = parse_mask(output_mask, L);
   const bool has_bias = output_mask.size() == 1 + 2 * L;
   const at::Tensor gy2 = as_rows(grad_y);
   const int64_t M = gy2.size(0);
@@ -239,7 +295,16 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
     grad_x.zero_();
     for (auto& t : grad_w) t.zero_();
     for (auto& t : grad_b) t.zero_();
-  } else if (m.any) {
+  } else if (m.lowest < L &&
+             choose_cpu_path(M, mlp_widths(w), grad_y.scalar_type(),
+                             MlpPhase::kBackward)
+                     .path == CpuPath::kRowBlocked) {
+    AT_DISPATCH_FLOATING_TYPES(
+        grad_y.scalar_type(), "mlp_backward_rowblock", [&] {
+          rowblock_backward<scalar_t>(gy2, x2, w, h, act, m, grad_x, grad_w,
+                                      grad_b);
+        });
+  } else if (m.lowest < L) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, grad_y.scalar_type(), "mlp_backward_cpu",
         [&] {
@@ -258,6 +323,7 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("mlp", &mlp_cpu);
   m.impl("mlp_backward", &mlp_backward_cpu);
+  m.impl("mlp_inference", &mlp_inference_cpu);
 }
 
 }  // namespace fastmlp

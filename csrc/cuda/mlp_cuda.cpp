@@ -1,4 +1,4 @@
-// CUDA kernels of fastmlp::mlp and fastmlp::mlp_backward: the argument
+// CUDA kernels of fastmlp::mlp, mlp_inference and mlp_backward: the argument
 // checks, the device guard and the "aten engine" (aten_engine.cpp): cuBLAS
 // GEMMs as torch.nn.functional.linear runs them, each activation and its
 // backward as the torch.nn.functional call and PyTorch's backward op do. It
@@ -33,6 +33,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
   return mlp_aten(x, weights, biases, act);
 }
 
+// mlp_inference: the forward's output (the aten engine saves nothing a caller
+// does not get back anyway).
+at::Tensor mlp_inference_cuda(const at::Tensor& x, at::TensorList weights,
+                              at::TensorList biases,
+                              c10::string_view activation,
+                              c10::string_view output_activation,
+                              double negative_slope) {
+  return std::get<0>(mlp_cuda(x, weights, biases, activation, output_activation,
+                              negative_slope));
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 mlp_backward_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
                   at::TensorList weights, at::TensorList hidden,
@@ -52,6 +63,7 @@ mlp_backward_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
 TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
   m.impl("mlp", &mlp_cuda);
   m.impl("mlp_backward", &mlp_backward_cuda);
+  m.impl("mlp_inference", &mlp_inference_cuda);
 }
 
 }  // namespace fastmlp

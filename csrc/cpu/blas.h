@@ -1,0 +1,128 @@
+// Direct calls of the BLAS inside torch (MKL on x86-64 builds) for the small
+// GEMMs of the row-blocked engine (mlp_rowblock.h).
+//
+// Why not at::mm_out: a row block of a narrow network is a GEMM of a few
+// hundred rows by 32-256 columns, 10-50 us of arithmetic, and an ATen call
+// around it (dispatcher, tensor views, checks) costs several microseconds.
+// The BLAS entry points cost well under one.
+//
+// The symbols are declared weak: torch's x86-64 Linux builds export MKL's
+// Fortran BLAS from libtorch_cpu, but a torch built without MKL does not, and
+// then blas_available() is false and the engine's rule never picks the path
+// that needs it (forcing that path raises). The extension still loads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+extern "C" {
+// Column-major BLAS (Fortran calling convention, LP64 integers as MKL's
+// mkl_intel_lp64 interface that torch links).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const float* alpha, const float* a, const int* lda,
+            const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const double* alpha, const double* a, const int* lda,
+            const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL's C API (mkl_service.h spells it mkl_set_num_threads_local, a macro;
+// the lower-case symbol is the Fortran one, taking a pointer): the number of
+// threads its calls from this thread use (0: the global setting); returns
+// the previous value.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
+
+namespace fastmlp {
+namespace cpu {
+
+// Whether the BLAS calls below exist for scalar_t in this process.
+template <typename scalar_t>
+bool blas_available() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return &sgemm_ != nullptr;
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return &dgemm_ != nullptr;
+  } else {
+    return false;
+  }
+}
+
+// Every extent of a BLAS call must fit its 32-bit integers.
+inline bool fits_blas_int(int64_t n) {
+  return n <= std::numeric_limits<int>::max();
+}
+
+template <typename scalar_t>
+void colmajor_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k,
+                   const scalar_t* a, int64_t lda, const scalar_t* b,
+                   int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  const int im = static_cast<int>(m), in = static_cast<int>(n),
+            ik = static_cast<int>(k), ilda = static_cast<int>(lda),
+            ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  const scalar_t one(1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+  } else {
+    static_assert(std::is_same_v<scalar_t, double>, "float or double");
+    dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+  }
+}
+
+// The three products of a layer, on row-major matrices (ld = row stride);
+// beta = 0 overwrites C, beta = 1 accumulates into it. Row-major C = A op B is
+// column-major C.T = B.T op A.T, hence the swapped operands.
+
+// C (m x n) = A (m x k) @ B.T + beta C, B stored n x k: a layer's forward
+// (B its weight).
+template <typename scalar_t>
+void gemm_nt(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
+             int64_t ldc) {
+  colmajor_gemm<scalar_t>('T', 'N', n, m, k, b, ldb, a, lda, beta, c, ldc);
+}
+
+// C (m x n) = A (m x k) @ B (k x n) + beta C: the gradient of a layer's input
+// (B its weight).
+template <typename scalar_t>
+void gemm_nn(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
+             int64_t ldc) {
+  colmajor_gemm<scalar_t>('N', 'N', n, m, k, b, ldb, a, lda, beta, c, ldc);
+}
+
+// C (m x n) = A.T @ B + beta C, A stored k x m and B k x n: the gradient of a
+// layer's weight (A the output gradient, B the input, k the rows).
+template <typename scalar_t>
+void gemm_tn(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
+             int64_t ldc) {
+  colmajor_gemm<scalar_t>('N', 'T', n, m, k, b, ldb, a, lda, beta, c, ldc);
+}
+
+// While alive, the BLAS calls of this thread run on this thread only: the
+// engine threads the work itself, and a call made outside a parallel region
+// (one row block) must not wake the library's pool for a tiny GEMM.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas()
+      : previous_(&MKL_Set_Num_Threads_Local != nullptr
+                      ? MKL_Set_Num_Threads_Local(1)
+                      : 0) {}
+  ~SingleThreadedBlas() {
+    if (&MKL_Set_Num_Threads_Local != nullptr) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+}  // namespace cpu
+}  // namespace fastmlp

@@ -1,0 +1,149 @@
+// The CPU engine rule (engine_rule.h) and the ops fastmlp/engines.py reads it
+// through.
+#include "cpu/engine_rule.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/blas.h"
+#include "cpu/mlp_rowblock.h"
+
+namespace fastmlp {
+namespace cpu {
+namespace {
+
+// Widest layer (out_features) the row-blocked engine takes by default. Above
+// it a layer's GEMM per block is big enough to be compute-bound, and its
+// activations over the batch no longer cost much more than the arithmetic;
+// the per-thread weight-gradient sums also grow with width squared.
+// Measured on a 2-core AMD EPYC (Zen 5 class, AVX-512): see docs/cpu.md.
+constexpr int64_t kNarrowWidth = 256;
+
+// "auto" (nothing forced), or the path forced by FASTMLP_CPU_PATH (read
+// once) or fastmlp.engines.set_cpu_path.
+std::optional<CpuPath> parse_path(const std::string& name, const char* where) {
+  if (name == "auto") return std::nullopt;
+  if (name == "layered") return CpuPath::kLayered;
+  if (name == "row_blocked") return CpuPath::kRowBlocked;
+  TORCH_CHECK(false, where, "unknown CPU path '", name,
+              "': expected auto, layered or row_blocked");
+}
+
+// -1: auto; else a CpuPath.
+std::atomic<int>& forced_path() {
+  static std::atomic<int> forced = [] {
+    const char* env = std::getenv("FASTMLP_CPU_PATH");
+    if (env == nullptr || *env == '\0') return -1;
+    const auto p = parse_path(env, "FASTMLP_CPU_PATH: ");
+    return p ? static_cast<int>(*p) : -1;
+  }();
+  return forced;
+}
+
+bool row_blocked_supports(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return blas_available<float>();
+    case at::kDouble:
+      return blas_available<double>();
+    default:
+      return false;
+  }
+}
+
+std::string why_not_row_blocked(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kDouble) {
+    return std::string("the row-blocked engine runs float32 and float64; ") +
+           c10::toString(dtype) + " runs layer by layer";
+  }
+  return "this torch build exports no BLAS (MKL) for the row-blocked engine";
+}
+
+}  // namespace
+
+const char* path_name(CpuPath path) {
+  return path == CpuPath::kRowBlocked ? "row_blocked" : "layered";
+}
+
+CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
+                              at::ScalarType dtype, MlpPhase phase) {
+  const int forced = forced_path().load();
+  const bool supported = row_blocked_supports(dtype);
+  if (forced >= 0) {
+    const auto path = static_cast<CpuPath>(forced);
+    TORCH_CHECK(path != CpuPath::kRowBlocked || supported,
+                "fastmlp: the CPU path is forced to row_blocked, but ",
+                why_not_row_blocked(dtype));
+    return {path, "forced"};
+  }
+  if (!supported) return {CpuPath::kLayered, why_not_row_blocked(dtype)};
+  int64_t widest = 0;
+  for (size_t i = 1; i < widths.size(); ++i) {
+    widest = std::max(widest, widths[i]);
+  }
+  const int64_t element = dtype == at::kDouble ? 8 : 4;
+  if (widest <= kNarrowWidth) {
+    return {CpuPath::kRowBlocked,
+            "narrow: every layer at most " + std::to_string(kNarrowWidth) +
+                " wide, so a block's activations stay in cache"};
+  }
+  if (phase == MlpPhase::kInference && rows <= rowblock_rows(widest, element)) {
+    return {CpuPath::kRowBlocked,
+            "small batch: one block on the calling thread, no hand-off"};
+  }
+  return {CpuPath::kLayered, "wide layers (" + std::to_string(widest) + " > " +
+                                 std::to_string(kNarrowWidth) +
+                                 "): per-layer GEMMs split over threads"};
+}
+
+namespace {
+
+std::vector<std::string> cpu_path_op(int64_t rows, std::vector<int64_t> widths,
+                                     at::ScalarType dtype,
+                                     c10::string_view phase) {
+  TORCH_CHECK(widths.size() >= 2,
+              "fastmlp: widths must list in_features and at least one "
+              "layer's out_features");
+  MlpPhase p;
+  if (phase == "train") {
+    p = MlpPhase::kTrainForward;
+  } else if (phase == "inference") {
+    p = MlpPhase::kInference;
+  } else {
+    TORCH_CHECK(phase == "backward", "fastmlp: unknown phase '",
+                std::string(phase), "': expected train, inference or backward");
+    p = MlpPhase::kBackward;
+  }
+  const CpuPathChoice c = choose_cpu_path(rows, widths, dtype, p);
+  return {path_name(c.path), c.reason};
+}
+
+void set_cpu_path_op(const std::optional<std::string>& name) {
+  const auto p = parse_path(name.value_or("auto"), "fastmlp.set_cpu_path: ");
+  forced_path().store(p ? static_cast<int>(*p) : -1);
+}
+
+std::string requested_cpu_path_op() {
+  const int forced = forced_path().load();
+  return forced < 0 ? "auto" : path_name(static_cast<CpuPath>(forced));
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmlp
+
+// Helpers for fastmlp/engines.py (no tensors; not part of the model API).
+TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
+  m.def(
+      "_cpu_path(int rows, int[] widths, ScalarType dtype, str phase) -> "
+      "str[]",
+      &fastmlp::cpu::cpu_path_op);
+  m.def("_set_cpu_path(str? name) -> ()", &fastmlp::cpu::set_cpu_path_op);
+  m.def("_cpu_requested_path() -> str", &fastmlp::cpu::requested_cpu_path_op);
+}

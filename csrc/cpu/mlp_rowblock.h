@@ -1,0 +1,318 @@
+// The row-blocked engine of the whole-MLP ops on CPU ("fully fused", as
+// tiny-cuda-nn calls it on GPUs): a block of rows goes through every layer
+// before the next block starts, so its activations stay in the core's cache;
+// backward walks each block down through the layers the same way, each thread
+// accumulating weight and bias gradients of its own blocks, reduced once at
+// the end. Nothing is written to memory but the output, what autograd saves
+// (mlp's `hidden`; nothing at all for inference) and the gradients.
+//
+// It wins where the layer-by-layer engine (mlp_cpu.cpp) pays memory traffic
+// and per-call costs for little arithmetic: narrow networks on big batches
+// (each layer's activations of a whole batch are megabytes that a block keeps
+// in L1/L2) and small batches (one block on the calling thread: no thread
+// hand-off, no allocation). The GEMMs are the BLAS's (blas.h), called once
+// per layer and block; bias, activation and its derivative are epilogues
+// (activations.h). Float and double only: where the BLAS is missing, or for
+// 16-bit types, engine_rule.h picks the layer-by-layer engine.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "activation.h"
+#include "cpu/activations.h"
+#include "cpu/blas.h"
+#include "cpu/cpu_kernels.h"
+
+namespace fastmlp {
+namespace cpu {
+
+// Bytes of one block's widest activation: small enough that the two or three
+// of them a block uses, with the layer's weight, stay in a core's L2 (1 MiB
+// on the EPYCs measured, 1.25-2 MiB on recent Intel).
+constexpr int64_t kRowBlockBytes = 96 * 1024;
+
+// Rows per block for layers at most `max_width` wide: a multiple of 8 (whole
+// cache lines of rows for the BLAS), 16 to 1024.
+inline int64_t rowblock_rows(int64_t max_width, int64_t elem_size) {
+  const int64_t rows =
+      kRowBlockBytes / std::max<int64_t>(1, max_width * elem_size);
+  return std::clamp<int64_t>(rows / 8 * 8, 16, 1024);
+}
+
+// One layer as the engine reads it: W (n x k, contiguous) and its bias (n, or
+// nullptr).
+template <typename T>
+struct LayerRef {
+  const T* w;
+  const T* b;
+  int64_t n, k;
+};
+
+template <typename T>
+std::vector<LayerRef<T>> layer_refs(const std::vector<at::Tensor>& w,
+                                    const std::vector<at::Tensor>& b) {
+  std::vector<LayerRef<T>> layers;
+  for (size_t l = 0; l < w.size(); ++l) {
+    layers.push_back({w[l].data_ptr<T>(),
+                      b[l].defined() ? b[l].data_ptr<T>() : nullptr,
+                      w[l].size(0), w[l].size(1)});
+  }
+  return layers;
+}
+
+// A scratch array of at least n elements, one per slot and thread, kept from
+// call to call (see scratch_matrix in mlp_blocks.h for why).
+template <typename T>
+T* thread_scratch(int slot, int64_t n) {
+  thread_local std::vector<T> buffers[3];
+  std::vector<T>& v = buffers[slot];
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// z (rows x n, row stride n) = in (rows x k, row stride ldin) @ W.T + b: the
+// bias copied into z first and the product accumulated onto it, rounded once
+// as torch's addmm.
+template <typename T>
+void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
+                        int64_t rows, T* z) {
+  if (layer.b != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(layer.b, layer.b + layer.n, z + r * layer.n);
+    }
+  }
+  gemm_nt<T>(rows, layer.n, layer.k, in, ldin, layer.w, layer.k,
+             layer.b != nullptr ? T(1) : T(0), z, layer.n);
+}
+
+// a = act(z) row by row (rows x n; a may be z).
+template <typename T>
+void activate_rows(Activation kind, double slope, const T* z, T* a,
+                   int64_t rows, int64_t n) {
+  with_activation_rows<T>(kind, slope, [&](const auto& epilogue) {
+    for (int64_t r = 0; r < rows; ++r) epilogue(z + r * n, a + r * n, n);
+  });
+}
+
+// mlp's forward, block by block. hidden: mlp's saved tensors (see
+// schemas.cpp), written as the blocks pass, or empty for inference (nothing
+// saved: the activations live only in per-thread scratch).
+template <typename T>
+void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
+                      const std::vector<at::Tensor>& b,
+                      const MlpActivations& act,
+                      const std::vector<at::Tensor>& hidden, at::Tensor& out) {
+  const std::vector<LayerRef<T>> layers = layer_refs<T>(w, b);
+  const size_t L = layers.size();
+  const int64_t M = x2.size(0), K0 = x2.size(1);
+  int64_t max_width = 1;
+  for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
+  const int64_t R = rowblock_rows(max_width, sizeof(T));
+  const bool training = !hidden.empty();
+  // Layers that save their output compute the activation in place.
+  const bool in_place = act.hidden_saves_output();
+  const T* x = x2.data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  std::vector<T*> saved;
+  for (const auto& h : hidden) saved.push_back(h.data_ptr<T>());
+
+  at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {
+    SingleThreadedBlas single;
+    T* const buf[2] = {thread_scratch<T>(0, R * max_width),
+                       thread_scratch<T>(1, R * max_width)};
+    // The scratch buffer that `p` is not.
+    const auto other = [&](const T* p) {
+      return p == buf[0] ? buf[1] : buf[0];
+    };
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * R, rows = std::min(R, M - m0);
+      const T* in = x + m0 * K0;
+      int64_t ldin = K0;
+      for (size_t l = 0; l + 1 < L; ++l) {
+        const int64_t n = layers[l].n;
+        T* z = training ? saved[l] + m0 * n : other(in);
+        layer_rows_forward<T>(in, ldin, layers[l], rows, z);
+        T* a = (!training || in_place) ? z : other(in);
+        activate_rows<T>(act.hidden, act.negative_slope, z, a, rows, n);
+        in = a;
+        ldin = n;
+      }
+      const LayerRef<T>& top = layers[L - 1];
+      T* y_rows = y + m0 * top.n;
+      if (act.output == Activation::kNone) {
+        layer_rows_forward<T>(in, ldin, top, rows, y_rows);
+      } else {
+        T* z = training ? saved[L - 1] + m0 * top.n : y_rows;
+        layer_rows_forward<T>(in, ldin, top, rows, z);
+        activate_rows<T>(act.output, act.negative_slope, z, y_rows, rows,
+                         top.n);
+      }
+    }
+  });
+}
+
+// Which gradients mlp_backward computes, as the engines read them.
+struct GradRequest {
+  bool grad_x = false;
+  std::vector<bool> weight, bias;
+  size_t lowest = 0;  // the lowest layer the gradient must reach
+};
+
+// Per-thread gradient accumulators of the row-blocked backward: for each
+// layer from `lowest` up, its weight gradient (n x k) when asked for, then
+// its bias gradient (n) when asked for, one such set per thread, zeroed.
+template <typename T>
+class GradAccumulators {
+ public:
+  GradAccumulators(const std::vector<LayerRef<T>>& layers,
+                   const GradRequest& req, int64_t threads) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      w_off_.push_back(per_thread_);
+      if (l >= req.lowest && req.weight[l]) {
+        per_thread_ += layers[l].n * layers[l].k;
+      }
+      b_off_.push_back(per_thread_);
+      if (l >= req.lowest && req.bias[l]) per_thread_ += layers[l].n;
+    }
+    data_.assign(per_thread_ * threads, T(0));
+    threads_ = threads;
+  }
+  T* weight(int64_t thread, size_t l) {
+    return data_.data() + thread * per_thread_ + w_off_[l];
+  }
+  T* bias(int64_t thread, size_t l) {
+    return data_.data() + thread * per_thread_ + b_off_[l];
+  }
+  // dst[i] = sum over threads, in thread order, of the block at `offset`.
+  void reduce(int64_t offset, int64_t n, T* dst) const {
+    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T sum = data_[offset + i];
+        for (int64_t t = 1; t < threads_; ++t) {
+          sum += data_[t * per_thread_ + offset + i];
+        }
+        dst[i] = sum;
+      }
+    });
+  }
+  int64_t weight_offset(size_t l) const { return w_off_[l]; }
+  int64_t bias_offset(size_t l) const { return b_off_[l]; }
+
+ private:
+  std::vector<int64_t> w_off_, b_off_;
+  int64_t per_thread_ = 0, threads_ = 1;
+  std::vector<T> data_;
+};
+
+// g_out (rows x n) = deriv(g, saved) with the column sums added into
+// bias_acc (when given); saved == nullptr: no activation, g passes as it is
+// (then g_out may be nullptr: only the sums are wanted).
+template <typename T>
+void activation_backward_rows(Activation kind, bool from_output, double slope,
+                              const T* g, const T* saved, T* g_out,
+                              int64_t rows, int64_t n, T* bias_acc) {
+  const std::vector<const T*> parts{g};
+  with_activation_deriv<T>(kind, from_output, slope, [&](const auto& deriv) {
+    combine_grad_block<T>(parts, saved, g_out, rows, n, 0, n, bias_acc, deriv);
+  });
+}
+
+// mlp_backward, block by block (see mlp_backward_cpu for the arguments).
+// Weight and bias gradients are summed per thread in row order and the
+// threads' sums added in thread order: deterministic for a thread count.
+template <typename T>
+void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
+                       const std::vector<at::Tensor>& w,
+                       const std::vector<at::Tensor>& hidden,
+                       const MlpActivations& act, const GradRequest& req,
+                       at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
+                       std::vector<at::Tensor>& grad_b) {
+  const std::vector<LayerRef<T>> layers =
+      layer_refs<T>(w, std::vector<at::Tensor>(w.size()));
+  const size_t L = layers.size();
+  const int64_t M = gy2.size(0);
+  int64_t max_width = 1;
+  for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
+  const int64_t R = rowblock_rows(max_width, sizeof(T));
+  const int64_t threads = at::get_num_threads();
+  GradAccumulators<T> acc(layers, req, threads);
+  const bool saves_output = act.hidden_saves_output();
+  const T* gy = gy2.data_ptr<T>();
+  const T* x = x2.defined() ? x2.data_ptr<T>() : nullptr;
+  T* gx = req.grad_x ? grad_x.data_ptr<T>() : nullptr;
+  std::vector<const T*> saved;
+  for (const auto& h : hidden) saved.push_back(h.data_ptr<T>());
+
+  at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid < threads, "more workers than threads");
+    SingleThreadedBlas single;
+    T* const buf[2] = {thread_scratch<T>(0, R * max_width),
+                       thread_scratch<T>(1, R * max_width)};
+    T* const input_buf = thread_scratch<T>(2, R * max_width);
+    const auto other = [&](const T* p) {
+      return p == buf[0] ? buf[1] : buf[0];
+    };
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * R, rows = std::min(R, M - m0);
+      // The gradient reaching layer l's output (rows x n, row stride n).
+      const T* g = gy + m0 * layers[L - 1].n;
+      for (size_t l = L; l-- > req.lowest;) {
+        const LayerRef<T>& layer = layers[l];
+        const bool top = l + 1 == L;
+        const Activation kind = top ? act.output : act.hidden;
+        const T* saved_rows =
+            kind == Activation::kNone ? nullptr : saved[l] + m0 * layer.n;
+        T* bias_acc = req.bias[l] ? acc.bias(tid, l) : nullptr;
+        // The gradient at the pre-activation: a buffer of ours unless it is
+        // g itself (no activation).
+        const T* gz = g;
+        if (saved_rows != nullptr) {
+          T* dst = other(g);
+          activation_backward_rows<T>(kind, !top && saves_output,
+                                      act.negative_slope, g, saved_rows, dst,
+                                      rows, layer.n, bias_acc);
+          gz = dst;
+        } else if (bias_acc != nullptr) {
+          activation_backward_rows<T>(kind, true, act.negative_slope, g,
+                                      nullptr, nullptr, rows, layer.n,
+                                      bias_acc);
+        }
+        if (req.weight[l]) {
+          // The layer's input: x, the layer below's saved output, or its
+          // activation recomputed from the saved pre-activation.
+          const T* in = l == 0 ? x + m0 * layer.k : saved[l - 1] + m0 * layer.k;
+          if (l > 0 && !saves_output) {
+            activate_rows<T>(act.hidden, act.negative_slope, in, input_buf,
+                             rows, layer.k);
+            in = input_buf;
+          }
+          gemm_tn<T>(layer.n, layer.k, rows, gz, layer.n, in, layer.k, T(1),
+                     acc.weight(tid, l), layer.k);
+        }
+        if (l > req.lowest || req.grad_x) {
+          T* dst = l == 0 ? gx + m0 * layer.k : other(gz);
+          gemm_nn<T>(rows, layer.k, layer.n, gz, layer.n, layer.w, layer.k,
+                     T(0), dst, layer.k);
+          g = dst;
+        }
+      }
+    }
+  });
+  for (size_t l = req.lowest; l < L; ++l) {
+    if (req.weight[l]) {
+      acc.reduce(acc.weight_offset(l), layers[l].n * layers[l].k,
+                 grad_w[l].data_ptr<T>());
+    }
+    if (req.bias[l]) {
+      acc.reduce(acc.bias_offset(l), layers[l].n, grad_b[l].data_ptr<T>());
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastmlp
