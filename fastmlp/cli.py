@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from fastmlp import checkpoint as ckpt
-from fastmlp import data, distributed, hardware, rundir
+from fastmlp import data, distributed, grid, hardware, rundir
 from fastmlp.config import OPTIONS, PRESETS, Option, Range
 from fastmlp.loader import DeviceLoader
 
@@ -307,7 +307,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="Time fastmlp against eager PyTorch on this machine: ms per training step "
         "and seconds per epoch of the tutorial's MLP (batch 64, random images: no dataset "
         "needed), in fp32 and bf16, with the GEMM rate and the floor it sets. Names the CPU, "
-        "its bf16 support and what --precision auto picks.",
+        "its bf16 support and what --precision auto picks. With --grid, the shape grid "
+        "instead: fastmlp against eager PyTorch and torch.compile on the CPU across widths, "
+        "depths, batch sizes, dtypes and modes.",
     )
     b.add_argument("--device", default="auto", help=_device_help())
     b.add_argument(
@@ -319,9 +321,91 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--compile", action="store_true", help="also time torch.compile (compiling takes a while)"
     )
-    b.add_argument("--short", action="store_true", help="a few seconds: a small epoch, few steps")
+    b.add_argument(
+        "--short",
+        action="store_true",
+        help="a few seconds: a small epoch, few steps (with --grid: width 32, depth 2, "
+        "batch 16, 1 round, eager and fastmlp only, unless the grid options say otherwise)",
+    )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_grid_flags(b.add_argument_group("shape grid (--grid; see docs/benchmarks.md)"))
     b.set_defaults(func=_cmd_bench)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(_positive_int(word.strip()) for word in text.split(",") if word.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        )
+    return values
+
+
+def _names(allowed: Sequence[str]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        words = tuple(word.strip() for word in text.split(",") if word.strip())
+        bad = [w for w in words if w not in allowed]
+        if bad or not words:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}"
+            )
+        return words
+
+    return parse
+
+
+def _anchors(text: str) -> tuple[str, ...]:
+    try:
+        return grid.parse_anchors(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_grid_flags(g: Any) -> None:
+    def lst(values: Sequence[object]) -> str:
+        return ",".join(map(str, values))
+
+    g.add_argument(
+        "--grid",
+        action="store_true",
+        help="time the shape grid instead: a user's training step and inference (no_grad, "
+        "inference_mode) of a 32 -> width x depth -> 16 ReLU MLP, eager against torch.compile "
+        "and fastmlp, interleaved in one process (the full grid takes hours)",
+    )
+    knobs = (
+        ("--widths", _int_list, "LIST", f"hidden widths (default {lst(grid.WIDTHS)})"),
+        ("--depths", _int_list, "LIST", f"hidden layers (default {lst(grid.DEPTHS)})"),
+        ("--batches", _int_list, "LIST", f"batch sizes (default {lst(grid.BATCHES)})"),
+        ("--dtypes", _names(grid.DTYPES), "LIST", "default fp32,bf16 (bf16 only where native)"),
+        ("--modes", _names(grid.MODES), "LIST", f"default {lst(grid.MODES)}"),
+        ("--variants", _names(grid.ALL_VARIANTS), "LIST", f"default {lst(grid.VARIANTS)}"),
+        ("--rounds", _positive_int, "N", f"interleaved rounds per point (default {grid.ROUNDS})"),
+        (
+            "--anchors",
+            _anchors,
+            "SHAPES",
+            "shapes WIDTHxDEPTHxBATCH (e.g. 64x4x4096,128x4x65536) to also time "
+            "torch.compile(mode='max-autotune') at",
+        ),
+        (
+            "--max-gflop",
+            _positive_float,
+            "G",
+            f"skip (and report) points whose step is more work (default {grid.MAX_GFLOP:g})",
+        ),
+    )
+    for flag, kind, metavar, text in knobs:
+        g.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -478,10 +562,24 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+_GRID_KNOBS = ("widths", "depths", "batches", "dtypes", "modes", "variants", "rounds")
+_GRID_KNOBS += ("anchors", "max_gflop")
+# --grid --short: a smoke grid of one tiny point per dtype and mode, no torch.compile.
+_GRID_SHORT = dict(
+    widths=(32,), depths=(2,), batches=(16,), rounds=1, variants=("eager", "fastmlp")
+)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastmlp import bench
     from fastmlp.hardware import resolve_device
 
+    if args.grid:
+        return _cmd_bench_grid(args)
+    given = [k for k in _GRID_KNOBS if getattr(args, k) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"fastmlp bench: error: {flag} needs --grid (see 'fastmlp bench --help')")
     dev = resolve_device(args.device)
     if args.precision == "all":
         precisions: tuple[str, ...] = ("fp32", "bf16")
@@ -493,6 +591,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dev, samples=samples, steps=steps, precisions=precisions, compile=args.compile, log=log
     )
     print(result.to_json() if args.json else bench.format_table(result))
+    return 0
+
+
+def _cmd_bench_grid(args: argparse.Namespace) -> int:
+    from fastmlp.hardware import resolve_device
+
+    for flag, bad in (("--precision", args.precision != "all"), ("--compile", args.compile)):
+        if bad:
+            raise UsageError(
+                f"fastmlp bench: error: {flag} is not a --grid option; --grid uses --dtypes "
+                "and --variants (see 'fastmlp bench --help')"
+            )
+    if args.device != "auto" and resolve_device(args.device).type != "cpu":
+        raise UsageError("fastmlp bench: error: --grid times the CPU; use --device cpu")
+    knobs = {k: getattr(args, k) for k in _GRID_KNOBS if getattr(args, k) is not None}
+    if args.short:
+        knobs = {**_GRID_SHORT, **knobs}
+    axes = ("widths", "depths", "batches", "dtypes", "modes")
+    points = grid.grid(*(knobs.get(k, getattr(grid, k.upper())) for k in axes))
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = grid.run(
+        points,
+        knobs.get("variants", grid.VARIANTS),
+        anchors=knobs.get("anchors", ()),
+        rounds=knobs.get("rounds", grid.ROUNDS),
+        min_round_s=0.0 if args.short else grid.MIN_ROUND_S,
+        max_gflop=knobs.get("max_gflop", grid.MAX_GFLOP),
+        log=log,
+    )
+    print(result.to_json() if args.json else grid.format_markdown(result))
     return 0
 
 

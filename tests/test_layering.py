@@ -57,6 +57,7 @@ WORKFLOW = (
     "fastmlp.config",
     "fastmlp.train",
     "fastmlp.bench",
+    "fastmlp.grid",
     "fastmlp.testing",
     "fastmlp.cli",
     "fastmlp.whitening",
