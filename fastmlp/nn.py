@@ -108,10 +108,8 @@ class FusedSequential(nn.Sequential):
         else:
             # Children may be replaced (seq[1] = nn.Tanh()) or an activation's setting
             # changed (LeakyReLU's negative_slope, GELU's approximate): plan again then.
-            # (Read from __dict__: getattr of a missing name goes through
-            # Module.__getattr__'s AttributeError, microseconds per module and call.)
             key = tuple(
-                (m, m.__dict__.get("negative_slope"), m.__dict__.get("approximate"))
+                (m, getattr(m, "negative_slope", None), getattr(m, "approximate", None))
                 for m in self._modules.values()
             )
             if key != self._plan_key:
