@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "aten_engine.h"
+#include "cpu/blas.h"
+#include "cpu/mlp_rowblock.h"
 
 namespace {
 
@@ -640,8 +642,70 @@ void test_mlp_activations() {
       "hidden must hold 2 tensors", "hidden count with output activation");
 }
 
+// The BLAS wrappers of the row-blocked engine (blas.h) against ATen's
+// products, on odd shapes and row strides wider than the rows.
+void test_blas_wrappers() {
+  using fastmlp::cpu::gemm_nn;
+  using fastmlp::cpu::gemm_nt;
+  using fastmlp::cpu::gemm_tn;
+  if (!fastmlp::cpu::blas_available<double>()) {
+    std::printf("no BLAS in this torch: skipping the BLAS wrapper tests\n");
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  for (const auto& [m, n, k] : std::vector<std::array<int64_t, 3>>{
+           {1, 1, 1}, {3, 7, 5}, {17, 100, 33}, {64, 1, 257}}) {
+    const std::string name = "blas m=" + std::to_string(m) +
+                             " n=" + std::to_string(n) +
+                             " k=" + std::to_string(k);
+    // Views into wider matrices: the leading dimensions are not the widths.
+    const at::Tensor a = at::randn({m, k + 3}, opts).narrow(1, 0, k);
+    const at::Tensor bt = at::randn({n, k + 2}, opts).narrow(1, 0, k);
+    const at::Tensor c0 = at::randn({m, n + 1}, opts);
+    at::Tensor c = c0.clone();
+    gemm_nt<double>(m, n, k, a.data_ptr<double>(), k + 3, bt.data_ptr<double>(),
+                    k + 2, 1.0, c.data_ptr<double>(), n + 1);
+    check(at::allclose(c.narrow(1, 0, n), c0.narrow(1, 0, n) + a.mm(bt.t()),
+                       1e-12, 1e-12) &&
+              at::equal(c.narrow(1, n, 1), c0.narrow(1, n, 1)),
+          name + ": gemm_nt accumulates, leaves the padding");
+    const at::Tensor b = at::randn({k, n + 2}, opts).narrow(1, 0, n);
+    gemm_nn<double>(m, n, k, a.data_ptr<double>(), k + 3, b.data_ptr<double>(),
+                    n + 2, 0.0, c.data_ptr<double>(), n + 1);
+    check(at::allclose(c.narrow(1, 0, n), a.mm(b), 1e-12, 1e-12),
+          name + ": gemm_nn overwrites");
+    const at::Tensor g = at::randn({k, m + 1}, opts).narrow(1, 0, m);
+    gemm_tn<double>(m, n, k, g.data_ptr<double>(), m + 1, b.data_ptr<double>(),
+                    n + 2, 0.0, c.data_ptr<double>(), n + 1);
+    check(at::allclose(c.narrow(1, 0, n), g.t().mm(b), 1e-12, 1e-12),
+          name + ": gemm_tn");
+  }
+  for (const int64_t width : {1, 7, 64, 256, 4096, 1 << 20}) {
+    const int64_t rows = fastmlp::cpu::rowblock_rows(width, 4);
+    check(rows >= 16 && rows <= 1024 && rows % 8 == 0,
+          "rowblock_rows(" + std::to_string(width) + ") = " +
+              std::to_string(rows) + " is a multiple of 8 in [16, 1024]");
+  }
+}
+
+void set_cpu_path(const std::string& path) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmlp::_set_cpu_path", "")
+                       .typed<void(const std::optional<std::string>&)>();
+  op.call(path);
+}
+
 int main() {
   at::manual_seed(0);
+  test_blas_wrappers();
+  // The whole-MLP tests once per CPU path (engine_rule.h), then on the rule's
+  // own choice.
+  for (const char* path : {"layered", "row_blocked"}) {
+    set_cpu_path(path);
+    test_mlp();
+    test_mlp_activations();
+  }
+  set_cpu_path("auto");
   test_grid();
   test_nan_and_zero_semantics();
   test_non_contiguous_and_leading_dims();
