@@ -338,3 +338,135 @@ def test_mlp_inference_refuses_forward_ad_dual_tensors(path):
         dual_w = fwAD.make_dual(weights[1], torch.randn_like(weights[1]))
         with torch.no_grad(), pytest.raises(RuntimeError, match="not differentiable"):
             torch.ops.fastmlp.mlp_inference(x, [weights[0], dual_w], biases)
+
+
+# --- threads: per-thread gradient sums, deterministic for a thread count ---------------
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=_name)
+def test_threads_match_float64_and_are_deterministic(path, threads, dtype):
+    # 4099 rows of width <= 100: many row blocks, so each thread sums several.
+    x, weights, biases = _inputs((7, 100, 100, 1), 4099, dtype, True, 11)
+    ours, ref = _fns("gelu", "none")
+    assert_mlp_matches_torch(ours, ref, x, weights, biases, FLOOR[dtype], what=f"{path}, ")
+    first = _run(ours, x, weights, biases)
+    second = _run(ours, x, weights, biases, first[2])
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
+        assert torch.equal(a, b), f"two identical calls differ ({path}, {threads} threads)"
+
+
+def test_one_and_two_threads_agree(path):
+    x, weights, biases = _inputs((7, 100, 100, 7), 4099, F64, True, 12)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, grads, gy = _run(fastmlp.mlp, x, weights, biases, torch.ones(4099, 7))
+            results.append([y, *grads])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+# --- opcheck, gradcheck, torch.compile on every path ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=_name)
+def test_opcheck(path, dtype):
+    x, weights, biases = _inputs((5, 7, 3), 6, dtype, True, 13)
+    samples = [
+        (x, weights, biases),
+        (x, weights, []),
+        (torch.randn(2, 3, 5).to(dtype), weights, biases, "gelu", "sigmoid"),
+        (torch.randn(0, 5).to(dtype), weights[:1], biases[:1]),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.fastmlp.mlp_inference.default, args)
+        torch.library.opcheck(torch.ops.fastmlp.mlp.default, args)
+    grad = [t.detach().clone().requires_grad_() for t in [x, *weights, *biases]]
+    torch.library.opcheck(torch.ops.fastmlp.mlp.default, (grad[0], grad[1:3], grad[3:]))
+    y, hidden = torch.ops.fastmlp.mlp(x, weights, biases)
+    gy = torch.randn_like(y)
+    for mask in ([True] * 5, [False, True, False, True, False], [False, False, True, False, True]):
+        args = (gy, x if mask[1] else None, weights, hidden, mask)
+        torch.library.opcheck(torch.ops.fastmlp.mlp_backward.default, args)
+
+
+@pytest.mark.parametrize("kind", ["relu", "gelu-sigmoid", "leaky_relu-0.3-nobias"])
+def test_gradcheck_float64(path, kind):
+    activation, output, slope, bias = {
+        "relu": ("relu", "none", 0.01, True),
+        "gelu-sigmoid": ("gelu", "sigmoid", 0.01, True),
+        "leaky_relu-0.3-nobias": ("leaky_relu", "none", -0.3, False),
+    }[kind]
+    x, weights, biases = _inputs((4, 5, 3, 2), 19, F64, bias, 14)
+    ours, _ = _fns(activation, output, slope)
+    params = [t.requires_grad_() for t in [x, *weights, *(biases or [])]]
+    assert torch.autograd.gradcheck(lambda x, *p: ours(x, p[:3], p[3:] or None), params)
+
+
+def _compiled_matches_eager(model, x, backend):
+    torch._dynamo.reset()  # each test's model compiles afresh (MLP.forward is shared)
+    graphs = []
+
+    def recording(gm, example_inputs):  # the ops dynamo put in each graph, then backend
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=recording, fullgraph=True)
+    y, y_c = model(x), compiled(x)
+    torch.testing.assert_close(y_c, y)
+    grads = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+    grads_c = torch.autograd.grad(y_c.square().sum(), list(model.parameters()))
+    for a, b in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert len(graphs) == 1 and "fastmlp.mlp" in graphs[0], graphs
+    with torch.no_grad():
+        y_c = compiled(x)
+    assert len(graphs) == 2 and "fastmlp.mlp_inference" in graphs[1], graphs
+    assert "fastmlp.mlp" not in graphs[1], graphs
+    torch.testing.assert_close(y_c, y.detach())
+
+
+def test_torch_compile_matches_eager(path):
+    torch.manual_seed(0)
+    model = fastmlp.MLP((7, 100, 257, 7), activation="gelu", output_activation="sigmoid")
+    _compiled_matches_eager(model, torch.randn(300, 7), "aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager(path):
+    torch.manual_seed(0)
+    model = fastmlp.MLP((7, 100, 7), activation="silu")
+    _compiled_matches_eager(model, torch.randn(300, 7), "inductor")
+
+
+# --- bad input: the same clear errors on every path ------------------------------------
+
+BAD = [
+    ("dtype mix", lambda x, w, b: (x, [w[0].double(), w[1]], b), r"weights\[0\] must have x's"),
+    ("bias dtype", lambda x, w, b: (x, w, [b[0], b[1].double()]), r"biases\[1\] must have x's"),
+    ("in_features", lambda x, w, b: (x[:, :5], w, b), r"in_features mismatch: weights\[0\]"),
+    ("chain", lambda x, w, b: (x, [w[0], w[1][:, :3]], b), r"weights\[1\]"),
+]
+
+
+@pytest.mark.parametrize("make,message", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_input_raises_clear_error(path, make, message):
+    x, weights, biases = _inputs((7, 100, 7), 5, F32, True, 15)
+    args = make(x, weights, biases)
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode(), pytest.raises(RuntimeError, match=message):
+            fastmlp.mlp(*args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastmlp.mlp_inference(*args)
