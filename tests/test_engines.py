@@ -290,6 +290,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts a Python process
 def test_environment_variable_forces_the_cpu_path():
     code = (
         "import torch, fastmlp\n"
@@ -312,6 +313,7 @@ def test_environment_variable_forces_the_cpu_path():
     assert lines[3] == "layered", run.stdout  # set_cpu_path(None): the rule again
 
 
+@pytest.mark.slow  # starts a Python process
 def test_bad_environment_value_raises_a_clear_error_at_first_use():
     code = (
         "import torch, fastmlp\n"
@@ -330,6 +332,7 @@ def test_bad_environment_value_raises_a_clear_error_at_first_use():
     assert all(want in line for line in lines[1:]), run.stdout
 
 
+@pytest.mark.slow  # starts a Python process
 def test_report_command_prints_the_cpu_path():
     args = ["-m", "fastmlp.engines", "--widths", "32,64,16", "--batch", "4096"]
     environ = {k: v for k, v in os.environ.items() if k != "FASTMLP_CPU_PATH"}
