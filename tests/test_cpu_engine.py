@@ -4,8 +4,9 @@ and checked against a float64 reference with the error bounded by PyTorch's own 
 same dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias
 or not, needs_input_grad subsets, several activations; inference (``mlp_inference``,
 what ``fastmlp.mlp`` runs under no_grad/inference_mode) and its refusal to be
-differentiated; one and two threads, bitwise-deterministic gradients; opcheck,
-gradcheck, torch.compile; clear errors. The rule and its report are in
+differentiated; forward on one path and backward on the other; vmap; one and two
+threads, bitwise-deterministic gradients; opcheck, gradcheck, torch.compile; clear
+errors. The rule and its report are in
 tests/test_engines.py.
 
 row_blocked runs float32 and float64 only: its bf16 cases are skipped with the engine's
@@ -94,6 +95,8 @@ HAND = [
     ((7, 100, 7), 17, BF16, True, "relu", "none", 0.01),
     ((100, 257, 1, 7), 4099, BF16, False, "silu", "sigmoid", 0.01),
     ((257, 257), 3, BF16, True, "relu", "none", 0.01),
+    ((7, 100, 7, 100), 4099, F32, True, "none", "none", 0.01),
+    ((100, 7, 257, 7), 17, F64, False, "sigmoid", "gelu_tanh", 0.01),
 ]
 KINDS = [("relu", 0.01), ("gelu", 0.01), ("tanh", 0.01), ("silu", 0.01), ("leaky_relu", -0.3)]
 
@@ -182,6 +185,40 @@ def test_nan_and_inf_propagate_like_torch(path):
     assert torch.isnan(y[2]).all()
     for ours, theirs in zip([y, *grads], [y_t, *grads_t], strict=True):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu"])
+@pytest.mark.parametrize(
+    "forward,backward", [("layered", "row_blocked"), ("row_blocked", "layered")]
+)
+def test_forward_on_one_path_backward_on_the_other(forward, backward, activation):
+    # What forward saves (hidden) reads the same on both paths.
+    x, weights, biases = _inputs((7, 100, 100, 7), 517, F64, True, 16)
+    slope = -0.3 if activation == "leaky_relu" else 0.01
+    kw = dict(activation=activation, output_activation="tanh", negative_slope=slope)
+    leaves = [t.clone().requires_grad_() for t in [x, *weights, *biases]]
+    with force_cpu_path(forward):
+        y = fastmlp.mlp(leaves[0], leaves[1:4], leaves[4:], **kw)
+    gy = torch.randn_like(y)
+    with force_cpu_path(backward):
+        y.backward(gy)
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    mlp_ref(refs[0], refs[1:4], refs[4:], **kw).backward(gy)
+    for i, (ours, ref) in enumerate(zip(leaves, refs, strict=True)):
+        assert rel_err(ours.grad, ref.grad) < 1e-12, i
+
+
+def test_vmap_over_the_input(path):
+    # vmap of x alone folds the vmapped dimension into the rows of one fused call.
+    x, weights, biases = _inputs((7, 100, 7), 4 * 33, F64, True, 17)
+    x = x.reshape(4, 33, 7)
+    ours, ref = _fns("silu", "none")
+    got = torch.func.vmap(lambda xi: ours(xi, weights, biases))(x)
+    torch.testing.assert_close(got, ref(x, weights, biases))
+    grads = torch.func.vmap(torch.func.grad(lambda xi: ours(xi, weights, biases).sum()))(x)
+    x_ = x.clone().requires_grad_()
+    ref(x_, weights, biases).sum().backward()
+    torch.testing.assert_close(grads, x_.grad)
 
 
 def test_forcing_row_blocked_for_16_bit_types_raises_the_reason():
