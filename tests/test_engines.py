@@ -2,9 +2,16 @@
 
 The rule is host code compiled into every build: these tests ask it about GPU
 generations by compute capability, with the recorded table and with filled ones.
+Then the CPU path rule (csrc/cpu/engine_rule.cpp): the path and reason per shape, dtype
+and phase, forcing (function, context manager, FASTMLP_CPU_PATH) and the report command.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +190,160 @@ def test_report_covers_every_precision():
 def test_report_without_a_gpu_says_how_to_ask():
     with pytest.raises(RuntimeError, match="capability="):
         engines.cuda_engine_report()
+
+
+# --- the CPU path rule (csrc/cpu/engine_rule.cpp) and its report ------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cpu_auto():
+    """The CPU path left to the rule for the test (whatever FASTMLP_CPU_PATH says)."""
+    with engines.force_cpu_path("auto"):
+        yield
+
+
+# (widths, batch, dtype, phase, path, words of the reason)
+RULE = [
+    ([32, 64, 16], 4096, torch.float32, "train", "row_blocked", "narrow"),
+    ([32, 64, 16], 4096, torch.float64, "backward", "row_blocked", "narrow"),
+    ([32, 256, 256, 16], 1 << 20, torch.float32, "inference", "row_blocked", "narrow"),
+    ([32, 257, 16], 4096, torch.float32, "train", "layered", "wide layers (257 > 256)"),
+    ([784, 512, 512, 10], 64, torch.float32, "backward", "layered", "wide layers"),
+    ([784, 512, 512, 10], 1, torch.float32, "inference", "row_blocked", "small batch"),
+    ([784, 512, 512, 10], 1, torch.float32, "train", "layered", "wide layers"),
+    ([784, 512, 512, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
+    ([32, 64, 16], 4096, torch.bfloat16, "train", "layered", "float32 and float64"),
+    ([32, 64, 16], 1, torch.float16, "inference", "layered", "float32 and float64"),
+]
+
+
+@pytest.mark.parametrize("widths,batch,dtype,phase,path,reason", RULE)
+def test_cpu_rule_picks_the_documented_path(cpu_auto, widths, batch, dtype, phase, path, reason):
+    choice = engines.cpu_path(widths, batch, dtype, phase)
+    assert (choice.phase, choice.path) == (phase, path), choice
+    assert reason in choice.reason and choice.reason != "forced", choice
+
+
+def test_cpu_report_has_every_phase(cpu_auto):
+    report = engines.cpu_path_report([32, 64, 16], 4096)
+    assert [c.phase for c in report] == list(engines.CPU_PHASES)
+    assert all(c.path in ("layered", "row_blocked") and c.reason for c in report)
+
+
+@pytest.mark.parametrize("forced", ["layered", "row_blocked"])
+def test_forced_cpu_path_is_reported_as_forced(cpu_auto, forced):
+    with engines.force_cpu_path(forced):
+        assert engines.requested_cpu_path() == forced
+        for widths, batch in (([32, 64, 16], 4096), ([784, 512, 10], 1), ([3, 1000, 3], 9999)):
+            for c in engines.cpu_path_report(widths, batch, torch.float64):
+                assert (c.path, c.reason) == (forced, "forced")
+    assert engines.requested_cpu_path() == "auto"
+
+
+def test_forced_row_blocked_for_16_bit_types_raises_the_reason(cpu_auto):
+    with engines.force_cpu_path("row_blocked"):
+        for dtype in (torch.bfloat16, torch.float16):
+            with pytest.raises(RuntimeError, match="forced to row_blocked.*float32 and float64"):
+                engines.cpu_path([32, 64, 16], 4096, dtype)
+    with engines.force_cpu_path("layered"):
+        assert engines.cpu_path([32, 64, 16], 4096, torch.bfloat16).path == "layered"
+
+
+def test_cpu_path_bad_arguments_raise_value_errors(cpu_auto):
+    with pytest.raises(ValueError, match="CPU path must be one of auto, layered, row_blocked"):
+        engines.set_cpu_path("fastest")
+    with pytest.raises(ValueError, match="CPU path must be one of"), engines.force_cpu_path("rb"):
+        pass
+    assert engines.requested_cpu_path() == "auto"
+    with pytest.raises(ValueError, match="phase must be one of train, inference, backward"):
+        engines.cpu_path([3, 4], 1, phase="eval")
+    for widths in ([3], [], [3, 0], [0, 3], [3, -1, 2]):
+        with pytest.raises(ValueError, match="widths must list in_features"):
+            engines.cpu_path(widths, 1)
+    with pytest.raises(ValueError, match="batch must be >= 0"):
+        engines.cpu_path([3, 4], -1)
+
+
+def test_force_cpu_path_restores_the_previous_setting(cpu_auto):
+    with engines.force_cpu_path("layered"):
+        with pytest.raises(KeyError), engines.force_cpu_path("row_blocked"):
+            assert engines.requested_cpu_path() == "row_blocked"
+            raise KeyError("boom")
+        assert engines.requested_cpu_path() == "layered"
+        engines.set_cpu_path(None)
+        assert engines.requested_cpu_path() == "auto"
+        engines.set_cpu_path("row_blocked")
+    assert engines.requested_cpu_path() == "auto"
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "FASTMLP_CPU_PATH"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow  # starts a Python process
+def test_environment_variable_forces_the_cpu_path():
+    code = (
+        "import torch, fastmlp\n"
+        "from fastmlp import engines\n"
+        "print(engines.requested_cpu_path())\n"
+        "c = engines.cpu_path([32, 512, 16], 4096)\n"
+        "print(c.path, c.reason)\n"
+        "try:\n"
+        "    fastmlp.mlp(torch.randn(2, 3).bfloat16(), [torch.randn(4, 3).bfloat16()])\n"
+        "except RuntimeError as e:\n"
+        "    print('bf16:', e)\n"
+        "engines.set_cpu_path(None)\n"
+        "print(engines.cpu_path([32, 512, 16], 4096).path)\n"
+    )
+    run = _python(code, FASTMLP_CPU_PATH="row_blocked")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:2] == ["row_blocked", "row_blocked forced"], run.stdout
+    assert lines[2].startswith("bf16: fastmlp: the CPU path is forced to row_blocked"), run.stdout
+    assert lines[3] == "layered", run.stdout  # set_cpu_path(None): the rule again
+
+
+@pytest.mark.slow  # starts a Python process
+def test_bad_environment_value_raises_a_clear_error_at_first_use():
+    code = (
+        "import torch, fastmlp\n"
+        "print('imported')\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        fastmlp.mlp(torch.randn(2, 3), [torch.randn(4, 3)])\n"
+        "    except RuntimeError as e:\n"
+        "        print(str(e).splitlines()[0])\n"
+    )
+    run = _python(code, FASTMLP_CPU_PATH="fastest")
+    assert run.returncode == 0, run.stderr
+    want = "FASTMLP_CPU_PATH: unknown CPU path 'fastest': expected auto, layered or row_blocked"
+    lines = run.stdout.splitlines()
+    assert lines[0] == "imported" and len(lines) == 3, run.stdout
+    assert all(want in line for line in lines[1:]), run.stdout
+
+
+@pytest.mark.slow  # starts a Python process
+def test_report_command_prints_the_cpu_path():
+    args = ["-m", "fastmlp.engines", "--widths", "32,64,16", "--batch", "4096"]
+    environ = {k: v for k, v in os.environ.items() if k != "FASTMLP_CPU_PATH"}
+    run = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "FASTMLP_CPU_PATH: auto" in out
+    assert "CPU path for widths [32, 64, 16], batch 4096, float32:" in out
+    rows = [line.split(maxsplit=2) for line in out.splitlines() if line.startswith("  ")]
+    phases = {r[0]: r[1:] for r in rows if r and r[0] in engines.CPU_PHASES}
+    assert set(phases) == set(engines.CPU_PHASES), out
+    assert all(path == "row_blocked" and "narrow" in why for path, why in phases.values()), out

@@ -139,6 +139,19 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, dynamo: bool, case: int) ->
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_portable_program_exported_without_grad() -> None:
+    # Exported under no_grad, the model's graph holds mlp_inference (nothing saved),
+    # which portable() must replace by ATen ops as it does mlp.
+    model, x = MLP((6, 9, 4), activation="gelu").eval(), torch.rand(3, 6)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,))
+    assert _fused_ops(ep.graph_module) == ["fastmlp.mlp_inference.default"]
+    p = export.portable(ep)
+    assert _fused_ops(p.graph_module) == []
+    with torch.no_grad():
+        torch.testing.assert_close(p.module()(x), model(x))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
 def test_mlp_decompositions_match_the_ops(bias: bool, lead: tuple[int, ...]) -> None:
@@ -205,6 +218,10 @@ def test_mlp_decompositions_match_the_ops_every_activation(kind, out) -> None:
     y, hidden = torch.ops.fastmlp.mlp(x, weights, biases, *acts)
     y_d, hidden_d = entries["fastmlp::mlp"].decomposition(x, weights, biases, *acts)
     torch.testing.assert_close(y_d, y, equal_nan=True)
+    y_i = entries["fastmlp::mlp_inference"].decomposition(x, weights, biases, *acts)
+    y_op = torch.ops.fastmlp.mlp_inference(x, weights, biases, *acts)
+    torch.testing.assert_close(y_i, y_op, equal_nan=True)
+    torch.testing.assert_close(y_i, y, equal_nan=True)
     assert len(hidden_d) == len(hidden)
     for a, b in zip(hidden_d, hidden, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True)
