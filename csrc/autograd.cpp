@@ -232,13 +232,20 @@ at::Tensor mlp_inference_autograd(const at::Tensor& x, at::TensorList weights,
                                   c10::string_view output_activation,
                                   double negative_slope) {
   const auto records = [](const at::Tensor& t) {
-    return (at::GradMode::is_enabled() && t.requires_grad()) ||
-           t._fw_grad(/*level=*/0).defined();
+    return at::GradMode::is_enabled() && t.requires_grad();
   };
   bool recorded = records(x);
   for (const auto& list : {weights, biases}) {
     for (const auto& t : list) recorded = recorded || records(t);
   }
+  bool dual = x._fw_grad(/*level=*/0).defined();
+  for (const auto& list : {weights, biases}) {
+    for (const auto& t : list) dual = dual || t._fw_grad(/*level=*/0).defined();
+  }
+  TORCH_CHECK(!dual,
+              "fastmlp: forward-mode AD of the MLP ops works through "
+              "torch.func.jvp and torch.func.jacfwd, not through "
+              "torch.autograd.forward_ad dual tensors");
   TORCH_CHECK(!recorded,
               "fastmlp.mlp_inference is not differentiable (it saves nothing "
               "for backward); call fastmlp.mlp, which runs it when no "

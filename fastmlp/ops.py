@@ -223,8 +223,10 @@ def mlp(
         x = _autocast(x, dtype)
         weights = [_autocast(w, dtype) for w in weights]
         biases = [_autocast(b, dtype) for b in biases]
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
         # Nothing will be differentiated: the op that saves nothing for backward.
+        # (Not while torch.jit.trace records: its check reruns the model with grad on,
+        # and the two graphs must hold the same op.)
         return torch.ops.fastmlp.mlp_inference(
             x, weights, biases, activation, output_activation, negative_slope
         )

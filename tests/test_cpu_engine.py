@@ -370,10 +370,10 @@ def test_mlp_inference_refuses_forward_ad_dual_tensors(path):
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.randn_like(x))
         for mode in (torch.enable_grad, torch.no_grad):
-            with mode(), pytest.raises(RuntimeError, match="mlp_inference is not differentiable"):
+            with mode(), pytest.raises(RuntimeError, match="torch.func.jvp"):
                 torch.ops.fastmlp.mlp_inference(dual, weights, biases)
         dual_w = fwAD.make_dual(weights[1], torch.randn_like(weights[1]))
-        with torch.no_grad(), pytest.raises(RuntimeError, match="not differentiable"):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="torch.func.jvp"):
             torch.ops.fastmlp.mlp_inference(x, [weights[0], dual_w], biases)
 
 

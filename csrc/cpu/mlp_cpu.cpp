@@ -91,10 +91,11 @@ void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                  std::vector<at::Tensor> hidden, at::Tensor& out,
                  MlpPhase phase) {
   const int64_t M = x2.size(0);
-  if (M == 0) return;
   const bool inference = phase == MlpPhase::kInference;
+  // Asked even for no rows, so that an impossible forced path always raises.
   const CpuPath path =
       choose_cpu_path(M, mlp_widths(w), x2.scalar_type(), phase).path;
+  if (M == 0) return;
   if (path == CpuPath::kRowBlocked) {
     AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "mlp_rowblock", [&] {
       rowblock_forward<scalar_t>(x2, w, b, act, hidden, out);
