@@ -6,8 +6,9 @@ by output features, bias and activation fused in) and ``row_blocked`` (a block o
 goes through every layer before the next block, so its activations stay in cache;
 backward likewise, weight gradients summed per thread and reduced once). The rule, in
 ``csrc/cpu/engine_rule.cpp``, picks ``row_blocked`` for float32/float64 networks whose
-layers are all at most 256 wide, and for inference batches that fit one block;
-``layered`` otherwise (wide layers, 16-bit types). :func:`cpu_path` says which and why
+layers are all at most 256 wide, or at most 512 wide on batches of 4096 rows or more, and
+for inference batches that fit one block; ``layered`` otherwise (wide layers, 16-bit
+types). See docs/cpu.md. :func:`cpu_path` says which and why
 for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process),
 :func:`set_cpu_path` and :func:`force_cpu_path` force one (tests run every path so).
 Both paths compute the same function; results differ only by rounding.

@@ -209,11 +209,15 @@ RULE = [
     ([32, 64, 16], 4096, torch.float32, "train", "row_blocked", "narrow"),
     ([32, 64, 16], 4096, torch.float64, "backward", "row_blocked", "narrow"),
     ([32, 256, 256, 16], 1 << 20, torch.float32, "inference", "row_blocked", "narrow"),
-    ([32, 257, 16], 4096, torch.float32, "train", "layered", "wide layers (257 > 256)"),
+    ([32, 257, 16], 4095, torch.float32, "train", "layered", "wide layers (257 > 256)"),
+    ([32, 257, 16], 4096, torch.float32, "train", "row_blocked", "big batch"),
+    ([32, 512, 16], 1 << 16, torch.float64, "backward", "row_blocked", "big batch"),
+    ([32, 513, 16], 1 << 16, torch.float32, "train", "layered", "wide layers (513 > 256)"),
     ([784, 512, 512, 10], 64, torch.float32, "backward", "layered", "wide layers"),
     ([784, 512, 512, 10], 1, torch.float32, "inference", "row_blocked", "small batch"),
     ([784, 512, 512, 10], 1, torch.float32, "train", "layered", "wide layers"),
-    ([784, 512, 512, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
+    ([784, 512, 512, 10], 1024, torch.float32, "inference", "layered", "wide layers"),
+    ([784, 1024, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
     ([32, 64, 16], 4096, torch.bfloat16, "train", "layered", "float32 and float64"),
     ([32, 64, 16], 1, torch.float16, "inference", "layered", "float32 and float64"),
 ]
@@ -296,14 +300,14 @@ def test_environment_variable_forces_the_cpu_path():
         "import torch, fastmlp\n"
         "from fastmlp import engines\n"
         "print(engines.requested_cpu_path())\n"
-        "c = engines.cpu_path([32, 512, 16], 4096)\n"
+        "c = engines.cpu_path([32, 1024, 16], 4096)\n"
         "print(c.path, c.reason)\n"
         "try:\n"
         "    fastmlp.mlp(torch.randn(2, 3).bfloat16(), [torch.randn(4, 3).bfloat16()])\n"
         "except RuntimeError as e:\n"
         "    print('bf16:', e)\n"
         "engines.set_cpu_path(None)\n"
-        "print(engines.cpu_path([32, 512, 16], 4096).path)\n"
+        "print(engines.cpu_path([32, 1024, 16], 4096).path)\n"
     )
     run = _python(code, FASTMLP_CPU_PATH="row_blocked")
     assert run.returncode == 0, run.stderr

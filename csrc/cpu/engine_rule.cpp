@@ -25,6 +25,14 @@ namespace {
 // Measured on a 2-core AMD EPYC (Zen 5 class, AVX-512): see docs/cpu.md.
 constexpr int64_t kNarrowWidth = 256;
 
+// Layers up to this wide take the row-blocked path from kBigBatch rows on:
+// there the batch's activations (tens of MB) cost more than the per-block
+// GEMMs lose (32-512-512-16 at 16384 rows, fp32: 1.33x eager in training and
+// 1.66x in inference row-blocked, 1.14x and 0.99x layered; the tutorial's
+// 784-512-512-10 at 1024 rows still favours layered, 0.97x vs 0.92x).
+constexpr int64_t kMidWidth = 512;
+constexpr int64_t kBigBatch = 4096;
+
 // "auto" (nothing forced), or the path forced by FASTMLP_CPU_PATH (read
 // once) or fastmlp.engines.set_cpu_path.
 std::optional<CpuPath> parse_path(const std::string& name, const char* where) {
@@ -92,6 +100,13 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
     return {CpuPath::kRowBlocked,
             "narrow: every layer at most " + std::to_string(kNarrowWidth) +
                 " wide, so a block's activations stay in cache"};
+  }
+  if (widest <= kMidWidth && rows >= kBigBatch) {
+    return {CpuPath::kRowBlocked,
+            "big batch (" + std::to_string(rows) +
+                " >= " + std::to_string(kBigBatch) +
+                " rows) of layers at most " + std::to_string(kMidWidth) +
+                " wide: the batch's activations would not stay in cache"};
   }
   if (phase == MlpPhase::kInference && rows <= rowblock_rows(widest, element)) {
     return {CpuPath::kRowBlocked,
