@@ -44,6 +44,13 @@ FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    # grad_y and other draws of the global generator: the same in every run, so that a
+    # case near the bound does not pass or fail by chance.
+    torch.manual_seed(24)
+
+
 @pytest.fixture(params=PATHS)
 def path(request):
     """The CPU path every op call of the test runs on (``auto``: the rule's)."""
@@ -221,15 +228,17 @@ def test_vmap_over_the_input(path):
     torch.testing.assert_close(grads, x_.grad)
 
 
-def test_forcing_row_blocked_for_16_bit_types_raises_the_reason():
+def test_forcing_row_blocked_for_float16_raises_the_reason():
     x, weights, biases = _inputs((7, 7, 3), 5, BF16, True, 6)
     with force_cpu_path("row_blocked"):
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (torch.float16,):
             args = (x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases])
             for mode in (torch.enable_grad, torch.no_grad):
                 with (
                     mode(),
-                    pytest.raises(RuntimeError, match="forced to row_blocked.*float32 and float64"),
+                    pytest.raises(
+                        RuntimeError, match="forced to row_blocked.*float32, float64 and bfloat16"
+                    ),
                 ):
                     fastmlp.mlp(*args)
             with pytest.raises(RuntimeError, match="forced to row_blocked"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmlp import engines
+from fastmlp import engines, hardware
 from fastmlp.engines import ENGINE_PRECISIONS, engine_choice
 
 WARNING = "no recorded GPU run has validated"
@@ -218,8 +218,7 @@ RULE = [
     ([784, 512, 512, 10], 1, torch.float32, "train", "layered", "wide layers"),
     ([784, 512, 512, 10], 1024, torch.float32, "inference", "layered", "wide layers"),
     ([784, 1024, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
-    ([32, 64, 16], 4096, torch.bfloat16, "train", "layered", "float32 and float64"),
-    ([32, 64, 16], 1, torch.float16, "inference", "layered", "float32 and float64"),
+    ([32, 64, 16], 1, torch.float16, "inference", "layered", "float32, float64 and bfloat16"),
 ]
 
 
@@ -246,11 +245,24 @@ def test_forced_cpu_path_is_reported_as_forced(cpu_auto, forced):
     assert engines.requested_cpu_path() == "auto"
 
 
-def test_forced_row_blocked_for_16_bit_types_raises_the_reason(cpu_auto):
+def test_cpu_rule_for_bf16_follows_native_support(cpu_auto):
+    # Row-blocked where the CPU computes bf16 natively (the rule's probe and torch's
+    # agree), layer by layer with the reason elsewhere.
+    choice = engines.cpu_path([32, 64, 16], 4096, torch.bfloat16)
+    if hardware.cpu_has_native_bf16():
+        assert choice.path == "row_blocked" and "narrow" in choice.reason, choice
+    else:
+        assert choice.path == "layered" and "not native" in choice.reason, choice
+    # Wide layers stay layered either way.
+    assert engines.cpu_path([784, 1024, 10], 64, torch.bfloat16).path == "layered"
+
+
+def test_forced_row_blocked_for_float16_raises_the_reason(cpu_auto):
     with engines.force_cpu_path("row_blocked"):
-        for dtype in (torch.bfloat16, torch.float16):
-            with pytest.raises(RuntimeError, match="forced to row_blocked.*float32 and float64"):
-                engines.cpu_path([32, 64, 16], 4096, dtype)
+        with pytest.raises(
+            RuntimeError, match="forced to row_blocked.*float32, float64 and bfloat16"
+        ):
+            engines.cpu_path([32, 64, 16], 4096, torch.float16)
     with engines.force_cpu_path("layered"):
         assert engines.cpu_path([32, 64, 16], 4096, torch.bfloat16).path == "layered"
 
@@ -303,9 +315,9 @@ def test_environment_variable_forces_the_cpu_path():
         "c = engines.cpu_path([32, 1024, 16], 4096)\n"
         "print(c.path, c.reason)\n"
         "try:\n"
-        "    fastmlp.mlp(torch.randn(2, 3).bfloat16(), [torch.randn(4, 3).bfloat16()])\n"
+        "    fastmlp.mlp(torch.randn(2, 3).half(), [torch.randn(4, 3).half()])\n"
         "except RuntimeError as e:\n"
-        "    print('bf16:', e)\n"
+        "    print('fp16:', e)\n"
         "engines.set_cpu_path(None)\n"
         "print(engines.cpu_path([32, 1024, 16], 4096).path)\n"
     )
@@ -313,7 +325,7 @@ def test_environment_variable_forces_the_cpu_path():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[:2] == ["row_blocked", "row_blocked forced"], run.stdout
-    assert lines[2].startswith("bf16: fastmlp: the CPU path is forced to row_blocked"), run.stdout
+    assert lines[2].startswith("fp16: fastmlp: the CPU path is forced to row_blocked"), run.stdout
     assert lines[3] == "layered", run.stdout  # set_cpu_path(None): the rule again
 
 

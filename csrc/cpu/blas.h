@@ -6,6 +6,10 @@
 // around it (dispatcher, tensor views, checks) costs several microseconds.
 // The BLAS entry points cost well under one.
 //
+// bfloat16 goes through MKL's cblas_gemm_bf16bf16f32 (float accumulation,
+// float output): native on CPUs with AVX512-BF16 or AMX, emulated (correct,
+// slower) elsewhere.
+//
 // The symbols are declared weak: torch's x86-64 Linux builds export MKL's
 // Fortran BLAS from libtorch_cpu, but a torch built without MKL does not, and
 // then blas_available() is false and the engine's rule never picks the path
@@ -29,6 +33,13 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
             const int* k, const double* alpha, const double* a, const int* lda,
             const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's bfloat16 GEMM with float accumulation and output, row- or
+// column-major (CBLAS enums: 101 row-major; 111 no transpose, 112
+// transpose); MKL_BF16 is a 16-bit unsigned integer.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n,
+                            int k, float alpha, const uint16_t* a, int lda,
+                            const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
 // MKL's C API (mkl_service.h spells it mkl_set_num_threads_local, a macro;
 // the lower-case symbol is the Fortran one, taking a pointer): the number of
 // threads its calls from this thread use (0: the global setting); returns
@@ -46,6 +57,8 @@ bool blas_available() {
     return &sgemm_ != nullptr;
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     return &dgemm_ != nullptr;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return &cblas_gemm_bf16bf16f32 != nullptr;
   } else {
     return false;
   }
@@ -101,6 +114,39 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
              const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
              int64_t ldc) {
   colmajor_gemm<scalar_t>('N', 'T', n, m, k, b, ldb, a, lda, beta, c, ldc);
+}
+
+// The same three products for bfloat16 operands, accumulated and returned in
+// float (C is float; beta as above).
+inline void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                      int64_t k, const c10::BFloat16* a, int64_t lda,
+                      const c10::BFloat16* b, int64_t ldb, float beta, float* c,
+                      int64_t ldc) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(
+      kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
+      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+      reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+      reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c,
+      static_cast<int>(ldc));
+}
+
+inline void gemm_nt(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
+                    int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                    float beta, float* c, int64_t ldc) {
+  gemm_bf16(false, true, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void gemm_nn(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
+                    int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                    float beta, float* c, int64_t ldc) {
+  gemm_bf16(false, false, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void gemm_tn(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
+                    int64_t lda, const c10::BFloat16* b, int64_t ldb,
+                    float beta, float* c, int64_t ldc) {
+  gemm_bf16(true, false, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
 // While alive, the BLAS calls of this thread run on this thread only: the

@@ -261,20 +261,39 @@ struct ReluMask {
   }
 };
 
+// Rows per partial sum of the bias gradients (combine_grad_block).
+constexpr int64_t kSumChunk = 128;
+
 // g[:, c0:c1] = sum of the parts' columns c0:c1, passed through the
 // activation's backward deriv(sum, saved) (ReLU's mask by default) with
 // `saved` what the layer saved (its output y or pre-activation), with each
 // column's sum added into bias_acc[c - c0] (when given). Parts are rows x ld
 // row-major; g may be the first part. saved == nullptr: no activation (the
 // sum passes as it is); g == nullptr: nothing stored (only the bias sums are
-// wanted). Sums are in math_t and in row order, so results do not depend on
-// the thread count or timing.
+// wanted). Sums are in math_t, in row order within chunks of kSumChunk rows,
+// then chunk by chunk (a two-level cascade, as PyTorch's sums: one running
+// sum over thousands of rows loses digits), so results do not depend on the
+// thread count or timing.
 template <typename scalar_t, typename Deriv = ReluMask<scalar_t>>
 void combine_grad_block(const std::vector<const scalar_t*>& parts,
                         const scalar_t* saved, scalar_t* g, int64_t rows,
                         int64_t ld, int64_t c0, int64_t c1,
                         math_t<scalar_t>* bias_acc,
                         const Deriv& deriv = Deriv()) {
+  if (bias_acc != nullptr && rows > kSumChunk) {
+    std::vector<math_t<scalar_t>> chunk(c1 - c0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kSumChunk) {
+      std::fill(chunk.begin(), chunk.end(), math_t<scalar_t>(0));
+      std::vector<const scalar_t*> chunk_parts;
+      for (const scalar_t* p : parts) chunk_parts.push_back(p + r0 * ld);
+      combine_grad_block<scalar_t>(
+          chunk_parts, saved == nullptr ? nullptr : saved + r0 * ld,
+          g == nullptr ? nullptr : g + r0 * ld, std::min(kSumChunk, rows - r0),
+          ld, c0, c1, chunk.data(), deriv);
+      for (int64_t c = 0; c < c1 - c0; ++c) bias_acc[c] += chunk[c];
+    }
+    return;
+  }
   using Vec = Vectorized<math_t<scalar_t>>;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t off = r * ld;

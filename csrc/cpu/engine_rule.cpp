@@ -54,23 +54,44 @@ std::atomic<int>& forced_path() {
   return forced;
 }
 
+// Whether this CPU computes bfloat16 products natively (AVX512-BF16 or AMX);
+// elsewhere MKL emulates them, slower than the layered engine's oneDNN.
+bool native_bf16() {
+  static const bool native = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ||
+           __builtin_cpu_supports("amx-bf16");
+  }();
+  return native;
+}
+
+// Whether the row-blocked engine can run dtype here (forced or not): bf16
+// only where it is native (MKL's emulation elsewhere is untested here).
 bool row_blocked_supports(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
       return blas_available<float>();
     case at::kDouble:
       return blas_available<double>();
+    case at::kBFloat16:
+      return blas_available<c10::BFloat16>() && native_bf16();
     default:
       return false;
   }
 }
 
 std::string why_not_row_blocked(at::ScalarType dtype) {
-  if (dtype != at::kFloat && dtype != at::kDouble) {
-    return std::string("the row-blocked engine runs float32 and float64; ") +
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16) {
+    return std::string(
+               "the row-blocked engine runs float32, float64 and bfloat16; ") +
            c10::toString(dtype) + " runs layer by layer";
   }
-  return "this torch build exports no BLAS (MKL) for the row-blocked engine";
+  if (dtype == at::kBFloat16 && !native_bf16()) {
+    return "bfloat16 is not native on this CPU (no AVX512-BF16 or AMX): it "
+           "runs layer by layer, with oneDNN's GEMMs";
+  }
+  return std::string("this torch build exports no BLAS (MKL) GEMM for ") +
+         c10::toString(dtype) + " for the row-blocked engine";
 }
 
 }  // namespace
@@ -95,7 +116,7 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
   for (size_t i = 1; i < widths.size(); ++i) {
     widest = std::max(widest, widths[i]);
   }
-  const int64_t element = dtype == at::kDouble ? 8 : 4;
+  const int64_t element = c10::elementSize(dtype);
   if (widest <= kNarrowWidth) {
     return {CpuPath::kRowBlocked,
             "narrow: every layer at most " + std::to_string(kNarrowWidth) +

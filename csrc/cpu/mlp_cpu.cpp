@@ -97,9 +97,9 @@ void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
       choose_cpu_path(M, mlp_widths(w), x2.scalar_type(), phase).path;
   if (M == 0) return;
   if (path == CpuPath::kRowBlocked) {
-    AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "mlp_rowblock", [&] {
-      rowblock_forward<scalar_t>(x2, w, b, act, hidden, out);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND(
+        at::kBFloat16, x2.scalar_type(), "mlp_rowblock",
+        [&] { rowblock_forward<scalar_t>(x2, w, b, act, hidden, out); });
     return;
   }
   if (inference) {
@@ -300,8 +300,8 @@ mlp_backward_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
              choose_cpu_path(M, mlp_widths(w), grad_y.scalar_type(),
                              MlpPhase::kBackward)
                      .path == CpuPath::kRowBlocked) {
-    AT_DISPATCH_FLOATING_TYPES(
-        grad_y.scalar_type(), "mlp_backward_rowblock", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(
+        at::kBFloat16, grad_y.scalar_type(), "mlp_backward_rowblock", [&] {
           rowblock_backward<scalar_t>(gy2, x2, w, h, act, m, grad_x, grad_w,
                                       grad_b);
         });

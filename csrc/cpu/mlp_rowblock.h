@@ -12,8 +12,10 @@
 // in L1/L2) and small batches (one block on the calling thread: no thread
 // hand-off, no allocation). The GEMMs are the BLAS's (blas.h), called once
 // per layer and block; bias, activation and its derivative are epilogues
-// (activations.h). Float and double only: where the BLAS is missing, or for
-// 16-bit types, engine_rule.h picks the layer-by-layer engine.
+// (activations.h). float, double and bfloat16 (float accumulation, each
+// GEMM's output rounded once as torch's; the weight and bias gradients summed
+// in float over the whole batch and rounded once); float16 and a torch
+// without MKL run the layer-by-layer engine (engine_rule.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,6 +45,28 @@ inline int64_t rowblock_rows(int64_t max_width, int64_t elem_size) {
   return std::clamp<int64_t>(rows / 8 * 8, 16, 1024);
 }
 
+// Fewest rows per thread for which a call is split over the threads: below
+// it the hand-off costs more than the second core saves.
+constexpr int64_t kMinRowsPerThread = 64;
+
+// The threads the engine's parallel_for will use: one inside a parallel
+// region (it then runs inline).
+inline int64_t engine_threads() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+// Rows per block for a call of M rows: rowblock_rows, shrunk (to a multiple
+// of 8) so that the blocks split evenly over the threads once each thread
+// gets at least kMinRowsPerThread rows; a batch of 256 rows of a narrow net
+// is one block of rowblock_rows but two of 128 here, one per core.
+inline int64_t balanced_block_rows(int64_t M, int64_t max_width,
+                                   int64_t elem_size, int64_t threads) {
+  const int64_t R = rowblock_rows(max_width, elem_size);
+  if (threads <= 1 || M < threads * kMinRowsPerThread) return R;
+  const int64_t blocks = ceil_div(ceil_div(M, R), threads) * threads;
+  return std::max<int64_t>(8, ceil_div(ceil_div(M, blocks), 8) * 8);
+}
+
 // One layer as the engine reads it: W (n x k, contiguous) and its bias (n, or
 // nullptr).
 template <typename T>
@@ -68,25 +92,61 @@ std::vector<LayerRef<T>> layer_refs(const std::vector<at::Tensor>& w,
 // call to call (see scratch_matrix in mlp_blocks.h for why).
 template <typename T>
 T* thread_scratch(int slot, int64_t n) {
-  thread_local std::vector<T> buffers[3];
+  thread_local std::vector<T> buffers[4];
   std::vector<T>& v = buffers[slot];
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
 
-// z (rows x n, row stride n) = in (rows x k, row stride ldin) @ W.T + b: the
-// bias copied into z first and the product accumulated onto it, rounded once
-// as torch's addmm.
+// dst (rows x n, row stride ldd) = a product that gemm(c, ldc) computes into
+// a math_t matrix: in place for float and double; for bfloat16 into float
+// scratch (slot 3) and rounded once into dst, as torch's bf16 GEMMs round
+// their float accumulators.
+template <typename T, typename Gemm>
+void gemm_into(T* dst, int64_t rows, int64_t n, int64_t ldd, const Gemm& gemm) {
+  if constexpr (std::is_same_v<T, math_t<T>>) {
+    gemm(dst, ldd);
+  } else {
+    using Vec = Vectorized<float>;
+    float* acc = thread_scratch<float>(3, rows * n);
+    gemm(acc, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < n; c += Vec::size()) {
+        const int64_t count = std::min<int64_t>(Vec::size(), n - c);
+        store_math(Vec::loadu(acc + r * n + c, count), dst + r * ldd + c,
+                   count);
+      }
+    }
+  }
+}
+
+// z (rows x cols, row stride ldz) = in (rows x k, row stride ldin) @ W.T + b
+// for the layer's output features c0:c0+cols: the bias copied into the
+// accumulator first and the product added onto it, rounded once as torch's
+// addmm.
+template <typename T>
+void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
+                        int64_t rows, T* z, int64_t ldz, int64_t c0,
+                        int64_t cols) {
+  using acc_t = math_t<T>;
+  gemm_into<T>(z, rows, cols, ldz, [&](acc_t* c, int64_t ldc) {
+    if (layer.b != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < cols; ++j) {
+          c[r * ldc + j] = static_cast<acc_t>(layer.b[c0 + j]);
+        }
+      }
+    }
+    gemm_nt(rows, cols, layer.k, in, ldin, layer.w + c0 * layer.k, layer.k,
+            acc_t(layer.b != nullptr ? 1 : 0), c, ldc);
+  });
+}
+
+// The whole layer: z (rows x n, row stride n).
 template <typename T>
 void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
                         int64_t rows, T* z) {
-  if (layer.b != nullptr) {
-    for (int64_t r = 0; r < rows; ++r) {
-      std::copy(layer.b, layer.b + layer.n, z + r * layer.n);
-    }
-  }
-  gemm_nt<T>(rows, layer.n, layer.k, in, ldin, layer.w, layer.k,
-             layer.b != nullptr ? T(1) : T(0), z, layer.n);
+  layer_rows_forward<T>(in, ldin, layer, rows, z, layer.n, 0, layer.n);
 }
 
 // a = act(z) row by row (rows x n; a may be z).
@@ -134,13 +194,7 @@ void split_columns_forward(const T* x, int64_t M, int64_t K0,
         0, n, block_per_thread(n, kColumnAlign), [&](int64_t c0, int64_t c1) {
           SingleThreadedBlas single;
           const int64_t cols = c1 - c0;
-          if (layer.b != nullptr) {
-            for (int64_t r = 0; r < M; ++r) {
-              std::copy(layer.b + c0, layer.b + c1, z + r * n + c0);
-            }
-          }
-          gemm_nt<T>(M, cols, layer.k, in, ldin, layer.w + c0 * layer.k,
-                     layer.k, layer.b != nullptr ? T(1) : T(0), z + c0, n);
+          layer_rows_forward<T>(in, ldin, layer, M, z + c0, n, c0, cols);
           if (kind == Activation::kNone) {
             if (z != a) {
               for (int64_t r = 0; r < M; ++r) {
@@ -174,7 +228,8 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   const int64_t M = x2.size(0), K0 = x2.size(1);
   int64_t max_width = 1;
   for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
-  const int64_t R = rowblock_rows(max_width, sizeof(T));
+  const int64_t threads = engine_threads();
+  const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   const bool training = !hidden.empty();
   // Layers that save their output compute the activation in place.
   const bool in_place = act.hidden_saves_output();
@@ -186,8 +241,8 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   for (const auto& layer : layers) {
     weight_bytes += layer.n * layer.k * static_cast<int64_t>(sizeof(T));
   }
-  if (M <= R && weight_bytes >= kSplitColumnsBytes &&
-      at::get_num_threads() > 1 && !at::in_parallel_region()) {
+  if (M <= rowblock_rows(max_width, sizeof(T)) &&
+      weight_bytes >= kSplitColumnsBytes && threads > 1) {
     split_columns_forward<T>(x, M, K0, layers, act, saved, y, max_width);
     return;
   }
@@ -240,7 +295,8 @@ struct GradRequest {
 template <typename T>
 class GradAccumulators {
  public:
-  GradAccumulators(const std::vector<LayerRef<T>>& layers,
+  template <typename W>
+  GradAccumulators(const std::vector<LayerRef<W>>& layers,
                    const GradRequest& req, int64_t threads) {
     for (size_t l = 0; l < layers.size(); ++l) {
       w_off_.push_back(per_thread_);
@@ -259,15 +315,17 @@ class GradAccumulators {
   T* bias(int64_t thread, size_t l) {
     return data_.data() + thread * per_thread_ + b_off_[l];
   }
-  // dst[i] = sum over threads, in thread order, of the block at `offset`.
-  void reduce(int64_t offset, int64_t n, T* dst) const {
+  // dst[i] = sum over threads, in thread order, of the block at `offset`,
+  // rounded once to dst's type.
+  template <typename D>
+  void reduce(int64_t offset, int64_t n, D* dst) const {
     at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T sum = data_[offset + i];
         for (int64_t t = 1; t < threads_; ++t) {
           sum += data_[t * per_thread_ + offset + i];
         }
-        dst[i] = sum;
+        dst[i] = static_cast<D>(sum);
       }
     });
   }
@@ -286,7 +344,7 @@ class GradAccumulators {
 template <typename T>
 void activation_backward_rows(Activation kind, bool from_output, double slope,
                               const T* g, const T* saved, T* g_out,
-                              int64_t rows, int64_t n, T* bias_acc) {
+                              int64_t rows, int64_t n, math_t<T>* bias_acc) {
   const std::vector<const T*> parts{g};
   with_activation_deriv<T>(kind, from_output, slope, [&](const auto& deriv) {
     combine_grad_block<T>(parts, saved, g_out, rows, n, 0, n, bias_acc, deriv);
@@ -309,9 +367,10 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
   const int64_t M = gy2.size(0);
   int64_t max_width = 1;
   for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
-  const int64_t R = rowblock_rows(max_width, sizeof(T));
-  const int64_t threads = at::get_num_threads();
-  GradAccumulators<T> acc(layers, req, threads);
+  const int64_t threads = engine_threads();
+  const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
+  using acc_t = math_t<T>;
+  GradAccumulators<acc_t> acc(layers, req, threads);
   const bool saves_output = act.hidden_saves_output();
   const T* gy = gy2.data_ptr<T>();
   const T* x = x2.defined() ? x2.data_ptr<T>() : nullptr;
@@ -320,7 +379,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
   for (const auto& h : hidden) saved.push_back(h.data_ptr<T>());
 
   at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {
-    const int64_t tid = at::get_thread_num();
+    const int64_t tid = threads == 1 ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid < threads, "more workers than threads");
     SingleThreadedBlas single;
     T* const buf[2] = {thread_scratch<T>(0, R * max_width),
@@ -339,7 +398,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
         const Activation kind = top ? act.output : act.hidden;
         const T* saved_rows =
             kind == Activation::kNone ? nullptr : saved[l] + m0 * layer.n;
-        T* bias_acc = req.bias[l] ? acc.bias(tid, l) : nullptr;
+        acc_t* bias_acc = req.bias[l] ? acc.bias(tid, l) : nullptr;
         // The gradient at the pre-activation: a buffer of ours unless it is
         // g itself (no activation).
         const T* gz = g;
@@ -363,13 +422,15 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
                              rows, layer.k);
             in = input_buf;
           }
-          gemm_tn<T>(layer.n, layer.k, rows, gz, layer.n, in, layer.k, T(1),
-                     acc.weight(tid, l), layer.k);
+          gemm_tn(layer.n, layer.k, rows, gz, layer.n, in, layer.k, acc_t(1),
+                  acc.weight(tid, l), layer.k);
         }
         if (l > req.lowest || req.grad_x) {
           T* dst = l == 0 ? gx + m0 * layer.k : other(gz);
-          gemm_nn<T>(rows, layer.k, layer.n, gz, layer.n, layer.w, layer.k,
-                     T(0), dst, layer.k);
+          gemm_into<T>(dst, rows, layer.k, layer.k, [&](acc_t* c, int64_t ldc) {
+            gemm_nn(rows, layer.k, layer.n, gz, layer.n, layer.w, layer.k,
+                    acc_t(0), c, ldc);
+          });
           g = dst;
         }
       }
