@@ -6,9 +6,11 @@ by output features, bias and activation fused in) and ``row_blocked`` (a block o
 goes through every layer before the next block, so its activations stay in cache;
 backward likewise, weight gradients summed per thread and reduced once). The rule, in
 ``csrc/cpu/engine_rule.cpp``, picks ``row_blocked`` for float32/float64 networks whose
-layers are all at most 256 wide, or at most 512 wide on batches of 4096 rows or more, and
-for inference batches that fit one block; ``layered`` otherwise (wide layers, 16-bit
-types). See docs/cpu.md. :func:`cpu_path` says which and why
+layers are all at most 256 wide; for float32 layers up to 1024 wide from 256 rows in
+training and 1024 in inference where oneDNN's brgemm runs its GEMMs
+(:func:`cpu_float_gemm`; else up to 512 wide from 4096 rows); and for inference batches
+that fit one block; ``layered`` otherwise (wider layers, small batches of wide layers,
+bfloat16 and float16). See docs/cpu.md. :func:`cpu_path` says which and why
 for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process),
 :func:`set_cpu_path` and :func:`force_cpu_path` force one (tests run every path so).
 Both paths compute the same function; results differ only by rounding.
@@ -46,6 +48,7 @@ __all__ = [
     "CPU_PATHS",
     "CPU_PHASES",
     "CpuPathChoice",
+    "cpu_float_gemm",
     "cpu_path",
     "cpu_path_report",
     "force_cpu_path",
@@ -127,6 +130,13 @@ def force_cpu_path(name: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_path(previous)
+
+
+def cpu_float_gemm() -> str:
+    """What computes the row-blocked path's float32 GEMMs here: ``"onednn_brgemm"``
+    (oneDNN's micro-kernel inside torch, the fast case), ``"mkl_sgemm"`` or ``"none"``
+    (this torch has neither: the row-blocked path cannot run float32)."""
+    return torch.ops.fastmlp._cpu_float_gemm()
 
 
 def cpu_path(
@@ -275,6 +285,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {hardware.describe_cpu(hardware.describe())}, {torch.get_num_threads()} threads")
     print(f"FASTMLP_CPU_PATH: {requested_cpu_path()}")
+    print(f"row-blocked float32 GEMMs: {cpu_float_gemm()}")
     print(f"CPU path for widths {widths}, batch {args.batch}, {args.dtype}:")
     rows = [(c.phase, c.path, c.reason) for c in cpu_path_report(widths, args.batch, dtype)]
     width = max(len(r[0]) for r in rows)

@@ -209,17 +209,40 @@ RULE = [
     ([32, 64, 16], 4096, torch.float32, "train", "row_blocked", "narrow"),
     ([32, 64, 16], 4096, torch.float64, "backward", "row_blocked", "narrow"),
     ([32, 256, 256, 16], 1 << 20, torch.float32, "inference", "row_blocked", "narrow"),
-    ([32, 257, 16], 4095, torch.float32, "train", "layered", "wide layers (257 > 256)"),
-    ([32, 257, 16], 4096, torch.float32, "train", "row_blocked", "big batch"),
+    # float64 runs MKL's dgemm everywhere: the rule's MKL thresholds.
+    ([32, 257, 16], 4095, torch.float64, "train", "layered", "wide layers (257 > 256)"),
+    ([32, 257, 16], 4096, torch.float64, "train", "row_blocked", "big batch"),
     ([32, 512, 16], 1 << 16, torch.float64, "backward", "row_blocked", "big batch"),
-    ([32, 513, 16], 1 << 16, torch.float32, "train", "layered", "wide layers (513 > 256)"),
+    ([32, 513, 16], 1 << 16, torch.float64, "train", "layered", "wide layers (513 > 256)"),
+    # float32 shapes whose path does not depend on brgemm being there.
     ([784, 512, 512, 10], 64, torch.float32, "backward", "layered", "wide layers"),
     ([784, 512, 512, 10], 1, torch.float32, "inference", "row_blocked", "small batch"),
     ([784, 512, 512, 10], 1, torch.float32, "train", "layered", "wide layers"),
-    ([784, 512, 512, 10], 1024, torch.float32, "inference", "layered", "wide layers"),
-    ([784, 1024, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
+    ([784, 512, 512, 10], 512, torch.float32, "inference", "layered", "wide layers"),
+    ([784, 1025, 10], 65536, torch.float32, "inference", "layered", "wide layers"),
+    ([32, 64, 16], 4096, torch.bfloat16, "train", "layered", "bfloat16"),
     ([32, 64, 16], 1, torch.float16, "inference", "layered", "float32, float64 and bfloat16"),
 ]
+
+
+def test_cpu_rule_for_float32_follows_the_gemm_library(cpu_auto):
+    # With oneDNN's brgemm the row-blocked path takes layers up to 1024 wide from 256
+    # rows in training and 1024 in inference; with MKL only the narrow and big-batch
+    # cases (checked in float64 above).
+    fast = engines.cpu_float_gemm() == "onednn_brgemm"
+    assert engines.cpu_float_gemm() in ("onednn_brgemm", "mkl_sgemm", "none")
+    blocked = "row_blocked" if fast else "layered"
+    tutorial = [784, 512, 512, 10]
+    assert engines.cpu_path(tutorial, 256, torch.float32, "train").path == blocked
+    assert engines.cpu_path(tutorial, 256, torch.float32, "backward").path == blocked
+    assert engines.cpu_path(tutorial, 255, torch.float32, "train").path == "layered"
+    assert engines.cpu_path(tutorial, 1024, torch.float32, "inference").path == blocked
+    assert engines.cpu_path(tutorial, 1023, torch.float32, "inference").path == "layered"
+    choice = engines.cpu_path([32, 1024, 1024, 16], 4096, torch.float32, "train")
+    assert choice.path == blocked, choice
+    if fast:
+        assert "brgemm" in choice.reason, choice
+    assert engines.cpu_path([32, 1025, 16], 4096, torch.float32).path == "layered"
 
 
 @pytest.mark.parametrize("widths,batch,dtype,phase,path,reason", RULE)
@@ -246,15 +269,17 @@ def test_forced_cpu_path_is_reported_as_forced(cpu_auto, forced):
 
 
 def test_cpu_rule_for_bf16_follows_native_support(cpu_auto):
-    # Row-blocked where the CPU computes bf16 natively (the rule's probe and torch's
-    # agree), layer by layer with the reason elsewhere.
+    # The rule keeps bf16 layered (MKL's bf16 GEMM measured slower than oneDNN's); a
+    # forced row_blocked runs it where bf16 is native and raises with the reason
+    # elsewhere.
     choice = engines.cpu_path([32, 64, 16], 4096, torch.bfloat16)
-    if hardware.cpu_has_native_bf16():
-        assert choice.path == "row_blocked" and "narrow" in choice.reason, choice
-    else:
-        assert choice.path == "layered" and "not native" in choice.reason, choice
-    # Wide layers stay layered either way.
-    assert engines.cpu_path([784, 1024, 10], 64, torch.bfloat16).path == "layered"
+    assert choice.path == "layered" and "bfloat16" in choice.reason, choice
+    with engines.force_cpu_path("row_blocked"):
+        if hardware.cpu_has_native_bf16():
+            assert engines.cpu_path([32, 64, 16], 4096, torch.bfloat16).path == "row_blocked"
+        else:
+            with pytest.raises(RuntimeError, match="not native"):
+                engines.cpu_path([32, 64, 16], 4096, torch.bfloat16)
 
 
 def test_forced_row_blocked_for_float16_raises_the_reason(cpu_auto):
@@ -312,14 +337,14 @@ def test_environment_variable_forces_the_cpu_path():
         "import torch, fastmlp\n"
         "from fastmlp import engines\n"
         "print(engines.requested_cpu_path())\n"
-        "c = engines.cpu_path([32, 1024, 16], 4096)\n"
+        "c = engines.cpu_path([32, 2048, 16], 4096)\n"
         "print(c.path, c.reason)\n"
         "try:\n"
         "    fastmlp.mlp(torch.randn(2, 3).half(), [torch.randn(4, 3).half()])\n"
         "except RuntimeError as e:\n"
         "    print('fp16:', e)\n"
         "engines.set_cpu_path(None)\n"
-        "print(engines.cpu_path([32, 1024, 16], 4096).path)\n"
+        "print(engines.cpu_path([32, 2048, 16], 4096).path)\n"
     )
     run = _python(code, FASTMLP_CPU_PATH="row_blocked")
     assert run.returncode == 0, run.stderr

@@ -67,13 +67,16 @@ inline int64_t balanced_block_rows(int64_t M, int64_t max_width,
   return std::max<int64_t>(8, ceil_div(ceil_div(M, blocks), 8) * 8);
 }
 
-// One layer as the engine reads it: W (n x k, contiguous) and its bias (n, or
-// nullptr).
+// One layer as the engine reads it: W (n x k, contiguous), its bias (n, or
+// nullptr) and, for float forwards on brgemm, W.T (k x n, contiguous: the
+// operand layout brgemm takes; nullptr otherwise), made once per call rather
+// than once per block.
 template <typename T>
 struct LayerRef {
   const T* w;
   const T* b;
   int64_t n, k;
+  const T* wt = nullptr;
 };
 
 template <typename T>
@@ -137,8 +140,14 @@ void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
         }
       }
     }
-    gemm_nt(rows, cols, layer.k, in, ldin, layer.w + c0 * layer.k, layer.k,
-            acc_t(layer.b != nullptr ? 1 : 0), c, ldc);
+    const acc_t beta(layer.b != nullptr ? 1 : 0);
+    if (layer.wt != nullptr) {
+      gemm_nn(rows, cols, layer.k, in, ldin, layer.wt + c0, layer.n, beta, c,
+              ldc);
+    } else {
+      gemm_nt(rows, cols, layer.k, in, ldin, layer.w + c0 * layer.k, layer.k,
+              beta, c, ldc);
+    }
   });
 }
 
@@ -223,7 +232,7 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                       const std::vector<at::Tensor>& b,
                       const MlpActivations& act,
                       const std::vector<at::Tensor>& hidden, at::Tensor& out) {
-  const std::vector<LayerRef<T>> layers = layer_refs<T>(w, b);
+  std::vector<LayerRef<T>> layers = layer_refs<T>(w, b);
   const size_t L = layers.size();
   const int64_t M = x2.size(0), K0 = x2.size(1);
   int64_t max_width = 1;
@@ -245,6 +254,16 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
       weight_bytes >= kSplitColumnsBytes && threads > 1) {
     split_columns_forward<T>(x, M, K0, layers, act, saved, y, max_width);
     return;
+  }
+  // brgemm's operand layout for the weights, made once for all blocks.
+  std::vector<at::Tensor> transposed_weights;
+  if constexpr (std::is_same_v<T, float>) {
+    if (M >= kBrgemmMinRows && brgemm_f32_available()) {
+      for (size_t l = 0; l < L; ++l) {
+        transposed_weights.push_back(w[l].t().contiguous());
+        layers[l].wt = transposed_weights.back().data_ptr<T>();
+      }
+    }
   }
 
   at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {

@@ -643,19 +643,25 @@ void test_mlp_activations() {
 }
 
 // The BLAS wrappers of the row-blocked engine (blas.h) against ATen's
-// products, on odd shapes and row strides wider than the rows.
+// products, on odd shapes and row strides wider than the rows: double (MKL's
+// dgemm) and float (oneDNN's brgemm from 16 rows where torch has it, else
+// MKL's sgemm).
+template <typename T>
 void test_blas_wrappers() {
   using fastmlp::cpu::gemm_nn;
   using fastmlp::cpu::gemm_nt;
   using fastmlp::cpu::gemm_tn;
-  if (!fastmlp::cpu::blas_available<double>()) {
+  if (!fastmlp::cpu::blas_available<T>()) {
     std::printf("no BLAS in this torch: skipping the BLAS wrapper tests\n");
     return;
   }
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto opts =
+      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const double tol = std::is_same_v<T, double> ? 1e-12 : 1e-4;
   for (const auto& [m, n, k] : std::vector<std::array<int64_t, 3>>{
-           {1, 1, 1}, {3, 7, 5}, {17, 100, 33}, {64, 1, 257}}) {
-    const std::string name = "blas m=" + std::to_string(m) +
+           {1, 1, 1}, {3, 7, 5}, {17, 100, 33}, {64, 1, 257}, {40, 64, 16}}) {
+    const std::string name = std::string(c10::toString(opts.dtype())) +
+                             " blas m=" + std::to_string(m) +
                              " n=" + std::to_string(n) +
                              " k=" + std::to_string(k);
     // Views into wider matrices: the leading dimensions are not the widths.
@@ -663,21 +669,27 @@ void test_blas_wrappers() {
     const at::Tensor bt = at::randn({n, k + 2}, opts).narrow(1, 0, k);
     const at::Tensor c0 = at::randn({m, n + 1}, opts);
     at::Tensor c = c0.clone();
-    gemm_nt<double>(m, n, k, a.data_ptr<double>(), k + 3, bt.data_ptr<double>(),
-                    k + 2, 1.0, c.data_ptr<double>(), n + 1);
+    gemm_nt(m, n, k, a.data_ptr<T>(), k + 3, bt.data_ptr<T>(), k + 2, T(1),
+            c.data_ptr<T>(), n + 1);
     check(at::allclose(c.narrow(1, 0, n), c0.narrow(1, 0, n) + a.mm(bt.t()),
-                       1e-12, 1e-12) &&
+                       tol, tol) &&
               at::equal(c.narrow(1, n, 1), c0.narrow(1, n, 1)),
           name + ": gemm_nt accumulates, leaves the padding");
     const at::Tensor b = at::randn({k, n + 2}, opts).narrow(1, 0, n);
-    gemm_nn<double>(m, n, k, a.data_ptr<double>(), k + 3, b.data_ptr<double>(),
-                    n + 2, 0.0, c.data_ptr<double>(), n + 1);
-    check(at::allclose(c.narrow(1, 0, n), a.mm(b), 1e-12, 1e-12),
+    gemm_nn(m, n, k, a.data_ptr<T>(), k + 3, b.data_ptr<T>(), n + 2, T(0),
+            c.data_ptr<T>(), n + 1);
+    check(at::allclose(c.narrow(1, 0, n), a.mm(b), tol, tol),
           name + ": gemm_nn overwrites");
+    c.copy_(c0);
+    gemm_nn(m, n, k, a.data_ptr<T>(), k + 3, b.data_ptr<T>(), n + 2, T(1),
+            c.data_ptr<T>(), n + 1);
+    check(
+        at::allclose(c.narrow(1, 0, n), c0.narrow(1, 0, n) + a.mm(b), tol, tol),
+        name + ": gemm_nn accumulates");
     const at::Tensor g = at::randn({k, m + 1}, opts).narrow(1, 0, m);
-    gemm_tn<double>(m, n, k, g.data_ptr<double>(), m + 1, b.data_ptr<double>(),
-                    n + 2, 0.0, c.data_ptr<double>(), n + 1);
-    check(at::allclose(c.narrow(1, 0, n), g.t().mm(b), 1e-12, 1e-12),
+    gemm_tn(m, n, k, g.data_ptr<T>(), m + 1, b.data_ptr<T>(), n + 2, T(0),
+            c.data_ptr<T>(), n + 1);
+    check(at::allclose(c.narrow(1, 0, n), g.t().mm(b), tol, tol),
           name + ": gemm_tn");
   }
   for (const int64_t width : {1, 7, 64, 256, 4096, 1 << 20}) {
@@ -697,7 +709,6 @@ void set_cpu_path(const std::string& path) {
 
 int main() {
   at::manual_seed(0);
-  test_blas_wrappers();
   // The whole-MLP tests once per CPU path (engine_rule.h), then on the rule's
   // own choice.
   for (const char* path : {"layered", "row_blocked"}) {
@@ -714,6 +725,9 @@ int main() {
   test_aten_engine();
   test_mlp();
   test_mlp_activations();
+  // Last: their draws would shift the random inputs of the tests above.
+  test_blas_wrappers<double>();
+  test_blas_wrappers<float>();
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
