@@ -108,10 +108,7 @@ class FusedSequential(nn.Sequential):
         else:
             # Children may be replaced (seq[1] = nn.Tanh()) or an activation's setting
             # changed (LeakyReLU's negative_slope, GELU's approximate): plan again then.
-            key = tuple(
-                (m, getattr(m, "negative_slope", None), getattr(m, "approximate", None))
-                for m in self._modules.values()
-            )
+            key = tuple(map(_plan_key, self._modules.values()))
             if key != self._plan_key:
                 self._plan_cache, self._plan_key = _plan(self), key
             plan = self._plan_cache
@@ -125,6 +122,19 @@ class FusedSequential(nn.Sequential):
     def runs(self) -> list[_FusableRun]:
         """The runs of children computed as one op each."""
         return [step for step in _plan(self) if isinstance(step, _FusableRun)]
+
+
+def _plan_key(m: nn.Module) -> tuple:
+    # What planning reads of a child (fusion.fusable_activation): the module, and the
+    # setting of the two activation classes that have one. (getattr of a name a module
+    # lacks goes through Module.__getattr__'s AttributeError: 1.5 us per module and
+    # call, most of a batch-1 forward's overhead.)
+    kind = type(m)
+    if kind is nn.LeakyReLU:
+        return m, m.negative_slope
+    if kind is nn.GELU:
+        return m, m.approximate
+    return m, None
 
 
 # --- How fuse() changes a module's class at run time ----------------------------------

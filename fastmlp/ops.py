@@ -119,7 +119,11 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast asks for on x's device, or None when autocast is off there.
     Meta tensors (and other devices without autocast) have no autocast state to ask."""
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # CPU and CUDA always have autocast state: skip the (slower) availability check.
+    known = device_type in ("cpu", "cuda")
+    if (known or torch.amp.is_autocast_available(device_type)) and torch.is_autocast_enabled(
+        device_type
+    ):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -279,3 +279,31 @@ def test_unfuse_single_layer():
 def test_package_exports():
     assert fastmlp.MLP is MLP and fastmlp.FusedLinearReLU is FusedLinearReLU
     assert callable(fastmlp.linear_relu)
+
+
+def test_fused_run_reads_parametrized_and_replaced_weights():
+    # The fused run reads each Linear's weight from its _parameters when it is there
+    # (fast), else through the attribute: a parametrized weight (computed on access) and
+    # a weight replaced by a new Parameter must both be what the op uses.
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3), torch.nn.LeakyReLU(0.2)
+    )
+    fused = fastmlp.fuse(copy.deepcopy(plain))
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(fused(x), plain(x))
+    for model in (plain, fused):
+        parametrize.register_parametrization(model[0], "weight", Doubled())
+    torch.testing.assert_close(fused(x), plain(x))
+    new = torch.nn.Parameter(torch.randn(3, 7))
+    plain[2].weight, fused[2].weight = new, torch.nn.Parameter(new.detach().clone())
+    torch.testing.assert_close(fused(x), plain(x))
+    # A changed LeakyReLU slope is seen (the plan is made again).
+    plain[3].negative_slope = fused[3].negative_slope = 0.7
+    torch.testing.assert_close(fused(x), plain(x))
