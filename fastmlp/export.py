@@ -174,15 +174,9 @@ def _mlp(
     return h.reshape(*x.shape[:-1], h.shape[-1]), hidden
 
 
-def _mlp_inference(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    activation: str = "relu",
-    output_activation: str = "none",
-    negative_slope: float = 0.01,
-) -> torch.Tensor:
-    return _mlp(x, weights, biases, activation, output_activation, negative_slope)[0]
+def _mlp_inference(*args: Any, **kwargs: Any) -> torch.Tensor:
+    # mlp's arguments; its output only (nothing saved).
+    return _mlp(*args, **kwargs)[0]
 
 
 def _mlp_backward(

@@ -43,7 +43,11 @@ constexpr int64_t kBigBatch = 4096;
 // 0.60x vs 1.06x, 256 rows 1.01x vs 0.94x, 4096 rows 1.73x vs 0.90x;
 // 32-1024-1024-16 at 256 rows: training 1.14x vs 1.02x, inference 0.91x vs
 // 0.99x; at 4096 rows 1.53x vs 1.09x and 2.41x vs 1.14x.
+// In the shape grid (32 -> width x 4 -> 16) width 1024 at 256 rows trained at
+// 0.80x eager row-blocked: layers wider than kBrgemmNarrowerWidth train
+// row-blocked from kBigBatch rows only (width 1024 at 4096 rows: 1.16x).
 constexpr int64_t kBrgemmWidth = 1024;
+constexpr int64_t kBrgemmNarrowerWidth = 512;
 constexpr int64_t kBrgemmTrainRows = 256;
 constexpr int64_t kBrgemmInferenceRows = 1024;
 
@@ -145,8 +149,9 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
   }
   const bool brgemm = dtype == at::kFloat && brgemm_f32_available();
   if (brgemm && widest <= kBrgemmWidth) {
-    const int64_t from =
-        phase == MlpPhase::kInference ? kBrgemmInferenceRows : kBrgemmTrainRows;
+    const int64_t from = phase == MlpPhase::kInference    ? kBrgemmInferenceRows
+                         : widest <= kBrgemmNarrowerWidth ? kBrgemmTrainRows
+                                                          : kBigBatch;
     if (rows >= from) {
       return {CpuPath::kRowBlocked,
               "layers at most " + std::to_string(kBrgemmWidth) + " wide on " +

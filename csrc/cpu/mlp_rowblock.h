@@ -389,7 +389,28 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
   const int64_t threads = engine_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   using acc_t = math_t<T>;
-  GradAccumulators<acc_t> acc(layers, req, threads);
+  // One block (a small batch) of float or double: its sums are the gradients,
+  // written in place; no per-thread sums to zero and reduce (at batch 1 those
+  // were three passes over the weights' size for one outer product).
+  const bool direct = ceil_div(M, R) == 1 && std::is_same_v<T, acc_t>;
+  GradAccumulators<acc_t> acc(layers, req, direct ? 0 : threads);
+  const auto weight_sum = [&](int64_t tid, size_t l) -> acc_t* {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (direct) return grad_w[l].data_ptr<T>();
+    }
+    return acc.weight(tid, l);
+  };
+  const auto bias_sum = [&](int64_t tid, size_t l) -> acc_t* {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (direct) return grad_b[l].data_ptr<T>();
+    }
+    return acc.bias(tid, l);
+  };
+  if (direct) {
+    for (size_t l = req.lowest; l < L; ++l) {
+      if (req.bias[l]) grad_b[l].zero_();
+    }
+  }
   const bool saves_output = act.hidden_saves_output();
   const T* gy = gy2.data_ptr<T>();
   const T* x = x2.defined() ? x2.data_ptr<T>() : nullptr;
@@ -417,7 +438,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
         const Activation kind = top ? act.output : act.hidden;
         const T* saved_rows =
             kind == Activation::kNone ? nullptr : saved[l] + m0 * layer.n;
-        acc_t* bias_acc = req.bias[l] ? acc.bias(tid, l) : nullptr;
+        acc_t* bias_acc = req.bias[l] ? bias_sum(tid, l) : nullptr;
         // The gradient at the pre-activation: a buffer of ours unless it is
         // g itself (no activation).
         const T* gz = g;
@@ -441,8 +462,8 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
                              rows, layer.k);
             in = input_buf;
           }
-          gemm_tn(layer.n, layer.k, rows, gz, layer.n, in, layer.k, acc_t(1),
-                  acc.weight(tid, l), layer.k);
+          gemm_tn(layer.n, layer.k, rows, gz, layer.n, in, layer.k,
+                  acc_t(direct ? 0 : 1), weight_sum(tid, l), layer.k);
         }
         if (l > req.lowest || req.grad_x) {
           T* dst = l == 0 ? gx + m0 * layer.k : other(gz);
@@ -455,6 +476,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
       }
     }
   });
+  if (direct) return;
   for (size_t l = req.lowest; l < L; ++l) {
     if (req.weight[l]) {
       acc.reduce(acc.weight_offset(l), layers[l].n * layers[l].k,
