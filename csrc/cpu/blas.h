@@ -20,6 +20,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -193,17 +194,19 @@ inline bool brgemm_f32_available() {
 // each weight once either way, and a transposed copy would read it twice).
 constexpr int64_t kBrgemmMinRows = 16;
 
-// dst (cols x rows, row stride rows) = src (rows x cols, row stride lds).T,
-// in this thread's scratch.
+// dst (cols x rows, row stride rows) = scale * src (rows x cols, row stride
+// lds).T, in this thread's scratch.
 inline const float* transposed(const float* src, int64_t rows, int64_t cols,
-                               int64_t lds) {
+                               int64_t lds, float scale = 1.0f) {
   thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < rows * cols) {
     scratch.resize(rows * cols);
   }
   float* dst = scratch.data();
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * lds + c];
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[c * rows + r] = scale * src[r * lds + c];
+    }
   }
   return dst;
 }
@@ -235,6 +238,70 @@ inline void gemm_tn(int64_t m, int64_t n, int64_t k, const float* a,
   } else {
     colmajor_gemm<float>('N', 'T', n, m, k, b, ldb, a, lda, beta, c, ldc);
   }
+}
+
+// out = a @ b for 2-D views with unit column stride (a may instead be a
+// transposed view, unit row stride: a weight gradient's g.T), on this thread:
+// the float GEMMs above (brgemm where it runs), at::mm_out for other dtypes,
+// layouts the BLAS cannot take, or a torch without them. Call it where the
+// work is already split over threads (inside at::parallel_for).
+template <typename scalar_t>
+void mm_on_this_thread(at::Tensor& out, const at::Tensor& a,
+                       const at::Tensor& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+    const bool plain_b =
+        b.stride(1) == 1 && b.stride(0) >= std::max<int64_t>(1, n);
+    const bool plain_out =
+        out.stride(1) == 1 && out.stride(0) >= std::max<int64_t>(1, n);
+    if (blas_available<float>() && plain_b && plain_out && m > 0 && n > 0 &&
+        k > 0 &&
+        fits_blas_int(std::max(
+            {m, n, k, a.stride(0), a.stride(1), b.stride(0), out.stride(0)}))) {
+      if (a.stride(1) == 1 && a.stride(0) >= k) {
+        gemm_nn(m, n, k, a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(),
+                b.stride(0), 0.0f, out.data_ptr<float>(), out.stride(0));
+        return;
+      }
+      if (a.stride(0) == 1 && a.stride(1) >= m) {
+        gemm_tn(m, n, k, a.data_ptr<float>(), a.stride(1), b.data_ptr<float>(),
+                b.stride(0), 0.0f, out.data_ptr<float>(), out.stride(0));
+        return;
+      }
+    }
+  }
+  at::mm_out(out, a, b);
+}
+
+// out = beta * out + alpha * (a @ b), a a transposed view (unit row stride:
+// a weight gradient's g.T) and b, out with unit column stride, on this
+// thread: brgemm for float where it runs (alpha folded into the transposed
+// copy of a, out scaled first), Tensor::addmm_ otherwise. An SGD update of
+// weight rows in one product: W = (1 - lr wd) W - lr g.T h.
+template <typename scalar_t>
+void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
+                          const at::Tensor& b, double beta, double alpha) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+    if (k >= kBrgemmMinRows && m > 0 && n > 0 && brgemm_f32_available() &&
+        a.stride(0) == 1 && a.stride(1) >= m && b.stride(1) == 1 &&
+        b.stride(0) >= n && out.stride(1) == 1 && out.stride(0) >= n) {
+      float* o = out.data_ptr<float>();
+      if (beta != 1.0) {
+        const auto fb = static_cast<float>(beta);
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t c = 0; c < n; ++c) o[r * out.stride(0) + c] *= fb;
+        }
+      }
+      // a is stored k x m (row stride a.stride(1)): its transpose, scaled.
+      const float* at = transposed(a.data_ptr<float>(), k, m, a.stride(1),
+                                   static_cast<float>(alpha));
+      brgemm_nn(m, n, k, at, k, b.data_ptr<float>(), b.stride(0), 1.0f, o,
+                out.stride(0));
+      return;
+    }
+  }
+  out.addmm_(a, b, beta, alpha);
 }
 
 // While alive, the BLAS calls of this thread run on this thread only: the

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/blas.h"
 #include "cpu/cpu_kernels.h"
 
 namespace fastmlp {
@@ -134,7 +135,7 @@ at::Tensor layer_backward(const at::Tensor& g_parts, const at::Tensor& y,
       const at::Tensor g_cols = g_mat.narrow(1, n0, rows);
       if (need_grad_h) {
         at::Tensor out = out_parts.select(0, blk);
-        at::mm_out(out, g_cols, weight_c.narrow(0, n0, rows));
+        mm_on_this_thread<scalar_t>(out, g_cols, weight_c.narrow(0, n0, rows));
       }
       epilogue(
           n0, rows, g_cols,

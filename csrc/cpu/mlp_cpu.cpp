@@ -228,7 +228,7 @@ void mlp_backward_impl(const at::Tensor& gy2, const at::Tensor& x2,
                               const math_t<scalar_t>* bias_grad) {
       if (need_w) {
         at::Tensor gw_rows = gw.narrow(0, n0, rows);
-        at::mm_out(gw_rows, g_cols.t(), input);
+        mm_on_this_thread<scalar_t>(gw_rows, g_cols.t(), input);
       }
       if (bias_grad != nullptr) {
         for (int64_t i = 0; i < rows; ++i) {

@@ -165,10 +165,10 @@ double output_layer_step(const at::Tensor& h, Layer& layer,
                          target.data_ptr<int64_t>(), eps, row_loss.data());
       if (grad_h.defined()) {
         at::Tensor gh = grad_h.narrow(0, r0, rows);
-        at::mm_out(gh, z, layer.weight_c);
+        mm_on_this_thread<scalar_t>(gh, z, layer.weight_c);
       }
       at::Tensor w_part = w_parts.select(0, blk);
-      at::mm_out(w_part, z.t(), h_rows);
+      mm_on_this_thread<scalar_t>(w_part, z.t(), h_rows);
       if (has_bias) {
         const scalar_t* g = z.data_ptr<scalar_t>();  // row stride C
         param_t* part = b_parts.data_ptr<param_t>() + blk * C;
@@ -227,10 +227,10 @@ at::Tensor layer_backward_update(const at::Tensor& g_parts, const at::Tensor& y,
           const param_t* bias_grad) {
         at::Tensor w_rows = layer.weight.narrow(0, n0, rows);
         if (update_in_gemm) {
-          w_rows.addmm_(g_cols.t(), h, decay, -o.lr);
+          addmm_on_this_thread<scalar_t>(w_rows, g_cols.t(), h, decay, -o.lr);
         } else {
           at::Tensor grad_rows = scratch_matrix(rows, K, h.options());
-          at::mm_out(grad_rows, g_cols.t(), h);
+          mm_on_this_thread<scalar_t>(grad_rows, g_cols.t(), h);
           sgd_update<param_t, scalar_t>(
               w_rows.data_ptr<param_t>(), {grad_rows.data_ptr<scalar_t>()},
               ptr_at<param_t>(layer.weight_buf, n0 * K), rows * K, o,
