@@ -231,17 +231,15 @@ at::Tensor mlp_inference_autograd(const at::Tensor& x, at::TensorList weights,
                                   c10::string_view activation,
                                   c10::string_view output_activation,
                                   double negative_slope) {
-  const auto records = [](const at::Tensor& t) {
-    return at::GradMode::is_enabled() && t.requires_grad();
-  };
-  bool recorded = records(x);
-  for (const auto& list : {weights, biases}) {
-    for (const auto& t : list) recorded = recorded || records(t);
-  }
+  bool requires_grad = x.requires_grad();
   bool dual = x._fw_grad(/*level=*/0).defined();
   for (const auto& list : {weights, biases}) {
-    for (const auto& t : list) dual = dual || t._fw_grad(/*level=*/0).defined();
+    for (const auto& t : list) {
+      requires_grad = requires_grad || t.requires_grad();
+      dual = dual || t._fw_grad(/*level=*/0).defined();
+    }
   }
+  const bool recorded = at::GradMode::is_enabled() && requires_grad;
   TORCH_CHECK(!dual,
               "fastmlp: forward-mode AD of the MLP ops works through "
               "torch.func.jvp and torch.func.jacfwd, not through "

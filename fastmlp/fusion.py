@@ -107,9 +107,9 @@ class _FusableRun:
             lin = linears[0]
             return linear_act(x, lin.weight, lin.bias, self.output_activation, self.negative_slope)
         weights = [_param(lin, "weight") for lin in linears]
-        biases = (
-            None if _param(linears[0], "bias") is None else [_param(lin, "bias") for lin in linears]
-        )
+        biases = [_param(lin, "bias") for lin in linears]
+        if biases[0] is None:  # fusion plans only runs whose Linears all or none have one
+            biases = None
         return mlp(x, weights, biases, self.activation, self.output_activation, self.negative_slope)
 
     def describe(self) -> str:

@@ -210,9 +210,9 @@ def mlp(
     :mod:`fastmlp.transforms`.
 
     With gradients off (``torch.no_grad()``, ``torch.inference_mode()``) it runs the op
-    ``mlp_inference``, which saves nothing. On CPU either op runs on the engine that
-    :func:`fastmlp.engines.cpu_path` names for the shape (row-blocked for narrow
-    networks and small batches, layer by layer otherwise).
+    ``mlp_inference``, which saves nothing. On CPU either op runs on the path that
+    :func:`fastmlp.engines.cpu_path` names for the shape and dtype (row-blocked or
+    layer by layer; docs/cpu.md).
     """
     if activation != "relu":
         check_activation(activation)

@@ -282,10 +282,12 @@ void combine_grad_block(const std::vector<const scalar_t*>& parts,
                         const Deriv& deriv = Deriv()) {
   if (bias_acc != nullptr && rows > kSumChunk) {
     std::vector<math_t<scalar_t>> chunk(c1 - c0);
+    std::vector<const scalar_t*> chunk_parts(parts.size());
     for (int64_t r0 = 0; r0 < rows; r0 += kSumChunk) {
       std::fill(chunk.begin(), chunk.end(), math_t<scalar_t>(0));
-      std::vector<const scalar_t*> chunk_parts;
-      for (const scalar_t* p : parts) chunk_parts.push_back(p + r0 * ld);
+      for (size_t p = 0; p < parts.size(); ++p) {
+        chunk_parts[p] = parts[p] + r0 * ld;
+      }
       combine_grad_block<scalar_t>(
           chunk_parts, saved == nullptr ? nullptr : saved + r0 * ld,
           g == nullptr ? nullptr : g + r0 * ld, std::min(kSumChunk, rows - r0),

@@ -84,6 +84,19 @@ std::vector<int64_t> mlp_widths(const std::vector<at::Tensor>& w) {
   return widths;
 }
 
+// mlp's `hidden` (schemas.cpp), uninitialised: one (M, out_l) tensor per
+// layer that saves something for backward.
+std::vector<at::Tensor> empty_hidden(int64_t M,
+                                     const std::vector<at::Tensor>& w,
+                                     const MlpActivations& act,
+                                     const at::TensorOptions& options) {
+  std::vector<at::Tensor> hidden;
+  for (size_t l = 0; l < act.hidden_count(w.size()); ++l) {
+    hidden.push_back(at::empty({M, w[l].size(0)}, options));
+  }
+  return hidden;
+}
+
 // mlp's forward into out on the path the rule picks, saving what backward
 // reads into `hidden` (mlp), or nothing (inference: hidden empty).
 void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
@@ -104,9 +117,7 @@ void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   }
   if (inference) {
     // The layered engine keeps each layer's activations in these.
-    for (size_t l = 0; l < act.hidden_count(w.size()); ++l) {
-      hidden.push_back(at::empty({M, w[l].size(0)}, x2.options()));
-    }
+    hidden = empty_hidden(M, w, act, x2.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x2.scalar_type(), "mlp_cpu",
@@ -144,10 +155,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
                        negative_slope, "fastmlp.mlp: ");
   const size_t L = a.w.size();
   const int64_t M = a.x2.size(0);
-  std::vector<at::Tensor> hidden;
-  for (size_t l = 0; l < a.act.hidden_count(L); ++l) {
-    hidden.push_back(at::empty({M, a.w[l].size(0)}, x.options()));
-  }
+  const std::vector<at::Tensor> hidden =
+      empty_hidden(M, a.w, a.act, x.options());
   at::Tensor out = at::empty({M, a.w[L - 1].size(0)}, x.options());
   mlp_forward(a.x2, a.w, a.b, a.act, hidden, out, MlpPhase::kTrainForward);
   return {out.view(with_last(x.sizes(), a.w[L - 1].size(0))), hidden};

@@ -158,13 +158,22 @@ void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
   layer_rows_forward<T>(in, ldin, layer, rows, z, layer.n, 0, layer.n);
 }
 
-// a = act(z) row by row (rows x n; a may be z).
+// a = act(z) row by row (rows x n, row stride ld, n by default; a may be z).
 template <typename T>
 void activate_rows(Activation kind, double slope, const T* z, T* a,
-                   int64_t rows, int64_t n) {
+                   int64_t rows, int64_t n, int64_t ld = 0) {
+  if (ld == 0) ld = n;
   with_activation_rows<T>(kind, slope, [&](const auto& epilogue) {
-    for (int64_t r = 0; r < rows; ++r) epilogue(z + r * n, a + r * n, n);
+    for (int64_t r = 0; r < rows; ++r) epilogue(z + r * ld, a + r * ld, n);
   });
+}
+
+// The widest layer's out_features (at least 1): what a block's buffers hold.
+template <typename T>
+int64_t widest_layer(const std::vector<LayerRef<T>>& layers) {
+  int64_t widest = 1;
+  for (const auto& layer : layers) widest = std::max(widest, layer.n);
+  return widest;
 }
 
 // Weights of at least this many bytes make a one-block forward split each
@@ -204,20 +213,11 @@ void split_columns_forward(const T* x, int64_t M, int64_t K0,
           SingleThreadedBlas single;
           const int64_t cols = c1 - c0;
           layer_rows_forward<T>(in, ldin, layer, M, z + c0, n, c0, cols);
-          if (kind == Activation::kNone) {
-            if (z != a) {
-              for (int64_t r = 0; r < M; ++r) {
-                std::copy(z + r * n + c0, z + r * n + c1, a + r * n + c0);
-              }
-            }
-            return;
+          // No activation: z is a (its layers save their output).
+          if (kind != Activation::kNone) {
+            activate_rows<T>(kind, act.negative_slope, z + c0, a + c0, M, cols,
+                             n);
           }
-          with_activation_rows<T>(
-              kind, act.negative_slope, [&](const auto& epilogue) {
-                for (int64_t r = 0; r < M; ++r) {
-                  epilogue(z + r * n + c0, a + r * n + c0, cols);
-                }
-              });
         });
     in = a;
     ldin = n;
@@ -235,8 +235,7 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   std::vector<LayerRef<T>> layers = layer_refs<T>(w, b);
   const size_t L = layers.size();
   const int64_t M = x2.size(0), K0 = x2.size(1);
-  int64_t max_width = 1;
-  for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
+  const int64_t max_width = widest_layer(layers);
   const int64_t threads = engine_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   const bool training = !hidden.empty();
@@ -384,8 +383,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
       layer_refs<T>(w, std::vector<at::Tensor>(w.size()));
   const size_t L = layers.size();
   const int64_t M = gy2.size(0);
-  int64_t max_width = 1;
-  for (const auto& layer : layers) max_width = std::max(max_width, layer.n);
+  const int64_t max_width = widest_layer(layers);
   const int64_t threads = engine_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   using acc_t = math_t<T>;
