@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 from fastmlp.ops import apply_activation, check_activation, linear_act, linear_relu, mlp
 
@@ -29,9 +30,38 @@ _SIMPLE_ACTIVATIONS: dict[type, str] = {
 _DEFAULT_SLOPE = 0.01
 
 
+def why_not_plain(module: nn.Module) -> str | None:
+    """Why computing ``module`` inside a fused op would skip something it does when called
+    (None when nothing would be skipped): a forward replaced on the instance (adapters,
+    LoRA-style patches) or hooks of its own (``torch.nn.utils.prune``, the old
+    ``weight_norm`` and ``spectral_norm`` recompute the weight in a forward pre-hook)."""
+    d = module.__dict__
+    if "forward" in d:
+        return "its forward is replaced on the instance"
+    if d["_forward_pre_hooks"] or d["_forward_hooks"]:
+        return "it has forward hooks (prune, weight_norm, spectral_norm use them)"
+    if d["_backward_hooks"] or d["_backward_pre_hooks"]:
+        return "it has backward hooks"
+    return None
+
+
+def global_hooks() -> bool:
+    """Whether module hooks are registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook`` and its kin): a fused run
+    would skip them for its children, so nothing is fused while there are any."""
+    return bool(
+        _module_mod._global_forward_pre_hooks
+        or _module_mod._global_forward_hooks
+        or _module_mod._global_backward_pre_hooks
+        or _module_mod._global_backward_hooks
+    )
+
+
 def _activation_of(module: nn.Module) -> tuple[str, float | None] | None:
     """``(name, negative_slope)`` of an activation module fuse() fuses (the slope only for
     LeakyReLU), else None."""
+    if why_not_plain(module) is not None:
+        return None
     kind = _SIMPLE_ACTIVATIONS.get(type(module))
     if kind is not None:
         return kind, None
@@ -126,18 +156,24 @@ class _FusableRun:
 def _is_no_op(module: nn.Module) -> bool:
     # What may sit inside a run without changing it: torchvision.ops.MLP puts a
     # Dropout(p=0.0) after every layer.
-    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
+    kind = type(module)
+    no_op = kind is nn.Identity or (kind is nn.Dropout and module.p == 0)
+    return no_op and why_not_plain(module) is None
 
 
 def _plan(seq: nn.Sequential) -> list[nn.Module | _FusableRun]:
     """The Sequential's children, with each fusable run replaced by a _FusableRun.
 
-    Only the exact classes of ``nn.Linear`` and of the activations fuse() knows are fused:
-    a subclass may have its own forward. A run needs at least two Linears, or one
+    Only the exact classes of ``nn.Linear`` and of the activations fuse() knows are fused
+    (a subclass may have its own forward), and only children without hooks or a forward
+    replaced on the instance (:func:`why_not_plain`); nothing while global module hooks
+    are registered. A run needs at least two Linears, or one
     followed by an activation, and the same bias presence throughout (the op takes biases
     for all layers or none).
     """
     items = list(seq._modules.items())
+    if global_hooks():
+        return [m for _, m in items]
     plan: list[nn.Module | _FusableRun] = []
     i = 0
     while i < len(items):
@@ -167,15 +203,21 @@ def _gap(items: list[tuple[str, nn.Module]], i: int) -> tuple[str, float | None,
     return act[0], act[1], _skip_no_ops(items, i + 1)
 
 
+def fusable_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear fuse() may compute inside a run: the exact class (a
+    subclass may have its own forward), nothing that the op would skip (why_not_plain)."""
+    return type(module) is nn.Linear and why_not_plain(module) is None
+
+
 def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | None:
-    if type(items[start][1]) is not nn.Linear:
+    if not fusable_linear(items[start][1]):
         return None
     has_bias = items[start][1].bias is not None
 
     def is_linear(j: int) -> bool:
         return (
             j < len(items)
-            and type(items[j][1]) is nn.Linear
+            and fusable_linear(items[j][1])
             and (items[j][1].bias is not None) == has_bias
         )
 

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 # _FusableRun stays importable from here: pickles of a FusedSequential hold its plan.
-from fastmlp.fusion import _DEFAULT_SLOPE, _FusableRun, _plan, activation_module
+from fastmlp.fusion import (
+    _DEFAULT_SLOPE,
+    _FusableRun,
+    _plan,
+    activation_module,
+    global_hooks,
+    why_not_plain,
+)
 from fastmlp.ops import check_activation, linear_relu
 
 __all__ = [
@@ -94,21 +101,25 @@ class FusedSequential(nn.Sequential):
 
     Its children, their names and so the state_dict keys are those of the Sequential it
     was made from: :func:`fuse` turns an ``nn.Sequential`` into one in place and
-    :func:`unfuse` turns it back. Forward hooks of the fused children do not run.
+    :func:`unfuse` turns it back. A child with hooks (forward, pre-forward or backward:
+    ``torch.nn.utils.prune``, ``weight_norm`` and ``spectral_norm`` use them) or with a
+    ``forward`` replaced on the instance is not fused, so what it does still happens; the
+    plan is made again when a child, its hooks or an activation's or Dropout's setting
+    change.
     ``torch.func`` transforms work (:mod:`fastmlp.transforms`); ``torch.jit.script``
     refuses it with a clear error (``torch.jit.trace`` and ``torch.export`` work).
     """
 
-    _plan_key: tuple[tuple[nn.Module, object, object], ...] | None = None
+    _plan_key: tuple[object, ...] | None = None
     _plan_cache: list[nn.Module | _FusableRun] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             plan = _plan(self)
         else:
-            # Children may be replaced (seq[1] = nn.Tanh()) or an activation's setting
-            # changed (LeakyReLU's negative_slope, GELU's approximate): plan again then.
-            key = tuple(map(_plan_key, self._modules.values()))
+            # Children may be replaced (seq[1] = nn.Tanh()), a setting changed (LeakyReLU's
+            # negative_slope, GELU's approximate, Dropout's p) or hooks added: plan again.
+            key = (global_hooks(), *map(_plan_key, self._modules.values()))
             if key != self._plan_key:
                 self._plan_cache, self._plan_key = _plan(self), key
             plan = self._plan_cache
@@ -125,16 +136,28 @@ class FusedSequential(nn.Sequential):
 
 
 def _plan_key(m: nn.Module) -> tuple:
-    # What planning reads of a child (fusion.fusable_activation): the module, and the
-    # setting of the two activation classes that have one. (getattr of a name a module
-    # lacks goes through Module.__getattr__'s AttributeError: 1.5 us per module and
-    # call, most of a batch-1 forward's overhead.)
+    # What planning reads of a child (fusion._run_at): the module, the setting of the
+    # classes that have one (LeakyReLU's negative_slope, GELU's approximate, Dropout's p),
+    # and whether it has hooks or a forward of its own (fusion.why_not_plain: a hook added
+    # after the first call unfuses its module). Reads __dict__ directly: getattr of a name
+    # a module lacks goes through Module.__getattr__'s AttributeError, 1.5 us per module
+    # and call, most of a batch-1 forward's overhead.
+    d = m.__dict__
+    hooked = bool(
+        d["_forward_pre_hooks"]
+        or d["_forward_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+        or "forward" in d
+    )
     kind = type(m)
     if kind is nn.LeakyReLU:
-        return m, m.negative_slope
+        return m, m.negative_slope, hooked
     if kind is nn.GELU:
-        return m, m.approximate
-    return m, None
+        return m, m.approximate, hooked
+    if kind is nn.Dropout:
+        return m, m.p, hooked
+    return m, None, hooked
 
 
 # --- How fuse() changes a module's class at run time ----------------------------------
@@ -292,7 +315,11 @@ def fuse(module: nn.Module) -> nn.Module:
     by an activation; an activation right after the run's last Linear is included as its
     output activation, so a change of activation starts a new run after it. An
     ``nn.Identity`` or ``nn.Dropout(p=0)`` next to an activation is skipped
-    (torchvision.ops.MLP has those). Subclasses of Linear or of the activations are left
+    (torchvision.ops.MLP has those). A module with hooks or a ``forward`` replaced on the
+    instance is not fused (``torch.nn.utils.prune``, ``weight_norm`` and ``spectral_norm``
+    recompute the weight in a hook), nor is anything while global module hooks are
+    registered; a hook added later unfuses its module from the next call on. Subclasses of
+    Linear or of the activations are left
     alone, as is anything else (a BatchNorm between a Linear and its ReLU ends the run).
     The Sequentials keep their children, names and parameters, so state_dict keys are
     unchanged: each becomes a :class:`FusedSequential` (a subclass of nn.Sequential, and
@@ -304,7 +331,7 @@ def fuse(module: nn.Module) -> nn.Module:
     for seq in list(module.modules()):
         if not isinstance(seq, nn.Sequential) or isinstance(seq, FusedSequential):
             continue
-        if type(seq).forward is not nn.Sequential.forward:
+        if type(seq).forward is not nn.Sequential.forward or "forward" in seq.__dict__:
             continue  # a Sequential with its own forward: we cannot know what it computes
         if any(isinstance(step, _FusableRun) for step in _plan(seq)):
             seq.__class__ = _fused_class(type(seq))  # see "How fuse() changes a module's..."
@@ -338,8 +365,13 @@ def describe_fusion(module: nn.Module) -> list[str]:
             if not isinstance(child, nn.Linear) or id(child) in fused:
                 continue
             where = ".".join(filter(None, [prefix, name]))
+            plain = why_not_plain(child)
             if type(child) is not nn.Linear:
                 why = f"a {type(child).__name__}, not an exact nn.Linear"
+            elif plain is not None:
+                why = f"{plain}, which the fused op would skip"
+            elif global_hooks():
+                why = "global module hooks are registered, which the fused op would skip"
             elif not isinstance(seq, nn.Sequential):
                 why = f"inside a {type(seq).__name__}, not an nn.Sequential"
             elif (
@@ -354,6 +386,9 @@ def describe_fusion(module: nn.Module) -> list[str]:
                 if type(following) is nn.Linear:
                     has = "with" if following.bias is not None else "without"
                     why = f"followed by a Linear {has} bias (a run needs all or none)"
+                elif why_not_plain(following) is not None:
+                    name = type(following).__name__
+                    why = f"followed by {name}, and {why_not_plain(following)}"
                 else:
                     why = f"followed by {type(following).__name__}, not an activation fuse() knows"
             else:

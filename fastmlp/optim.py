@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmlp import _C  # noqa: F401  (registers torch.ops.fastmlp.mlp_sgd_step)
+from fastmlp.fusion import global_hooks, why_not_plain
 
 if TYPE_CHECKING:  # the library imports nothing of the workflow layer at run time
     from fastmlp.protocols import LossClosure, LossFn, StepFn
@@ -110,7 +111,9 @@ class FusedSGD(torch.optim.SGD):
 
     Use :meth:`train_step` for the whole step, or the usual ``loss.backward();
     opt.step()``. The fused step leaves ``.grad`` as ``None`` (it never materialises
-    gradients) and does not run module hooks. :func:`fastmlp.loops.train_loop` asks
+    gradients) and does not run module hooks; it is not taken when a Linear layer has
+    hooks (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) or global module
+    hooks are registered. :func:`fastmlp.loops.train_loop` asks
     :meth:`train_step_for` whether to use it.
 
     Why the fused step goes through ``step()``: torch runs an optimizer's step hooks, and
@@ -151,6 +154,7 @@ class FusedSGD(torch.optim.SGD):
         # The kernel's arguments, gathered once (module attribute lookups cost ~1 us each);
         # all empty when the model is not an MLP the kernel can run.
         linears = mlp_linears(model) or []
+        self._linears = linears
         self._weights = [lin.weight for lin in linears]
         self._biases = (
             [lin.bias for lin in linears] if linears and linears[0].bias is not None else []
@@ -178,6 +182,10 @@ class FusedSGD(torch.optim.SGD):
             and x.dtype == weight.dtype
             and weight.dtype in (torch.float32, torch.float64)
             and self._compute_dtype(weight.dtype) is not _UNSUPPORTED
+            # prune, weight_norm and spectral_norm make a Linear's weight in a hook that
+            # the kernel would skip: the autograd path runs it.
+            and not global_hooks()
+            and all(why_not_plain(lin) is None for lin in self._linears)
         )
 
     @staticmethod
