@@ -632,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         prog = f"fastmlp {args.command}"
+        from fastmlp.engines import check_cpu_path_environment
+
+        check_cpu_path_environment()  # a typo stops the command before any work
         return int(args.func(args))
     except UsageError as e:
         print(e, file=sys.stderr)

@@ -11,8 +11,9 @@ training and 1024 in inference where oneDNN's brgemm runs its GEMMs
 (:func:`cpu_float_gemm`; else up to 512 wide from 4096 rows); and for inference batches
 that fit one block; ``layered`` otherwise (wider layers, small batches of wide layers,
 bfloat16 and float16). See docs/cpu.md. :func:`cpu_path` says which and why
-for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process),
-:func:`set_cpu_path` and :func:`force_cpu_path` force one (tests run every path so).
+for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process) and
+:func:`set_cpu_path` force one for the process, :func:`force_cpu_path` for the calling
+thread within a ``with`` block (tests run every path so).
 Both paths compute the same function; results differ only by rounding.
 
 **CUDA.**
@@ -37,6 +38,7 @@ also answers for a given compute capability on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,7 @@ __all__ = [
     "cpu_float_gemm",
     "cpu_path",
     "cpu_path_report",
+    "check_cpu_path_environment",
     "force_cpu_path",
     "requested_cpu_path",
     "set_cpu_path",
@@ -108,28 +111,50 @@ class CpuPathChoice:
 
 def set_cpu_path(name: str | None) -> None:
     """Run the CPU whole-MLP ops on path ``name`` (one of :data:`CPU_PATHS`) from now on
-    in this process; ``None`` or ``"auto"`` goes back to the rule."""
+    in this whole process, every thread; ``None`` or ``"auto"`` goes back to the rule. A
+    thread inside :func:`force_cpu_path` keeps the path forced there."""
+    torch.ops.fastmlp._set_cpu_path(_check_path(name))
+
+
+def _check_path(name: str | None) -> str | None:
     if name is not None and name not in CPU_PATHS:
         raise ValueError(f"CPU path must be one of {', '.join(CPU_PATHS)}; got {name!r}")
-    torch.ops.fastmlp._set_cpu_path(name)
+    return name
 
 
 def requested_cpu_path() -> str:
-    """The CPU path forced in this process (``FASTMLP_CPU_PATH`` or :func:`set_cpu_path`),
-    or ``"auto"``."""
+    """The CPU path forced for the calling thread: by :func:`force_cpu_path` on this
+    thread, else for the process (``FASTMLP_CPU_PATH`` or :func:`set_cpu_path`); else
+    ``"auto"``."""
     return torch.ops.fastmlp._cpu_requested_path()
+
+
+def check_cpu_path_environment() -> None:
+    """Raise ``ValueError`` (one line) if ``FASTMLP_CPU_PATH`` is set to something other than
+    a CPU path. Commands call it first, so that a typo stops them before any work; the ops
+    would raise at their first call otherwise."""
+    value = os.environ.get("FASTMLP_CPU_PATH", "")
+    if value and value not in CPU_PATHS:
+        raise ValueError(
+            f"FASTMLP_CPU_PATH={value!r} is not a CPU path: expected one of "
+            f"{', '.join(CPU_PATHS)} (or unset)"
+        )
 
 
 @contextlib.contextmanager
 def force_cpu_path(name: str) -> Iterator[None]:
-    """Context manager: run the CPU whole-MLP ops on path ``name``, then restore the path
-    forced before (or the rule)."""
-    previous = requested_cpu_path()
-    set_cpu_path(name)
+    """Context manager: run the CPU whole-MLP ops called from this thread on path ``name``
+    (``"auto"``: the rule, whatever the process forces), then restore what this thread had.
+
+    It is thread-local: contexts in other threads, entered or left in any order, neither
+    see nor undo it, and nested contexts restore the outer one. A backward runs the path
+    forced where ``backward()`` is called. :func:`set_cpu_path` forces a path for the
+    whole process instead."""
+    previous = torch.ops.fastmlp._set_thread_cpu_path(_check_path(name))
     try:
         yield
     finally:
-        set_cpu_path(previous)
+        torch.ops.fastmlp._set_thread_cpu_path(previous)
 
 
 def cpu_float_gemm() -> str:

@@ -344,3 +344,23 @@ def test_predict_resized_and_inverted_images(
     assert code == 1 and "cannot read image" in err
     code, _, err = run(capsys, "predict", str(best), str(tmp_path / "missing.png"))
     assert code == 1 and "image not found" in err
+
+
+@pytest.mark.parametrize("value", ["ROW_BLOCKED", "row_blocked ", "fastest"])
+def test_bad_cpu_path_environment_stops_a_command_first(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    value: str,
+) -> None:
+    # Before: `fastmlp train` raised only after loading the data and its first step.
+    monkeypatch.setenv("FASTMLP_CPU_PATH", value)
+    monkeypatch.setattr(data, "load_split", _must_not_load)
+    code, out, err = run(capsys, "train", "--epochs", "1", "--out", str(tmp_path))
+    assert code == 1 and out == ""
+    assert_one_line_error(err)
+    assert f"FASTMLP_CPU_PATH={value!r} is not a CPU path" in err
+
+
+def _must_not_load(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the data was loaded before the environment was checked")

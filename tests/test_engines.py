@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastmlp
 from fastmlp import engines, hardware
 from fastmlp.engines import ENGINE_PRECISIONS, engine_choice
 
@@ -313,10 +315,73 @@ def test_force_cpu_path_restores_the_previous_setting(cpu_auto):
             assert engines.requested_cpu_path() == "row_blocked"
             raise KeyError("boom")
         assert engines.requested_cpu_path() == "layered"
-        engines.set_cpu_path(None)
-        assert engines.requested_cpu_path() == "auto"
-        engines.set_cpu_path("row_blocked")
-    assert engines.requested_cpu_path() == "auto"
+        try:
+            engines.set_cpu_path("row_blocked")  # the process's: this thread keeps its own
+            assert engines.requested_cpu_path() == "layered"
+        finally:
+            engines.set_cpu_path(None)
+    assert engines.requested_cpu_path() == "auto"  # cpu_auto's
+
+
+def test_force_cpu_path_is_thread_local_and_leaves_nothing_behind():
+    # The issue's sequence: A forces row_blocked, B forces layered, A leaves, B leaves.
+    # With one process-wide setting B restored A's path and left it forced for good.
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def thread_a() -> None:
+        try:
+            with engines.force_cpu_path("row_blocked"):
+                a_in.set()
+                assert b_in.wait(10)
+                seen["a"] = engines.requested_cpu_path()
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            a_out.set()
+
+    def thread_b() -> None:
+        try:
+            assert a_in.wait(10)
+            with engines.force_cpu_path("layered"):
+                b_in.set()
+                assert a_out.wait(10)
+                seen["b"] = engines.requested_cpu_path()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert seen == {"a": "row_blocked", "b": "layered"}
+    process = _in_a_new_thread(engines.requested_cpu_path)
+    assert engines.requested_cpu_path() == process == _env_path()
+    # Nothing left forced: float16, which only the layered path runs, works everywhere.
+    if process != "row_blocked":
+        fastmlp.mlp(torch.randn(2, 3).half(), [torch.randn(4, 3).half()])
+
+
+def test_force_cpu_path_applies_to_the_calling_thread_only(cpu_auto):
+    with engines.force_cpu_path("row_blocked"):
+        assert _in_a_new_thread(engines.requested_cpu_path) == _env_path()
+        assert engines.requested_cpu_path() == "row_blocked"
+
+
+def _in_a_new_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(30)
+    return out[0]
+
+
+def _env_path() -> str:
+    """The process-wide path this test process was started with."""
+    return os.environ.get("FASTMLP_CPU_PATH") or "auto"
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:

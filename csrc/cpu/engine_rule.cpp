@@ -72,6 +72,22 @@ std::atomic<int>& forced_path() {
   return forced;
 }
 
+// What fastmlp.engines.force_cpu_path forced on this thread: kNotForced
+// (the process-wide choice, forced_path(), applies), -1 (auto) or a CpuPath.
+// Thread-local so that contexts in two threads neither see nor undo each
+// other; the ops choose their path on the calling thread (autograd runs a
+// CPU backward on the thread that calls backward()).
+constexpr int kNotForced = -2;
+int& thread_forced_path() {
+  thread_local int forced = kNotForced;
+  return forced;
+}
+
+int effective_forced_path() {
+  const int on_thread = thread_forced_path();
+  return on_thread != kNotForced ? on_thread : forced_path().load();
+}
+
 // Whether this CPU computes bfloat16 products natively (AVX512-BF16 or AMX);
 // elsewhere MKL emulates them, slower than the layered engine's oneDNN.
 bool native_bf16() {
@@ -120,7 +136,7 @@ const char* path_name(CpuPath path) {
 
 CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
                               at::ScalarType dtype, MlpPhase phase) {
-  const int forced = forced_path().load();
+  const int forced = effective_forced_path();
   const bool supported = row_blocked_supports(dtype);
   if (forced >= 0) {
     const auto path = static_cast<CpuPath>(forced);
@@ -208,9 +224,28 @@ std::string cpu_float_gemm_op() {
   return blas_available<float>() ? "mkl_sgemm" : "none";
 }
 
-std::string requested_cpu_path_op() {
-  const int forced = forced_path().load();
+std::string forced_name(int forced) {
   return forced < 0 ? "auto" : path_name(static_cast<CpuPath>(forced));
+}
+
+std::string requested_cpu_path_op() {
+  return forced_name(effective_forced_path());
+}
+
+// Forces a path on the calling thread only (None: back to the process-wide
+// choice); returns what was forced on it before, for the context manager to
+// restore.
+std::optional<std::string> set_thread_cpu_path_op(
+    const std::optional<std::string>& name) {
+  const int before = thread_forced_path();
+  if (name.has_value()) {
+    const auto p = parse_path(*name, "fastmlp.force_cpu_path: ");
+    thread_forced_path() = p ? static_cast<int>(*p) : -1;
+  } else {
+    thread_forced_path() = kNotForced;
+  }
+  if (before == kNotForced) return std::nullopt;
+  return forced_name(before);
 }
 
 }  // namespace
@@ -225,5 +260,7 @@ TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
       &fastmlp::cpu::cpu_path_op);
   m.def("_set_cpu_path(str? name) -> ()", &fastmlp::cpu::set_cpu_path_op);
   m.def("_cpu_requested_path() -> str", &fastmlp::cpu::requested_cpu_path_op);
+  m.def("_set_thread_cpu_path(str? name) -> str?",
+        &fastmlp::cpu::set_thread_cpu_path_op);
   m.def("_cpu_float_gemm() -> str", &fastmlp::cpu::cpu_float_gemm_op);
 }
