@@ -390,7 +390,7 @@ def test_report_command_prints_the_cpu_path():
     run = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0 and "RuntimeWarning" not in run.stderr, run.stderr
     out = run.stdout
     assert "FASTMLP_CPU_PATH: auto" in out
     assert "CPU path for widths [32, 64, 16], batch 4096, float32:" in out
@@ -425,3 +425,22 @@ def test_report_command_bad_widths_and_batch_are_usage_errors(capsys, argv, expe
     assert err.startswith("usage: python -m fastmlp.engines"), err
     last = err.strip().splitlines()[-1]
     assert last.startswith("python -m fastmlp.engines: error: argument --") and expected in last
+
+
+@pytest.mark.slow  # starts a Python process
+def test_report_command_error_has_no_runpy_warning_and_no_traceback():
+    # fastmlp/__init__.py imported fastmlp.engines before runpy ran it as __main__, so runpy
+    # warned "found in sys.modules ... unpredictable behaviour" first.
+    environ = {k: v for k, v in os.environ.items() if k != "FASTMLP_CPU_PATH"}
+    run = subprocess.run(
+        [sys.executable, "-m", "fastmlp.engines", "--widths", "784"],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert "RuntimeWarning" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("usage: python -m fastmlp.engines"), run.stderr
+    assert "error: argument --widths: widths must list in_features" in run.stderr
