@@ -56,8 +56,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     _extension_error = exc
 else:
-    from fastmlp import engines, export, nn, ops, optim, transforms
-    from fastmlp.engines import cuda_engine_report
+    # Not fastmlp.engines: `python -m fastmlp.engines` imports this package first, and runpy
+    # warns ("found in sys.modules ... unpredictable behaviour") when that imported the
+    # module it is about to run. __getattr__ below imports it on first use.
+    from fastmlp import export, nn, ops, optim, transforms
     from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
     from fastmlp.ops import linear_act, linear_relu, mlp
     from fastmlp.optim import FusedSGD
@@ -67,9 +69,14 @@ else:
 _NEEDS_EXTENSION = frozenset(["_C", *(n for n in __all__ if n != "__version__")])
 
 
+# Imported on first use (PEP 562), not by `import fastmlp` (see above): name -> its module.
+_LAZY = {"engines": "fastmlp.engines", "cuda_engine_report": "fastmlp.engines"}
+
+
 def __getattr__(name: str) -> Any:
-    """Only reached for names that are not set, i.e. the library's names when the
-    extension failed to load (PEP 562): raise why, with the way to fix it."""
+    """Only reached for names that are not set (PEP 562): the lazy names of ``_LAZY``, and
+    the library's names when the extension failed to load: raise why, with the way to fix
+    it."""
     if name in _NEEDS_EXTENSION and _extension_error is not None:
         raise ImportError(
             f"fastmlp.{name} needs fastmlp's compiled extension (fastmlp._C), which could "
@@ -77,4 +84,11 @@ def __getattr__(name: str) -> Any:
             "`pip install --no-build-isolation -e .` in an environment that has the torch "
             "you run with (see README.md)."
         ) from _extension_error
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if name == "engines" else getattr(module, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fastmlp' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from copy import copy
 import torch
 from torch import nn
 
-from fastmlp.ops import mlp
+from fastmlp.ops import _check_sizes, mlp
 
 __all__ = ["MLP"]
 
@@ -42,7 +42,8 @@ class MLP(nn.Module):
 
     Args:
         mlp_sizes: layer widths, input first: ``[1024, 1024, 1024]`` makes 2 layers of
-            1024x1024.
+            1024x1024. At least 2, each a positive integer, else a TypeError (not
+            integers) or ValueError (fewer than 2, or one not positive) naming the width.
         bias: whether every layer has a bias.
         activation: ``'none'``, ``'relu'`` or ``'sigmoid'``, after every layer.
     """
@@ -56,19 +57,16 @@ class MLP(nn.Module):
                 f"fastmlp.apex.MLP: activation must be 'none', 'relu' or 'sigmoid' "
                 f"(as apex.mlp.MLP), got {activation!r}"
             )
-        if len(mlp_sizes) < 2:
-            raise ValueError(
-                f"fastmlp.apex.MLP: mlp_sizes must list at least 2 widths, got {mlp_sizes!r}"
-            )
-        self.num_layers = len(mlp_sizes) - 1
+        widths = _check_sizes(mlp_sizes, "mlp_sizes", op="fastmlp.apex.MLP")
+        self.num_layers = len(widths) - 1
         self.mlp_sizes = copy(mlp_sizes)
         self.bias = 1 if bias else 0
         self.activation = _ACTIVATIONS[activation]
         for i in range(self.num_layers):
-            w = nn.Parameter(torch.empty(mlp_sizes[i + 1], mlp_sizes[i]))
+            w = nn.Parameter(torch.empty(widths[i + 1], widths[i]))
             setattr(self, f"weight_{i}", w)
             if self.bias:
-                setattr(self, f"bias_{i}", nn.Parameter(torch.empty(mlp_sizes[i + 1])))
+                setattr(self, f"bias_{i}", nn.Parameter(torch.empty(widths[i + 1])))
         self.reset_parameters()
 
     # Read from the registered parameters on every access (apex keeps Python lists), so

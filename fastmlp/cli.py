@@ -610,6 +610,12 @@ def _cmd_bench_grid(args: argparse.Namespace) -> int:
         knobs = {**_GRID_SHORT, **knobs}
     axes = ("widths", "depths", "batches", "dtypes", "modes")
     points = grid.grid(*(knobs.get(k, getattr(grid, k.upper())) for k in axes))
+    why = grid.why_none_timed(points, knobs.get("max_gflop", grid.MAX_GFLOP))
+    if why is not None:
+        raise UsageError(
+            f"fastmlp bench: error: no grid point to time: {why}; select other points or a "
+            "higher --max-gflop (see 'fastmlp bench --help')"
+        )
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     result = grid.run(
         points,

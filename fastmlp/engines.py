@@ -175,16 +175,39 @@ def cpu_path(
     :data:`CPU_PHASES`), and why. Raises if a path is forced that cannot run ``dtype``."""
     if phase not in CPU_PHASES:
         raise ValueError(f"phase must be one of {', '.join(CPU_PHASES)}; got {phase!r}")
+    widths, batch = _checked_widths(widths), _checked_batch(batch)
+    path, reason = torch.ops.fastmlp._cpu_path(batch, widths, dtype, phase)
+    return CpuPathChoice(phase, path, reason)
+
+
+# The rule takes widths and rows as C++ int64s: a larger Python int cannot be passed.
+_INT64_MAX = 2**63 - 1
+
+
+def _checked_widths(widths: Sequence[int]) -> list[int]:
+    """``widths`` as ints, or the ValueError :func:`cpu_path` raises (and the report
+    command prints after ``argument --widths:``)."""
     widths = [int(w) for w in widths]
     if len(widths) < 2 or min(widths) < 1:
         raise ValueError(
             "widths must list in_features and each layer's out_features (at least 2 "
             f"positive numbers); got {widths}"
         )
-    if int(batch) < 0:
+    if max(widths) > _INT64_MAX:
+        raise ValueError(
+            f"widths must be at most 2**63 - 1 (the C++ rule takes int64); got {max(widths)}"
+        )
+    return widths
+
+
+def _checked_batch(batch: int) -> int:
+    """``batch`` as an int, or the ValueError :func:`cpu_path` raises."""
+    batch = int(batch)
+    if batch < 0:
         raise ValueError(f"batch must be >= 0; got {batch}")
-    path, reason = torch.ops.fastmlp._cpu_path(int(batch), widths, dtype, phase)
-    return CpuPathChoice(phase, path, reason)
+    if batch > _INT64_MAX:
+        raise ValueError(f"batch must be at most 2**63 - 1 (the C++ rule takes int64); got {batch}")
+    return batch
 
 
 def cpu_path_report(
@@ -279,8 +302,41 @@ def format_report(report: Sequence[EngineChoice]) -> str:
     )
 
 
+def _widths_arg(text: str) -> list[int]:
+    """``--widths``: comma-separated positive integers, at least 2, each an int64."""
+    import argparse
+
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:  # an item such as "", "6.5" or "x"
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    try:
+        return _checked_widths(widths)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _batch_arg(text: str) -> int:
+    """``--batch``: an integer from 0 to 2**63 - 1."""
+    import argparse
+
+    try:
+        batch = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of rows (an integer >= 0), got {text!r}"
+        ) from None
+    try:
+        return _checked_batch(batch)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     import argparse
+    import re
 
     from fastmlp import hardware  # the workflow layer, for the CPU's name only
 
@@ -289,13 +345,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
         description="Which engine fastmlp's whole-MLP ops run here, and why: the CPU path "
         "for an MLP shape, then the CUDA engine of each precision.",
     )
+    # "--widths -5,10": a word starting with "-" and a digit is a value, not a flag (as in
+    # fastmlp.cli; Python 3.11's argparse takes only "-5" or "-.5" so).
+    parser._negative_number_matcher = re.compile(r"-\.?\d")
     parser.add_argument(
         "--widths",
+        type=_widths_arg,
         default="784,512,512,10",
-        help="in_features and each layer's out_features, comma-separated (default: the "
-        "tutorial MLP, 784,512,512,10)",
+        help="in_features and each layer's out_features, comma-separated positive integers "
+        "(default: the tutorial MLP, 784,512,512,10)",
     )
-    parser.add_argument("--batch", type=int, default=64, help="rows per call (default 64)")
+    parser.add_argument(
+        "--batch", type=_batch_arg, default=64, help="rows per call, >= 0 (default 64)"
+    )
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -303,10 +365,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         help="the dtype the ops compute in (default float32)",
     )
     args = parser.parse_args(argv)
-    try:
-        widths = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        parser.error(f"--widths must be comma-separated integers; got {args.widths!r}")
+    widths = args.widths
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {hardware.describe_cpu(hardware.describe())}, {torch.get_num_threads()} threads")
     print(f"FASTMLP_CPU_PATH: {requested_cpu_path()}")

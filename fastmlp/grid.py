@@ -23,8 +23,9 @@ At each point the variants alternate round by round in one process: ``rounds`` r
 the same number of steps each, enough that the fastest variant's round takes
 ``min_round_s``; the result is the median ms per step. Points whose step is more work than
 ``max_gflop`` (or bf16 on a CPU without native bf16) are reported as skipped, with the
-reason. The library (and so the compiled extension) is imported only where a fastmlp
-model is built.
+reason (:func:`why_none_timed` says when every point would be: the command refuses that).
+The library (and so the compiled extension) is imported only where a fastmlp model is
+built.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "parse_anchors",
     "run",
     "skip_reason",
+    "why_none_timed",
 ]
 
 WIDTHS = (32, 64, 128, 256, 512, 1024)
@@ -147,6 +149,15 @@ def skip_reason(point: Point, max_gflop: float = MAX_GFLOP) -> str | None:
     if point.gflop() > max_gflop:
         return f"{point.gflop():.3g} GFLOP per step, over the cap of {max_gflop:g} (--max-gflop)"
     return None
+
+
+def why_none_timed(points: Sequence[Point], max_gflop: float = MAX_GFLOP) -> str | None:
+    """``None`` when :func:`run` would time at least one of ``points``, else why it would
+    time none: every point is skipped, with the first one's reason."""
+    reasons = [skip_reason(p, max_gflop) for p in points]
+    if not points or not all(reasons):
+        return None
+    return f"all {len(points)} selected points are skipped, e.g. {_label(points[0])}: {reasons[0]}"
 
 
 def parse_anchors(text: str) -> tuple[str, ...]:
@@ -404,10 +415,13 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def format_markdown(result: GridResult) -> str:
     """The grid as a Markdown table for the README: the CPU and torch version first, then
-    a row per timed point, then the skipped points and failed variants with the reasons."""
+    a row per timed point, then the skipped points and failed variants with the reasons.
+    When no point was timed, a line that says so takes the table's place."""
     m = result.machine
     timed = [r for r in result.points if r.skipped is None]
     variants = [v for v in ALL_VARIANTS if any(v in r.ms or v in r.errors for r in timed)]
+    header = ["dtype", "mode", "width", "depth", "batch", *(f"{v} ms" for v in variants)]
+    header += ["fastmlp samples/s", "vs eager", "vs compile"]
     lines = [
         f"Shape grid: {hardware.describe_cpu(m)}, {m['threads']} threads; "
         f"torch {result.torch_version}",
@@ -415,11 +429,13 @@ def format_markdown(result: GridResult) -> str:
         f"step of {result.rounds} interleaved rounds (each >= {result.min_round_s * 1e3:g} ms); "
         "speed-up = other's time / fastmlp's",
         "",
-        "| dtype | mode | width | depth | batch | "
-        + " | ".join(f"{v} ms" for v in variants)
-        + " | fastmlp samples/s | vs eager | vs compile |",
-        "|---|---|---:|---:|---:|" + "---:|" * (len(variants) + 3),
     ]
+    if timed:
+        lines += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    else:
+        n = len(result.points)
+        why = f"all {n} selected points were skipped (below)" if n else "no point was selected"
+        lines.append(f"No point was timed: {why}.")
     for r in timed:
         cells = [r.dtype, r.mode, str(r.width), str(r.depth), str(r.batch)]
         cells += ["failed" if v in r.errors else _cell(r.ms.get(v), ".3g") for v in variants]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -27,7 +26,7 @@ from fastmlp.fusion import (
     global_hooks,
     why_not_plain,
 )
-from fastmlp.ops import check_activation, linear_relu
+from fastmlp.ops import _check_sizes, check_activation, linear_relu
 
 __all__ = [
     "FusedLinearReLU",
@@ -247,7 +246,7 @@ class MLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        sizes = _layer_widths(sizes)
+        sizes = _check_sizes(sizes, "sizes", op="fastmlp.MLP")
         check_activation(activation, op="fastmlp.MLP")
         if output_activation is not None:
             check_activation(output_activation, "output_activation", op="fastmlp.MLP")
@@ -286,21 +285,6 @@ class MLP(nn.Module):
     def linears(self) -> list[nn.Linear]:
         """The Linear layers in order (their weights and biases are the MLP's parameters)."""
         return [m for m in self.linear_relu_stack if isinstance(m, nn.Linear)]
-
-
-def _layer_widths(sizes: Sequence[int]) -> tuple[int, ...]:
-    def width(s: object) -> int:
-        if isinstance(s, bool):
-            raise TypeError(f"MLP sizes must be integers, got {s!r} in {sizes!r}")
-        try:
-            return operator.index(s)  # ints and integer numpy scalars; 7.9 is refused
-        except TypeError:
-            raise TypeError(f"MLP sizes must be integers, got {s!r} in {sizes!r}") from None
-
-    widths = tuple(width(s) for s in sizes)
-    if len(widths) < 2 or any(s <= 0 for s in widths):
-        raise ValueError(f"MLP sizes must list at least 2 positive layer widths, got {widths}")
-    return widths
 
 
 def fuse(module: nn.Module) -> nn.Module:

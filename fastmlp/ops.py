@@ -14,6 +14,7 @@ get the ops' kernels of :mod:`fastmlp.transforms`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,31 @@ def check_activation(name: object, argument: str = "activation", op: str = "fast
             f"{op}: {argument} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}"
         )
     return name
+
+
+def _check_sizes(sizes: object, argument: str, op: str) -> tuple[int, ...]:
+    """``sizes``, layer widths from input to output (``MLP(sizes)`` of fastmlp.nn and
+    fastmlp.apex), as a tuple of ints, or one TypeError / ValueError that names ``op``,
+    ``argument`` and the bad value."""
+    try:
+        items = list(sizes)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{op}: {argument} must be a sequence of integers, got {sizes!r}") from None
+
+    def width(s: object) -> int:
+        if isinstance(s, bool):
+            raise TypeError(f"{op}: {argument} must be integers, got {s!r} in {sizes!r}")
+        try:
+            return operator.index(s)  # ints and integer numpy scalars; 7.9 is refused
+        except TypeError:
+            raise TypeError(f"{op}: {argument} must be integers, got {s!r} in {sizes!r}") from None
+
+    widths = tuple(map(width, items))
+    bad = [s for s in widths if s <= 0]
+    if len(widths) < 2 or bad:
+        got = f"{bad[0]} in {sizes!r}" if bad else repr(sizes)
+        raise ValueError(f"{op}: {argument} must list at least 2 positive layer widths, got {got}")
+    return widths
 
 
 def _check_negative_slope(negative_slope: object, op: str) -> float:

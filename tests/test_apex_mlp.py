@@ -84,6 +84,33 @@ def test_other_activations_raise_type_error_as_apex(activation):
         MLP(SMALL_SIZES, activation=activation)
 
 
+# Issue 29: these raised ZeroDivisionError, torch.empty's "takes 1 positional argument" or
+# torch's negative-dimension error.
+@pytest.mark.parametrize(
+    ("sizes", "error", "message"),
+    [
+        ([5, 0, 3], ValueError, "mlp_sizes must list at least 2 positive layer widths, got 0 in"),
+        ([5, -1], ValueError, "mlp_sizes must list at least 2 positive layer widths, got -1 in"),
+        ([5], ValueError, "mlp_sizes must list at least 2 positive layer widths, got [5]"),
+        ([5, 2.5], TypeError, "mlp_sizes must be integers, got 2.5 in [5, 2.5]"),
+        ([5, True], TypeError, "mlp_sizes must be integers, got True in [5, True]"),
+        ((5, "3"), TypeError, "mlp_sizes must be integers, got '3' in (5, '3')"),
+        (5, TypeError, "mlp_sizes must be a sequence of integers, got 5"),
+    ],
+)
+def test_bad_sizes_raise_one_clear_error(sizes, error, message):
+    with pytest.raises(error) as info:
+        MLP(sizes)
+    assert str(info.value).startswith("fastmlp.apex.MLP: ") and message in str(info.value)
+
+
+def test_sizes_as_apex_takes_them():
+    numpy = pytest.importorskip("numpy")
+    mlp = MLP((13, numpy.int64(7), 3))
+    assert mlp.num_layers == 2 and [tuple(w.shape) for w in mlp.weights] == [(7, 13), (3, 7)]
+    assert isinstance(mlp.mlp_sizes, tuple)  # kept as given, as apex does
+
+
 def test_reset_parameters_is_apexs_normal_init():
     torch.manual_seed(0)
     mlp = MLP([300, 500, 200])

@@ -309,6 +309,16 @@ def test_cpu_path_bad_arguments_raise_value_errors(cpu_auto):
         engines.cpu_path([3, 4], -1)
 
 
+def test_cpu_path_refuses_values_beyond_int64(cpu_auto):
+    # Issue 29: pybind11's "Unable to cast Python instance of type <class 'list'>".
+    big = 10**20
+    with pytest.raises(ValueError, match=rf"widths must be at most 2\*\*63 - 1 .*; got {big}"):
+        engines.cpu_path([3, big], 1)
+    with pytest.raises(ValueError, match=rf"batch must be at most 2\*\*63 - 1 .*; got {big}"):
+        engines.cpu_path([3, 4], big)
+    assert engines.cpu_path([3, 2**63 - 1], 2**63 - 1).path == "layered"
+
+
 def test_force_cpu_path_restores_the_previous_setting(cpu_auto):
     with engines.force_cpu_path("layered"):
         with pytest.raises(KeyError), engines.force_cpu_path("row_blocked"):
@@ -445,7 +455,7 @@ def test_report_command_prints_the_cpu_path():
     run = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=120
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0 and "RuntimeWarning" not in run.stderr, run.stderr
     out = run.stdout
     assert "FASTMLP_CPU_PATH: auto" in out
     assert "CPU path for widths [32, 64, 16], batch 4096, float32:" in out
@@ -453,3 +463,49 @@ def test_report_command_prints_the_cpu_path():
     phases = {r[0]: r[1:] for r in rows if r and r[0] in engines.CPU_PHASES}
     assert set(phases) == set(engines.CPU_PHASES), out
     assert all(path == "row_blocked" and "narrow" in why for path, why in phases.values()), out
+
+
+# Issue 29: each printed a 23-line traceback (or pybind11's cast error) after the first lines
+# of the report, and "32,,64" or "6.5" were not named.
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--widths", "784"], "--widths: widths must list in_features and each layer's out"),
+        (["--widths=-5,10"], "--widths: widths must list in_features and each layer's out"),
+        (["--widths", "-5,10"], "--widths: widths must list in_features and each layer's out"),
+        (["--widths", "784,0,10"], "got [784, 0, 10]"),
+        (["--widths", "32,,64"], "--widths: expected comma-separated integers, got '32,,64'"),
+        (["--widths", "32,6.5"], "--widths: expected comma-separated integers, got '32,6.5'"),
+        (["--widths", "784," + "9" * 20], "--widths: widths must be at most 2**63 - 1"),
+        (["--batch", "-1"], "--batch: batch must be >= 0; got -1"),
+        (["--batch", "9" * 20], "--batch: batch must be at most 2**63 - 1"),
+        (["--batch", "many"], "--batch: expected a number of rows (an integer >= 0), got 'many'"),
+    ],
+)
+def test_report_command_bad_widths_and_batch_are_usage_errors(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_:
+        engines._main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "", out
+    assert err.startswith("usage: python -m fastmlp.engines"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m fastmlp.engines: error: argument --") and expected in last
+
+
+@pytest.mark.slow  # starts a Python process
+def test_report_command_error_has_no_runpy_warning_and_no_traceback():
+    # fastmlp/__init__.py imported fastmlp.engines before runpy ran it as __main__, so runpy
+    # warned "found in sys.modules ... unpredictable behaviour" first.
+    environ = {k: v for k, v in os.environ.items() if k != "FASTMLP_CPU_PATH"}
+    run = subprocess.run(
+        [sys.executable, "-m", "fastmlp.engines", "--widths", "784"],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert "RuntimeWarning" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("usage: python -m fastmlp.engines"), run.stderr
+    assert "error: argument --widths: widths must list in_features" in run.stderr

@@ -66,6 +66,29 @@ def test_points_over_the_cap_are_reported_skipped_with_the_reason():
     assert "1024" in grid.format_markdown(result).split("Skipped (1 points):")[1]
 
 
+def _cells_per_table_line(table: str) -> set[int]:
+    """How many cells each Markdown table line of ``table`` has (one number when the
+    header, separator and rows agree)."""
+    return {len(line.strip().strip("|").split("|")) for line in table.splitlines() if "|" in line}
+
+
+def test_a_grid_with_every_point_skipped_says_so_instead_of_a_broken_table():
+    # Issue 29: 9 header cells over 8 separators when no point ran.
+    points = [grid.Point(1024, 8, 65536, "fp32", m) for m in ("train", "no_grad")]
+    table = grid.format_markdown(_quick_run(points, max_gflop=1.0))
+    assert _cells_per_table_line(table) == set(), table
+    assert "No point was timed: all 2 selected points were skipped (below)." in table
+    assert "Skipped (2 points):" in table
+
+
+def test_table_without_variants_is_well_formed():
+    # A point timed with no variant has no "<variant> ms" column: the header had an empty one.
+    table = grid.format_markdown(
+        _quick_run([grid.Point(**SMALL, dtype="fp32", mode="no_grad")], ())
+    )
+    assert _cells_per_table_line(table) == {8}, table
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_is_timed_only_where_native(monkeypatch, native):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
@@ -172,6 +195,7 @@ def test_json_round_trips(small_result):
 
 def test_table_is_headed_by_the_cpu_and_torch(small_result):
     table = grid.format_markdown(small_result)
+    assert _cells_per_table_line(table) == {10}, table
     first = table.splitlines()[0]
     assert hardware.cpu_info().model in first and torch.__version__ in first
     assert ("native bf16" if hardware.cpu_has_native_bf16() else "bf16 not native") in first
@@ -210,3 +234,17 @@ def test_cli_grid_options_need_grid(capsys):
     assert "--compile is not a --grid option" in capsys.readouterr().err
     assert main(["bench", "--grid", "--variants", "eager,jit"]) == 2
     assert "expected a comma-separated list of eager" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_cli_bench_grid_with_every_point_skipped_is_one_line(capsys, json_flag):
+    argv = ["bench", "--grid", "--short", "--dtypes", "fp32", "--max-gflop", "1e-9", *json_flag]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, err
+    assert lines[0].startswith(
+        "fastmlp bench: error: no grid point to time: all 3 selected points are skipped, "
+        "e.g. fp32 train width 32 depth 2 batch 16: "
+    )
+    assert "over the cap of 1e-09 (--max-gflop)" in lines[0]

@@ -160,6 +160,10 @@ def test_import_fastmlp_registers_the_ops(tmp_path: Path) -> None:
     torch.testing.assert_close(y, torch.relu(torch.nn.functional.linear(x, w, b)))
     assert torch.ops.fastmlp.linear_relu.default in decomposition_table
     assert isinstance(fastmlp.MLP(), torch.nn.Module)
+    # fastmlp.engines loads on first use (`python -m fastmlp.engines` would warn otherwise).
+    import sys
+    assert "fastmlp.engines" not in sys.modules
+    assert fastmlp.cuda_engine_report is fastmlp.engines.cuda_engine_report
     print("ok")
     """
     proc = run_python(code, tmp_path)

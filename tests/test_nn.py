@@ -89,7 +89,7 @@ def test_mlp_shapes_and_validation():
 @pytest.mark.parametrize("sizes", [(784, 7.9, 10), (784, 512.0, 10), (784, True, 10), ("8", 3)])
 def test_mlp_sizes_must_be_integers(sizes):
     # 7.9 used to become 7 without a word.
-    with pytest.raises(TypeError, match="MLP sizes must be integers"):
+    with pytest.raises(TypeError, match="fastmlp.MLP: sizes must be integers"):
         MLP(sizes)
 
 
