@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -367,11 +368,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     widths = args.widths
     dtype = getattr(torch, args.dtype)
+    try:
+        check_cpu_path_environment()
+        report = cpu_path_report(widths, args.batch, dtype)
+    except (ValueError, RuntimeError) as e:  # a bad or impossible forced path
+        print(f"{parser.prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(f"CPU: {hardware.describe_cpu(hardware.describe())}, {torch.get_num_threads()} threads")
     print(f"FASTMLP_CPU_PATH: {requested_cpu_path()}")
     print(f"row-blocked float32 GEMMs: {cpu_float_gemm()}")
     print(f"CPU path for widths {widths}, batch {args.batch}, {args.dtype}:")
-    rows = [(c.phase, c.path, c.reason) for c in cpu_path_report(widths, args.batch, dtype)]
+    rows = [(c.phase, c.path, c.reason) for c in report]
     width = max(len(r[0]) for r in rows)
     path_width = max(len(r[1]) for r in rows)
     for phase, path, reason in rows:

@@ -509,3 +509,27 @@ def test_report_command_error_has_no_runpy_warning_and_no_traceback():
     assert "RuntimeWarning" not in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith("usage: python -m fastmlp.engines"), run.stderr
     assert "error: argument --widths: widths must list in_features" in run.stderr
+
+
+@pytest.mark.slow  # starts a Python process
+@pytest.mark.parametrize(
+    ("env", "args", "want"),
+    [
+        ("ROW_BLOCKED", [], "FASTMLP_CPU_PATH='ROW_BLOCKED' is not a CPU path"),
+        ("row_blocked ", [], "FASTMLP_CPU_PATH='row_blocked ' is not a CPU path"),
+        ("row_blocked", ["--dtype", "float16"], "the CPU path is forced to row_blocked"),
+    ],
+)
+def test_report_command_bad_forced_path_is_one_line(env: str, args: list[str], want: str):
+    run = subprocess.run(
+        [sys.executable, "-m", "fastmlp.engines", *args],
+        cwd=REPO,
+        env={**os.environ, "FASTMLP_CPU_PATH": env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and want in lines[0], run.stderr
+    assert run.stdout == ""
