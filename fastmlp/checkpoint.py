@@ -170,7 +170,9 @@ def load_checkpoint(
     values only. A file carrying pickled objects (for example a whole ``nn.Module`` saved
     with ``torch.save(model)``) raises :class:`UnsafeCheckpointError`; pass
     ``trusted=True`` only for files from a source you trust. Missing, truncated or corrupt
-    files raise :class:`CheckpointError` naming the file.
+    files raise :class:`CheckpointError` naming the file, as does a whole model whose class
+    cannot be imported here (one pickled from a script's ``__main__``, say): the error
+    names the class and says that a ``state_dict`` of the model loads without it.
     """
     path = Path(path)
     problem = file_problem(path)
@@ -209,8 +211,49 @@ def load_checkpoint(
                 "arbitrary code. Refusing. Load it only if you trust its source: "
                 "trusted=True in Python, --trust on the command line."
             ) from None
+        missing = _missing_class(path, e) if trusted else None
+        if missing is not None:
+            raise CheckpointError(
+                f"{path} holds a whole pickled model whose {missing} cannot be imported "
+                "here; the file is fine, but torch.save(model) stores only the class's name, "
+                "not its code. Load it where that class is defined, or save "
+                "model.state_dict() there instead: fastmlp loads a state_dict without the class"
+            ) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         raise CheckpointError(f"{path} is corrupt or truncated: {first}") from e
+
+
+def _missing_class(path: Path, e: Exception) -> str | None:
+    """``class NeuralNetwork (from __main__)`` when unpickling ``path`` failed with ``e``
+    because a class it names cannot be found here: a model pickled from a script
+    (``__main__``) loaded elsewhere, or one whose module is not installed. ``None`` for
+    other failures."""
+    name: str | None = None
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        module = e.name
+    elif isinstance(e, AttributeError):
+        text = str(e)
+        found = re.match(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'", text)
+        if found is not None:
+            name, module = found.groups()
+        else:  # the wording of newer Pythons' pickle
+            found = re.match(r"module '([\w.]+)' has no attribute '([\w.]+)'", text)
+            if found is None:
+                return None
+            module, name = found.groups()
+    else:
+        return None
+    # The globals the pickle names, read without running it: the class's module as pickled
+    # (__main__, where the error names the module that is __main__ in this process).
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    for full in names:
+        owner, _, attr = full.rpartition(".")
+        if attr == name or (name is None and (owner + ".").startswith(module + ".")):
+            return f"class {attr} (from {owner})"
+    return f"class {name} (from {module})" if name else f"class from module {module}"
 
 
 #: The training checkpoint's layout; :func:`check_training_checkpoint` refuses any other.

@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from workflow_fixtures import NeuralNetwork, deny_reading
 
 from fastmlp import checkpoint as ckpt
+from fastmlp.cli import main
 from fastmlp.nn import MLP
 
 
@@ -175,6 +178,52 @@ def test_pickled_objects_are_refused_unless_trusted(tmp_path: Path) -> None:
         ckpt.extract_state_dict(loaded)["linear_relu_stack.4.bias"],
         getattr(model.linear_relu_stack, "4").bias,
     )
+
+
+def _pickle_of_a_class_gone(path: Path, module: str) -> Path:
+    """A whole model saved with ``torch.save(model)`` whose class lived in ``module`` (the
+    tutorial's script run as ``__main__``, or a module of the user's) and is not there
+    now: what loading it in another process finds."""
+
+    class NeuralNetwork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flatten = nn.Flatten()
+            self.linear = nn.Linear(784, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.flatten(x))
+
+    NeuralNetwork.__module__ = module
+    NeuralNetwork.__qualname__ = "NeuralNetwork"
+    with pytest.MonkeyPatch.context() as m:  # only while saving: pickle looks the class up
+        if module == "__main__":
+            m.setattr(sys.modules["__main__"], "NeuralNetwork", NeuralNetwork, raising=False)
+        else:
+            owner = types.ModuleType(module)
+            owner.NeuralNetwork = NeuralNetwork  # type: ignore[attr-defined]
+            m.setitem(sys.modules, module, owner)
+        torch.save(NeuralNetwork(), path)
+    return path
+
+
+@pytest.mark.parametrize("module", ["__main__", "my_models"])
+def test_pickled_model_whose_class_is_gone_is_not_called_corrupt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], module: str
+) -> None:
+    path = _pickle_of_a_class_gone(tmp_path / "model.pth", module)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(path, trusted=True)
+    message = str(e.value)
+    assert message.startswith(
+        f"{path} holds a whole pickled model whose class NeuralNetwork (from {module}) "
+        "cannot be imported here"
+    ), message
+    assert "model.state_dict()" in message and "\n" not in message
+    assert "corrupt" not in message and "truncated" not in message
+    # The command says the same on one line.
+    assert main(["evaluate", str(path), "--trust"]) == 1
+    assert capsys.readouterr().err == f"fastmlp evaluate: error: {message}\n"
 
 
 @pytest.mark.parametrize(
