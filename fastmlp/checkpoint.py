@@ -1,7 +1,10 @@
 """Saving and loading checkpoints: atomic writes, safe loads, plain-PyTorch model state.
 
 A checkpoint is a dict saved with :func:`torch.save` whose ``"model"`` entry is an ordinary
-``state_dict`` with the tutorial's key names (``linear_relu_stack.0.weight``, ...). A training
+``state_dict`` with the tutorial's key names (``linear_relu_stack.0.weight``, ...), and whose
+``"architecture"`` entry says what model those weights are for (:func:`architecture`: layer
+sizes, activation, output activation, negative slope, bias). :func:`model_checkpoint` makes
+one of a :class:`fastmlp.MLP`; :func:`load_model` builds the model back. A training
 checkpoint (``last.pt``, ``best.pt``: :func:`training_state` builds it, :func:`restore_training`
 puts it back) also holds ``"format"``, ``"optimizer"``, ``"scheduler"``, ``"epoch"``, ``"rng"``,
 ``"config"``, ``"metrics"``, ``"best_accuracy"`` and ``"versions"``. Everything in it is tensors
@@ -16,29 +19,36 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastmlp.data import CLASSES, IMAGE_SIZE, file_problem
 from fastmlp.whitening import InputWhitening
 
 __all__ = [
+    "ARCHITECTURE_KEYS",
     "FORMAT",
     "CheckpointError",
     "CheckpointWriteError",
     "TRAINING_KEYS",
     "UnsafeCheckpointError",
+    "architecture",
     "check_model_state",
     "check_training_checkpoint",
     "extract_state_dict",
     "load_checkpoint",
     "load_error",
+    "load_model",
     "load_training_checkpoint",
+    "model_checkpoint",
     "restore_training",
     "rng_state",
     "save_checkpoint",
@@ -294,7 +304,8 @@ def training_state(
     """The training checkpoint after ``epoch`` epochs: everything a resume needs to continue
     bit-identically (the random generators' state is taken now), plain values only.
 
-    ``model`` is what users load: a model for raw pixels. A run on whitened inputs also
+    ``model`` is what users load: a model for raw pixels, its :func:`architecture` recorded
+    next to its weights when it is a :class:`fastmlp.MLP`. A run on whitened inputs also
     keeps the weights as trained (``trained_model``, which the optimizer's state belongs to)
     and its ``whitening``; resuming continues from those."""
     extra: dict[str, Any] = {}
@@ -302,6 +313,9 @@ def training_state(
         if trained_model is None or whitening is None:
             raise ValueError("trained_model and whitening are saved together")
         extra = {"trained_model": trained_model.state_dict(), "whitening": whitening}
+    recorded = architecture(model)
+    if recorded is not None:
+        extra["architecture"] = recorded
     return {
         **extra,
         "format": FORMAT,
@@ -386,6 +400,7 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
         if not isinstance(state[key], dict):
             raise CheckpointError(f"{path} cannot be resumed: its {key!r} entry is damaged")
         check_model_state(extract_state_dict(state[key]), path, saved_sizes, key=key)
+    _check_resumable_architecture(state, path)
     if state["config"].get("whiten"):
         try:
             InputWhitening.from_state_dict(state.get("whitening"))  # the check a resume uses
@@ -397,6 +412,24 @@ def check_training_checkpoint(state: Any, path: str | os.PathLike[str]) -> None:
                 f"{path} cannot be resumed: its run whitened the inputs but its "
                 "'trained_model' or 'whitening' entry is missing or damaged"
             )
+
+
+def _check_resumable_architecture(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """A resume rebuilds the tutorial's ReLU MLP (with bias) from the config's sizes: refuse
+    a checkpoint whose recorded architecture is another, which it would train as ReLU."""
+    recorded = _recorded_architecture(state, path)
+    if recorded is None:
+        return  # older checkpoints: fastmlp train has only ever trained the ReLU MLP
+    activation = recorded.get("activation", "relu")
+    output_activation = recorded.get("output_activation")
+    bias = recorded.get("bias", True)
+    if (activation, output_activation, bias) != ("relu", None, True):
+        raise CheckpointError(
+            f"{path} cannot be resumed: its model is an MLP with activation {activation!r}, "
+            f"output_activation {output_activation!r} and {'bias' if bias else 'no bias'}; "
+            "fastmlp train trains the tutorial's ReLU MLP (it can still be evaluated: "
+            f"fastmlp evaluate {path})"
+        )
 
 
 def load_error(e: BaseException) -> str:
@@ -422,14 +455,7 @@ def check_model_state(
     problem when it holds meta tensors (shapes without values), is not an MLP in the
     tutorial's layout, does not take 784 inputs to 10 outputs, or (for ``sizes``, the widths
     its config records; ``key`` is its entry) has other widths than its config says."""
-    meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
-    if meta:
-        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
-        raise CheckpointError(
-            f"{path} holds meta tensors ({meta[0]}{more}): shapes without values, saved from "
-            "a model that never had weights (built on device='meta'); save the state_dict of "
-            "a model with real weights"
-        )
+    _check_not_meta(state, path)
     try:
         found = sizes_from_state_dict(state)
     except CheckpointError as e:
@@ -447,6 +473,17 @@ def check_model_state(
             f"but its config says {'-'.join(map(str, sizes))}"
         )
     return found
+
+
+def _check_not_meta(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds meta tensors ({meta[0]}{more}): shapes without values, saved from "
+            "a model that never had weights (built on device='meta'); save the state_dict of "
+            "a model with real weights"
+        )
 
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP wrappers
@@ -483,7 +520,8 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 def sizes_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
     """Layer widths of an MLP ``state_dict`` in tutorial layout, e.g. ``(784, 512, 512, 10)``.
 
-    Linear layers sit at even indices of ``linear_relu_stack`` (ReLUs between them).
+    Linear layers sit at even indices of ``linear_relu_stack`` (an activation between
+    them), or at consecutive ones (none between them: ``MLP(activation="none")``).
     """
     weights: dict[int, torch.Tensor] = {}
     for key, value in state.items():
@@ -496,7 +534,8 @@ def sizes_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
             f"tutorial's layout (keys: {', '.join(list(state)[:4])}...)"
         )
     order = sorted(weights)
-    if order != list(range(0, 2 * len(order), 2)):
+    step = order[1] - order[0] if len(order) > 1 else 2
+    if step not in (1, 2) or order != list(range(0, step * len(order), step)):
         raise CheckpointError(f"unexpected layer indices in state_dict: {order}")
     sizes = [int(weights[order[0]].shape[1])]
     for i in order:
@@ -508,3 +547,154 @@ def sizes_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
             )
         sizes.append(int(w.shape[0]))
     return tuple(sizes)
+
+
+# --- The architecture next to the weights, and the model built back from a checkpoint -----
+
+#: The entries of a checkpoint's ``"architecture"``: :class:`fastmlp.MLP`'s arguments.
+ARCHITECTURE_KEYS = ("sizes", "activation", "output_activation", "negative_slope", "bias")
+
+
+def architecture(model: nn.Module) -> dict[str, Any] | None:
+    """What builds ``model`` again, as plain values: ``{"sizes": [784, 512, 512, 10],
+    "activation": "relu", "output_activation": None, "negative_slope": 0.01, "bias": True}``
+    (:class:`fastmlp.MLP`'s arguments), or ``None`` when ``model`` is no fastmlp.MLP or its
+    layers were changed after it was built (then only the model itself says what it is)."""
+    library = sys.modules.get("fastmlp.nn")  # an MLP exists only once that is imported
+    if library is None or not isinstance(model, library.MLP):
+        return None
+    linears = model.linears()
+    recorded = {
+        "sizes": list(model.sizes),
+        "activation": model.activation,
+        "output_activation": model.output_activation,
+        "negative_slope": model.negative_slope,
+        "bias": all(linear.bias is not None for linear in linears),
+    }
+    # Built again on the meta device (no memory): the same layers, parameters and shapes?
+    rebuilt = library.MLP(**recorded, device="meta")
+
+    def layout(m: nn.Module) -> list[Any]:
+        settings = ("negative_slope", "approximate")  # LeakyReLU's, GELU's
+        layers = [(type(c), *(getattr(c, a, None) for a in settings)) for c in m.linear_relu_stack]
+        return layers + [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+
+    return recorded if layout(rebuilt) == layout(model) else None
+
+
+def model_checkpoint(model: nn.Module) -> dict[str, Any]:
+    """``{"model": model.state_dict(), "architecture": architecture(model)}``: a checkpoint
+    of ``model`` that :func:`load_model` (and ``fastmlp evaluate``/``predict``) builds back
+    as it was, with its activation. Save it with :func:`save_checkpoint`; the tutorial's
+    model loads its ``"model"`` entry as before. (No ``"architecture"`` for a model that is
+    no :class:`fastmlp.MLP`.)"""
+    recorded = architecture(model)
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if recorded is not None:
+        state["architecture"] = recorded
+    return state
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    trusted: bool = False,
+    device: str | torch.device = "cpu",
+    note: Callable[[str], object] | None = None,
+) -> nn.Module:
+    """The model a checkpoint holds, float32 on ``device`` in eval mode, ready to run on
+    ``(N, 1, 28, 28)`` images (what ``fastmlp evaluate`` and ``predict`` run):
+
+    * a whole model (``torch.save(model)``, read only with ``trusted=True``): that object
+      itself, whatever its class, if it maps 28x28 images (or 784 features: it is then
+      preceded by a Flatten) to 10 logits;
+    * weights with their :func:`architecture` (what ``fastmlp train`` and
+      :func:`model_checkpoint` write): a :class:`fastmlp.MLP` built from it;
+    * weights alone (the tutorial's ``torch.save(model.state_dict())``, or a checkpoint of
+      an older fastmlp): the tutorial's MLP with ReLU, in the widths of the weights, and
+      ``note`` (default: :func:`warnings.warn`) is called once to say so.
+
+    Problems raise :class:`CheckpointError` naming ``path``.
+    """
+    obj = load_checkpoint(path, trusted=trusted)
+    device = torch.device(device)
+    if isinstance(obj, nn.Module):
+        return _whole_model(obj, path, device)
+    state = extract_state_dict(obj)
+    sizes = check_model_state(state, path)
+    recorded = _recorded_architecture(obj, path)
+    if recorded is not None and tuple(recorded["sizes"]) != sizes:
+        raise CheckpointError(
+            f"{path} records an architecture of layer sizes "
+            f"{'-'.join(map(str, recorded['sizes']))} but holds weights of "
+            f"{'-'.join(map(str, sizes))}"
+        )
+    model = _build(recorded or {"sizes": sizes}, device, path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: state_dict does not fit the MLP: {load_error(e)}") from None
+    if recorded is None:
+        message = (
+            f"{path} holds weights without their architecture: running them as the "
+            f"tutorial's {'-'.join(map(str, sizes))} MLP with ReLU, which is wrong for a model "
+            "trained with another activation (save fastmlp.checkpoint.model_checkpoint(model) "
+            "to keep it)"
+        )
+        if note is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            note(message)
+    return model.eval()
+
+
+def _recorded_architecture(obj: Any, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``"architecture"`` entry of a checkpoint ``obj``, checked; ``None`` without one."""
+    if not isinstance(obj, dict) or "architecture" not in obj:
+        return None
+    recorded = obj["architecture"]
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sizes"), list | tuple):
+        raise CheckpointError(f"{path}: its 'architecture' entry is damaged")
+    unknown = [k for k in recorded if k not in ARCHITECTURE_KEYS]
+    if unknown:
+        raise CheckpointError(
+            f"{path} records an architecture this fastmlp cannot build (unknown "
+            f"{', '.join(map(repr, unknown))}: written by a newer fastmlp?)"
+        )
+    return recorded
+
+
+def _build(recorded: dict[str, Any], device: torch.device, path: str | os.PathLike[str]) -> Any:
+    from fastmlp.train import build_model  # builds a fastmlp.MLP: needs the extension
+
+    try:
+        return build_model(device=device, **recorded)
+    except (TypeError, ValueError) as e:  # fastmlp.MLP's own checks of its arguments
+        raise CheckpointError(f"{path} records an architecture that cannot be built: {e}") from None
+
+
+def _whole_model(model: nn.Module, path: str | os.PathLike[str], device: torch.device) -> Any:
+    """A whole pickled model, as it is: float32 on ``device`` in eval mode, checked to map
+    28x28 images or 784 features (then with a Flatten in front) to 10 logits."""
+    while isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        model = model.module
+    _check_not_meta(dict(model.state_dict()), path)
+    model = model.float().to(device).eval()
+    images = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    problems: list[str] = []
+    for x in (images, images.flatten(1)):
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:  # whatever a model raises for input it does not take
+            problems.append(load_error(e))
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, len(CLASSES)):
+            return nn.Sequential(nn.Flatten(), model).eval() if x.dim() == 2 else model
+        tensor = isinstance(out, torch.Tensor)
+        got = f"shape {tuple(out.shape)}" if tensor else f"a {type(out).__name__}"
+        problems.insert(0, f"it returns {got} for input of shape {tuple(x.shape)}")
+    raise CheckpointError(
+        f"{path} holds a whole {type(model).__name__} that does not map 28x28 images (or 784 "
+        f"features) to {len(CLASSES)} logits, one per Fashion-MNIST class: {problems[0]}"
+    )

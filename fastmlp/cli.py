@@ -244,8 +244,10 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="test accuracy and loss of a checkpoint",
-        description="Print test accuracy and mean loss of a checkpoint "
-        "(a fastmlp .pt, or a state_dict saved by the tutorial).",
+        description="Print test accuracy and mean loss of a checkpoint: a fastmlp .pt (run "
+        "as the architecture it records), a state_dict saved by the tutorial (run as its ReLU "
+        "MLP, with a note), or a whole model saved with torch.save(model) (with --trust; run "
+        "as it is).",
     )
     e.add_argument("checkpoint", metavar="CKPT")
     e.add_argument("--data", metavar="DIR", default=None, help=_data_help())
@@ -489,25 +491,26 @@ def _rank() -> int:
     return int(text) if text.isdigit() else 0
 
 
-def _load_model(path: str, device: str, trust: bool) -> tuple[torch.nn.Module, torch.device]:
+def _load_model(
+    path: str, device: str, trust: bool, prog: str
+) -> tuple[torch.nn.Module, torch.device]:
+    """The model in ``path`` (fastmlp.checkpoint.load_model): a whole pickled model as it
+    is, else built from the recorded architecture, else the tutorial's ReLU MLP with a note
+    on stderr saying so."""
     from fastmlp.hardware import resolve_device
-    from fastmlp.train import build_model
 
     dev = resolve_device(device)
-    state = ckpt.extract_state_dict(ckpt.load_checkpoint(path, trusted=trust))
-    model = build_model(ckpt.check_model_state(state, path), dev)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        reason = ckpt.load_error(e)
-        raise ckpt.CheckpointError(f"{path}: state_dict does not fit the MLP: {reason}") from None
-    return model.eval(), dev
+
+    def note(message: str) -> None:
+        print(f"{prog}: note: {message}", file=sys.stderr)
+
+    return ckpt.load_model(path, trusted=trust, device=dev, note=note), dev
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fastmlp.loops import evaluate, test_error_line
 
-    model, dev = _load_model(args.checkpoint, args.device, args.trust)
+    model, dev = _load_model(args.checkpoint, args.device, args.trust, "fastmlp evaluate")
     images, labels = data.load_split(False, args.data)
     loader = DeviceLoader(images, labels, args.batch_size, device=dev)
     r = evaluate(model, loader, hardware.resolve_precision(args.precision, dev))
@@ -520,7 +523,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    model, dev = _load_model(args.checkpoint, args.device, args.trust)
+    model, dev = _load_model(args.checkpoint, args.device, args.trust, "fastmlp predict")
     # Every readable image gets its answer; each unreadable one its own error line.
     good: list[tuple[str, torch.Tensor]] = []
     errors: list[str] = []

@@ -70,8 +70,12 @@ LogFn = Callable[[str], None]
 # keeps working. resolve_device lives in fastmlp.hardware, re-exported for the same reason.
 
 
-def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu") -> nn.Module:
-    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``.
+def build_model(
+    sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu", **architecture: Any
+) -> nn.Module:
+    """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``:
+    with ReLU, or as ``architecture`` says (MLP's ``activation``, ``output_activation``,
+    ``negative_slope``, ``bias``: what a checkpoint's ``"architecture"`` records).
 
     A model that does not fit in memory raises :class:`MemoryError` naming the layer that
     did not fit, its size and what the whole model's weights take."""
@@ -79,7 +83,7 @@ def build_model(sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu")
 
     sizes = tuple(sizes)
     try:
-        return MLP(sizes=sizes).to(device)
+        return MLP(sizes=sizes, **architecture).to(device)
     except RuntimeError as e:  # CUDA's torch.OutOfMemoryError is a RuntimeError too
         asked = hardware.allocation_bytes(e)
         if asked is None:

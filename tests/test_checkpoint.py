@@ -375,3 +375,109 @@ def test_training_checkpoints_that_do_not_fit_are_refused(tmp_path: Path) -> Non
     ckpt.save_checkpoint({**state, "format": "fastmlp-checkpoint-2"}, path)
     with pytest.raises(ckpt.CheckpointError, match="'fastmlp-checkpoint-2' checkpoint and this"):
         ckpt.load_training_checkpoint(path)
+
+
+# --- The architecture next to the weights --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(sizes=(784, 16, 10), activation="leaky_relu", negative_slope=0.2),
+        dict(sizes=(784, 16, 16, 10), bias=False, activation="silu"),
+        dict(sizes=(784, 16, 16, 10), activation="none", output_activation="sigmoid"),
+        dict(sizes=(784, 10), output_activation="gelu_tanh"),
+    ],
+)
+def test_load_model_builds_the_recorded_architecture(tmp_path: Path, kw: dict) -> None:
+    torch.manual_seed(0)
+    model = MLP(**kw)
+    path = ckpt.save_checkpoint(ckpt.model_checkpoint(model), tmp_path / "model.pt")
+    loaded = ckpt.load_model(path)
+    assert type(loaded) is MLP and not loaded.training
+    assert ckpt.architecture(loaded) == ckpt.architecture(model)
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_architecture_is_none_where_the_model_itself_must_say_what_it_is() -> None:
+    assert ckpt.architecture(NeuralNetwork()) is None
+    changed = MLP((784, 16, 10))
+    changed.linear_relu_stack[1] = nn.Tanh()  # no longer the ReLU MLP its arguments say
+    assert ckpt.architecture(changed) is None
+    assert "architecture" not in ckpt.model_checkpoint(changed)
+
+
+def test_weights_alone_load_as_the_relu_mlp_with_a_warning(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tutorial = NeuralNetwork()
+    torch.save(tutorial.state_dict(), tmp_path / "model_weights.pth")
+    with pytest.warns(UserWarning, match="without their architecture.*784-512-512-10 MLP"):
+        loaded = ckpt.load_model(tmp_path / "model_weights.pth")
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), tutorial(x))
+
+
+@pytest.mark.parametrize(
+    ("recorded", "message"),
+    [
+        ("tanh", "its 'architecture' entry is damaged"),
+        ({"sizes": [784, 16, 10], "activation": "swish"}, "cannot be built: .*'swish'"),
+        ({"sizes": [784, 16, 10], "dropout": 0.5}, "unknown 'dropout'"),
+        ({"sizes": [784, 32, 10], "activation": "tanh"}, "784-32-10 but holds .*784-16-10"),
+    ],
+)
+def test_damaged_architectures_are_named(tmp_path: Path, recorded: object, message: str) -> None:
+    state = {"model": MLP((784, 16, 10)).state_dict(), "architecture": recorded}
+    path = ckpt.save_checkpoint(state, tmp_path / "model.pt")
+    with pytest.raises(ckpt.CheckpointError, match=message) as e:
+        ckpt.load_model(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), r"it returns shape \(2, 7\)"),
+        (nn.Linear(28, 10), r"it returns shape \(2, 1, 28, 10\)"),
+        (nn.Sequential(nn.Linear(100, 10)), "mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)
+def test_whole_models_that_do_not_classify_images_are_named(
+    tmp_path: Path, model: nn.Module, message: str
+) -> None:
+    torch.save(model, tmp_path / "model.pth")
+    with pytest.raises(ckpt.CheckpointError, match=message) as e:
+        ckpt.load_model(tmp_path / "model.pth", trusted=True)
+    assert "does not map 28x28 images (or 784 features) to 10 logits" in str(e.value)
+
+
+def test_whole_model_runs_as_it_is_in_float32_and_eval_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 32), nn.Dropout(0.5), nn.Tanh(), nn.Linear(32, 10)
+    )
+    torch.save(model.to(torch.bfloat16), tmp_path / "model.pth")
+    loaded = ckpt.load_model(tmp_path / "model.pth", trusted=True)
+    assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
+    x = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model.float().eval()(x))  # no dropout: eval mode
+
+
+def test_resume_refuses_a_model_that_fit_would_not_rebuild(tmp_path: Path) -> None:
+    model = MLP((784, 8, 10), activation="tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = _train_state(model, opt, None)
+    assert state["architecture"]["activation"] == "tanh"
+    path = ckpt.save_checkpoint(state, tmp_path / "last.pt")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_training_checkpoint(path)
+    assert str(e.value) == (
+        f"{path} cannot be resumed: its model is an MLP with activation 'tanh', "
+        "output_activation None and bias; fastmlp train trains the tutorial's ReLU MLP "
+        f"(it can still be evaluated: fastmlp evaluate {path})"
+    )
+    # Its own ReLU MLP resumes as before.
+    relu = MLP((784, 8, 10))
+    ckpt.save_checkpoint(_train_state(relu, torch.optim.SGD(relu.parameters(), lr=0.1), None), path)
+    assert ckpt.load_training_checkpoint(path)["architecture"]["activation"] == "relu"

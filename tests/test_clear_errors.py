@@ -288,7 +288,7 @@ def test_predict_reports_the_bad_image_and_still_answers_for_the_good(
     from PIL import Image
 
     path = tmp_path / "model.pt"
-    torch.save(MLP().state_dict(), path)
+    torch.save(ckpt.model_checkpoint(MLP()), path)  # weights and architecture: no note
     good = tmp_path / "good.png"
     Image.new("L", (40, 40), 30).save(good)
     bad = tmp_path / "bad.png"
@@ -317,7 +317,7 @@ def test_predict_reports_an_image_too_large_and_answers_the_others(
     from PIL import Image
 
     path = tmp_path / "model.pt"
-    torch.save(MLP().state_dict(), path)
+    torch.save(ckpt.model_checkpoint(MLP()), path)  # weights and architecture: no note
     bomb = _png_header(tmp_path / "bomb.png", 20000, 20000)  # 400M pixels: PIL refuses it
     gray = tmp_path / "gray.png"
     Image.new("L", (40, 40), 30).save(gray)

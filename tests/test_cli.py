@@ -10,13 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained_run
+from torch import nn
+from workflow_fixtures import (
+    REAL_DATA,
+    NeuralNetwork,
+    needs_real_data,
+    trained_run,
+    write_fake_dataset,
+    write_idx,
+)
 
+import fastmlp
+from fastmlp import checkpoint as ckpt
 from fastmlp import data
 from fastmlp import train as train_mod
 from fastmlp.cli import UsageError, build_parser, main
 from fastmlp.config import OPTIONS, Option
 from fastmlp.data import load_image
+from fastmlp.loader import DeviceLoader
+from fastmlp.loops import evaluate
 from fastmlp.nn import MLP
 
 
@@ -364,3 +376,196 @@ def test_bad_cpu_path_environment_stops_a_command_first(
 
 def _must_not_load(*args: object, **kwargs: object) -> None:
     raise AssertionError("the data was loaded before the environment was checked")
+
+
+# --- Which model evaluate and predict run ------------------------------------------------
+# A checkpoint says what to run: a whole pickled model is run as it is, a checkpoint that
+# records its architecture is built from it, and bare weights are run as the tutorial's
+# ReLU MLP with one note saying so.
+
+
+def _images(folder: Path, n: int = 3) -> list[str]:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8)
+        path = folder / f"image{i}.png"
+        Image.fromarray(pixels.numpy(), mode="L").save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _predictions(model: nn.Module, images: list[str], flat: bool = False) -> str:
+    """What ``fastmlp predict --top 10`` prints for ``images`` if it runs ``model`` (on
+    784 features each if ``flat``)."""
+    batch = torch.stack([load_image(path) for path in images])
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(batch.flatten(1) if flat else batch).float(), dim=1)
+    lines = []
+    for path, p in zip(images, probs, strict=True):
+        values, indices = p.topk(10)
+        ranked = ", ".join(
+            f"{data.labels_map[int(i)]} {v:.1%}"
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        )
+        lines.append(f"{path}: {ranked}\n")
+    return "".join(lines)
+
+
+def _whole_models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    flat_sigmoid = nn.Sequential(nn.Linear(784, 32), nn.Sigmoid(), nn.Linear(32, 10))
+    return {
+        "MLP-tanh": MLP((784, 32, 32, 10), activation="tanh"),
+        "MLP-sigmoid": MLP((784, 32, 10), activation="sigmoid"),
+        "MLP-gelu": MLP((784, 32, 10), activation="gelu"),
+        "MLP-none-tanh-output": MLP((784, 32, 10), activation="none", output_activation="tanh"),
+        "fused-Sequential-tanh": fastmlp.fuse(
+            nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
+        ),
+        "plain-784-features-sigmoid": flat_sigmoid,  # no Flatten: takes (N, 784)
+        "tutorial-NeuralNetwork": NeuralNetwork(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_whole_models()))
+def test_predict_runs_a_whole_pickled_model_as_it_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
+) -> None:
+    model = _whole_models()[name]
+    torch.save(model, tmp_path / "model.pth")  # the tutorial's whole-model save
+    images = _images(tmp_path)
+    code, out, err = run(
+        capsys, "predict", str(tmp_path / "model.pth"), *images, "--top", "10", "--trust"
+    )
+    assert (code, err) == (0, "")
+    assert out == _predictions(model, images, flat=name.startswith("plain-784"))
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fake-fashion-mnist")
+    write_fake_dataset(folder)
+    return folder
+
+
+def _label_test_split_with(model: nn.Module, folder: Path) -> None:
+    """Make ``model``'s answers the test labels: it scores (about) 100% on them, and any
+    other model (the same weights with ReLU) far less."""
+    images, _ = data.load_split(False, folder, download=False)
+    with torch.no_grad():
+        labels = model.eval()(images.float().unsqueeze(1) / 255).argmax(1)
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels.to(torch.uint8))
+
+
+def test_evaluate_runs_a_whole_pickled_model_as_it_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_data: Path
+) -> None:
+    torch.manual_seed(0)
+    model = MLP((784, 64, 10), activation="tanh")
+    _label_test_split_with(model, fake_data)
+    torch.save(model, tmp_path / "model.pth")
+    argv = ["evaluate", str(tmp_path / "model.pth"), "--data", str(fake_data), "--trust"]
+    code, out, err = run(capsys, *argv, "--device", "cpu", "--precision", "fp32")
+    assert (code, err) == (0, "")
+    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
+    assert accuracy > 99.9, out
+    images, labels = data.load_split(False, fake_data, download=False)
+    r = evaluate(model, DeviceLoader(images, labels, 2000))
+    assert f"mean loss {r.loss:.4f}" in out
+
+
+def _training_checkpoint(path: Path, model: MLP) -> Path:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ckpt.training_state(
+        model=model,
+        optimizer=opt,
+        scheduler=None,
+        epoch=1,
+        config={"epochs": 2, "sizes": list(model.sizes)},
+        metrics=[],
+        best_accuracy=0.5,
+        versions={},
+    )
+    return ckpt.save_checkpoint(state, path)
+
+
+@pytest.mark.parametrize("saved", ["training-checkpoint", "model-checkpoint"])
+def test_checkpoints_that_record_the_architecture_run_their_activation(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, saved: str
+) -> None:
+    torch.manual_seed(0)
+    model = MLP((784, 32, 32, 10), activation="tanh", output_activation="sigmoid")
+    path = tmp_path / "model.pt"
+    if saved == "training-checkpoint":
+        _training_checkpoint(path, model)
+    else:
+        ckpt.save_checkpoint(ckpt.model_checkpoint(model), path)
+    loaded = torch.load(path, weights_only=True)  # plain values only, as before
+    assert loaded["architecture"] == {
+        "sizes": [784, 32, 32, 10],
+        "activation": "tanh",
+        "output_activation": "sigmoid",
+        "negative_slope": 0.01,
+        "bias": True,
+    }
+    # Next to plain weights with the tutorial's keys, which a plain model still loads.
+    fastmlp.unfuse(MLP((784, 32, 32, 10))).load_state_dict(loaded["model"])
+    images = _images(tmp_path)
+    code, out, err = run(capsys, "predict", str(path), *images, "--top", "10")
+    assert (code, err) == (0, "")
+    assert out == _predictions(model, images)
+
+
+@pytest.mark.parametrize("saved", ["state_dict", "old-training-checkpoint"])
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_weights_without_an_architecture_run_as_the_tutorial_relu_mlp_with_a_note(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_data: Path, saved: str, command: str
+) -> None:
+    torch.manual_seed(0)
+    model = NeuralNetwork()
+    path = tmp_path / "model.pt"
+    if saved == "state_dict":
+        torch.save(model.state_dict(), path)  # the tutorial's save
+    else:  # what fastmlp train wrote before checkpoints recorded the architecture
+        fused = MLP()
+        fused.load_state_dict(model.state_dict())
+        _training_checkpoint(path, fused)
+        old = torch.load(path, weights_only=True)
+        del old["architecture"]
+        ckpt.save_checkpoint(old, path)
+    images = _images(tmp_path)
+    if command == "predict":
+        code, out, err = run(capsys, "predict", str(path), *images, "--top", "10")
+        assert out == _predictions(model, images)
+    else:
+        code, out, err = run(capsys, "evaluate", str(path), "--data", str(fake_data))
+        assert "test accuracy" in out
+    assert code == 0
+    assert err == (
+        f"fastmlp {command}: note: {path} holds weights without their architecture: running "
+        "them as the tutorial's 784-512-512-10 MLP with ReLU, which is wrong for a model trained "
+        "with another activation (save fastmlp.checkpoint.model_checkpoint(model) to keep it)\n"
+    )
+
+
+def test_train_records_the_architecture_and_evaluate_builds_from_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_data: Path
+) -> None:
+    argv = ["--data", str(fake_data), "--device", "cpu", "--quiet", "--train-samples", "200"]
+    argv += ["--batch-size", "100", "--epochs", "1", "--hidden", "16", "--out", str(tmp_path)]
+    code, out, _ = run(capsys, "train", *argv)
+    assert code == 0 and "epoch 1:" in out
+    for name in ("last.pt", "best.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert saved["architecture"] == {
+            "sizes": [784, 16, 10],
+            "activation": "relu",
+            "output_activation": None,
+            "negative_slope": 0.01,
+            "bias": True,
+        }
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "best.pt"), "--data", str(fake_data))
+    assert (code, err) == (0, "") and "test accuracy" in out
