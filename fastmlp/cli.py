@@ -633,6 +633,16 @@ def _cmd_bench_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cpu_path_environment() -> None:
+    """A typo in FASTMLP_CPU_PATH stops the command before any work (without the compiled
+    extension no op runs, and there is nothing to check)."""
+    try:
+        from fastmlp.engines import check_cpu_path_environment
+    except ImportError:
+        return
+    check_cpu_path_environment()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastmlp`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
     status."""
@@ -641,9 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         prog = f"fastmlp {args.command}"
-        from fastmlp.engines import check_cpu_path_environment
-
-        check_cpu_path_environment()  # a typo stops the command before any work
+        _check_cpu_path_environment()
         return int(args.func(args))
     except UsageError as e:
         print(e, file=sys.stderr)

@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/scratch.h"
+
 extern "C" {
 // Column-major BLAS (Fortran calling convention, LP64 integers as MKL's
 // mkl_intel_lp64 interface that torch links).
@@ -195,20 +197,20 @@ inline bool brgemm_f32_available() {
 constexpr int64_t kBrgemmMinRows = 16;
 
 // dst (cols x rows, row stride rows) = scale * src (rows x cols, row stride
-// lds).T, in this thread's scratch.
-inline const float* transposed(const float* src, int64_t rows, int64_t cols,
-                               int64_t lds, float scale = 1.0f) {
-  thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < rows * cols) {
-    scratch.resize(rows * cols);
-  }
-  float* dst = scratch.data();
+// lds).T.
+inline void transpose_into(float* dst, const float* src, int64_t rows,
+                           int64_t cols, int64_t lds, float scale = 1.0f) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       dst[c * rows + r] = scale * src[r * lds + c];
     }
   }
-  return dst;
+}
+
+// The calling thread's kept buffer for transpose_into (lease it: scratch.h).
+inline std::vector<float>& transpose_scratch() {
+  thread_local std::vector<float> scratch;
+  return scratch;
 }
 
 // C (m x n) = A (m x k) @ B (k x n) + beta C for beta 0 or 1, by brgemm.
@@ -234,7 +236,9 @@ inline void gemm_tn(int64_t m, int64_t n, int64_t k, const float* a,
                     int64_t lda, const float* b, int64_t ldb, float beta,
                     float* c, int64_t ldc) {
   if (k >= kBrgemmMinRows && brgemm_f32_available()) {
-    brgemm_nn(m, n, k, transposed(a, k, m, lda), k, b, ldb, beta, c, ldc);
+    const ScratchLease<float> at(transpose_scratch(), k * m);
+    transpose_into(at.data(), a, k, m, lda);
+    brgemm_nn(m, n, k, at.data(), k, b, ldb, beta, c, ldc);
   } else {
     colmajor_gemm<float>('N', 'T', n, m, k, b, ldb, a, lda, beta, c, ldc);
   }
@@ -294,10 +298,11 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
         }
       }
       // a is stored k x m (row stride a.stride(1)): its transpose, scaled.
-      const float* at = transposed(a.data_ptr<float>(), k, m, a.stride(1),
-                                   static_cast<float>(alpha));
-      brgemm_nn(m, n, k, at, k, b.data_ptr<float>(), b.stride(0), 1.0f, o,
-                out.stride(0));
+      const ScratchLease<float> at(transpose_scratch(), k * m);
+      transpose_into(at.data(), a.data_ptr<float>(), k, m, a.stride(1),
+                     static_cast<float>(alpha));
+      brgemm_nn(m, n, k, at.data(), k, b.data_ptr<float>(), b.stride(0), 1.0f,
+                o, out.stride(0));
       return;
     }
   }

@@ -16,6 +16,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/scratch.h"
 
 namespace fastmlp {
 namespace cpu {
@@ -24,9 +25,16 @@ namespace cpu {
 // of another dtype. A reallocation makes a normal tensor even under
 // torch.inference_mode(): an inference tensor kept for the next call would
 // refuse the in-place writes of a later call made outside inference mode.
+// A buffer above kKeptScratchBytes (scratch.h) is not kept: a fresh tensor,
+// freed when the call drops it.
 inline at::Tensor reuse_buffer(at::Tensor& buffer, at::IntArrayRef sizes,
                                const at::TensorOptions& options) {
   const int64_t n = c10::multiply_integers(sizes);
+  if (n * static_cast<int64_t>(options.dtype().itemsize()) >
+      kKeptScratchBytes) {
+    c10::InferenceMode normal_tensor(false);
+    return at::empty(sizes, options);
+  }
   if (!buffer.defined() || buffer.numel() < n ||
       buffer.scalar_type() != options.dtype().toScalarType()) {
     c10::InferenceMode normal_tensor(false);
@@ -36,10 +44,7 @@ inline at::Tensor reuse_buffer(at::Tensor& buffer, at::IntArrayRef sizes,
 }
 
 // A rows x cols matrix in memory this thread keeps from one call to the
-// next: a fresh allocation of this size (hundreds of KiB) would be new pages
-// from the OS at every step, and their faults cost as much as the GEMM
-// writing them (measured: the 256x784 weight-gradient block took 330 us
-// instead of 180 us).
+// next, up to kKeptScratchBytes (scratch.h says why).
 inline at::Tensor scratch_matrix(int64_t rows, int64_t cols,
                                  const at::TensorOptions& options) {
   thread_local at::Tensor buffer;
@@ -48,8 +53,9 @@ inline at::Tensor scratch_matrix(int64_t rows, int64_t cols,
 
 // The larger temporaries of one call (activations, gradient parts), kept by
 // the calling thread from one call to the next for the same reason as
-// scratch_matrix. Each call takes its buffers in the same order (next()).
-// Nothing taken from here may outlive the call (never return one to a user).
+// scratch_matrix, each up to kKeptScratchBytes. Each call takes its buffers in
+// the same order (next()). Nothing taken from here may outlive the call (never
+// return one to a user).
 class Workspace {
  public:
   static Workspace& for_this_thread() {

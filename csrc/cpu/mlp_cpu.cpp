@@ -35,23 +35,44 @@ namespace {
 
 using namespace cpu;  // NOLINT: the building blocks of this file
 
+// mlp's layered forward into out. `hidden`: what backward reads (mlp), or
+// empty (inference: nothing is kept).
 template <typename scalar_t>
 void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                       const std::vector<at::Tensor>& b,
                       const MlpActivations& act,
                       const std::vector<at::Tensor>& hidden, at::Tensor& out) {
   const size_t L = w.size();
+  const int64_t M = x2.size(0);
+  const bool inference = hidden.empty();
   Workspace& ws = Workspace::for_this_thread();
   // A layer that saves its output computes the activation in place in
   // hidden[l]; one that saves its pre-activation z (hidden[l]) writes act(z)
-  // to a temporary, the next layer's input.
+  // to a temporary, the next layer's input. Temporaries alternate between
+  // two buffers (a layer's input is the other one), so that, in inference,
+  // at most two layers' activations are alive at once, as in eager PyTorch;
+  // a pre-activation nobody keeps goes to a third.
   const bool in_place = act.hidden_saves_output();
+  int64_t widest = 0;
+  for (const auto& t : w) widest = std::max(widest, t.size(0));
+  at::Tensor pair[2], pre;
+  if (inference || !in_place) {
+    pair[0] = ws.next({M * widest}, x2.options());
+    pair[1] = ws.next({M * widest}, x2.options());
+  }
+  if (inference && !in_place) pre = ws.next({M * widest}, x2.options());
+  const auto rows_of = [M](const at::Tensor& buffer, int64_t n) {
+    return buffer.narrow(0, 0, M * n).view({M, n});
+  };
   at::Tensor h = x2;
   with_activation_rows<scalar_t>(
       act.hidden, act.negative_slope, [&](const auto& epilogue) {
         for (size_t l = 0; l + 1 < L; ++l) {
-          at::Tensor z = hidden[l];
-          at::Tensor a = in_place ? z : ws.next(z.sizes(), z.options());
+          const int64_t n = w[l].size(0);
+          at::Tensor z = !inference ? hidden[l]
+                         : in_place ? rows_of(pair[l % 2], n)
+                                    : rows_of(pre, n);
+          at::Tensor a = in_place ? z : rows_of(pair[l % 2], n);
           linear_act_forward_impl<scalar_t>(h, w[l], b[l], z, a, epilogue);
           h = a;
         }
@@ -67,8 +88,10 @@ void mlp_forward_impl(const at::Tensor& x2, const std::vector<at::Tensor>& w,
     return;
   }
   // With an output activation the last layer is a block like the others,
-  // saving its pre-activation in hidden[L - 1].
-  at::Tensor z = hidden[L - 1];
+  // saving its pre-activation in hidden[L - 1] (in inference: in the buffer
+  // its input is not in).
+  at::Tensor z =
+      inference ? rows_of(pair[(L - 1) % 2], w[L - 1].size(0)) : hidden[L - 1];
   with_activation_rows<scalar_t>(act.output, act.negative_slope,
                                  [&](const auto& epilogue) {
                                    linear_act_forward_impl<scalar_t>(
@@ -101,10 +124,9 @@ std::vector<at::Tensor> empty_hidden(int64_t M,
 // reads into `hidden` (mlp), or nothing (inference: hidden empty).
 void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
                  const std::vector<at::Tensor>& b, const MlpActivations& act,
-                 std::vector<at::Tensor> hidden, at::Tensor& out,
+                 const std::vector<at::Tensor>& hidden, at::Tensor& out,
                  MlpPhase phase) {
   const int64_t M = x2.size(0);
-  const bool inference = phase == MlpPhase::kInference;
   // Asked even for no rows, so that an impossible forced path always raises.
   const CpuPath path =
       choose_cpu_path(M, mlp_widths(w), x2.scalar_type(), phase).path;
@@ -114,10 +136,6 @@ void mlp_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
         at::kBFloat16, x2.scalar_type(), "mlp_rowblock",
         [&] { rowblock_forward<scalar_t>(x2, w, b, act, hidden, out); });
     return;
-  }
-  if (inference) {
-    // The layered engine keeps each layer's activations in these.
-    hidden = empty_hidden(M, w, act, x2.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x2.scalar_type(), "mlp_cpu",

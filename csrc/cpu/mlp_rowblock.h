@@ -91,14 +91,12 @@ std::vector<LayerRef<T>> layer_refs(const std::vector<at::Tensor>& w,
   return layers;
 }
 
-// A scratch array of at least n elements, one per slot and thread, kept from
-// call to call (see scratch_matrix in mlp_blocks.h for why).
+// The calling thread's kept scratch vector number `slot` (lease it for a
+// call: scratch.h).
 template <typename T>
-T* thread_scratch(int slot, int64_t n) {
+std::vector<T>& thread_scratch(int slot) {
   thread_local std::vector<T> buffers[4];
-  std::vector<T>& v = buffers[slot];
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
+  return buffers[slot];
 }
 
 // dst (rows x n, row stride ldd) = a product that gemm(c, ldc) computes into
@@ -111,7 +109,8 @@ void gemm_into(T* dst, int64_t rows, int64_t n, int64_t ldd, const Gemm& gemm) {
     gemm(dst, ldd);
   } else {
     using Vec = Vectorized<float>;
-    float* acc = thread_scratch<float>(3, rows * n);
+    const ScratchLease<float> lease(thread_scratch<float>(3), rows * n);
+    float* acc = lease.data();
     gemm(acc, n);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < n; c += Vec::size()) {
@@ -195,8 +194,9 @@ void split_columns_forward(const T* x, int64_t M, int64_t K0,
   const size_t L = layers.size();
   const bool training = !saved.empty();
   const bool in_place = act.hidden_saves_output();
-  T* const buf[2] = {thread_scratch<T>(0, M * max_width),
-                     thread_scratch<T>(1, M * max_width)};
+  const ScratchLease<T> lease0(thread_scratch<T>(0), M * max_width);
+  const ScratchLease<T> lease1(thread_scratch<T>(1), M * max_width);
+  T* const buf[2] = {lease0.data(), lease1.data()};
   const auto other = [&](const T* p) { return p == buf[0] ? buf[1] : buf[0]; };
   const T* in = x;
   int64_t ldin = K0;
@@ -267,8 +267,9 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
 
   at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {
     SingleThreadedBlas single;
-    T* const buf[2] = {thread_scratch<T>(0, R * max_width),
-                       thread_scratch<T>(1, R * max_width)};
+    const ScratchLease<T> lease0(thread_scratch<T>(0), R * max_width);
+    const ScratchLease<T> lease1(thread_scratch<T>(1), R * max_width);
+    T* const buf[2] = {lease0.data(), lease1.data()};
     // The scratch buffer that `p` is not.
     const auto other = [&](const T* p) {
       return p == buf[0] ? buf[1] : buf[0];
@@ -420,9 +421,11 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
     const int64_t tid = threads == 1 ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid < threads, "more workers than threads");
     SingleThreadedBlas single;
-    T* const buf[2] = {thread_scratch<T>(0, R * max_width),
-                       thread_scratch<T>(1, R * max_width)};
-    T* const input_buf = thread_scratch<T>(2, R * max_width);
+    const ScratchLease<T> lease0(thread_scratch<T>(0), R * max_width);
+    const ScratchLease<T> lease1(thread_scratch<T>(1), R * max_width);
+    T* const buf[2] = {lease0.data(), lease1.data()};
+    const ScratchLease<T> lease2(thread_scratch<T>(2), R * max_width);
+    T* const input_buf = lease2.data();
     const auto other = [&](const T* p) {
       return p == buf[0] ? buf[1] : buf[0];
     };
