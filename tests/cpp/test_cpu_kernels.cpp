@@ -659,7 +659,14 @@ void test_blas_wrappers() {
       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const double tol = std::is_same_v<T, double> ? 1e-12 : 1e-4;
   for (const auto& [m, n, k] : std::vector<std::array<int64_t, 3>>{
-           {1, 1, 1}, {3, 7, 5}, {17, 100, 33}, {64, 1, 257}, {40, 64, 16}}) {
+           {1, 1, 1},
+           {3, 7, 5},
+           {17, 100, 33},
+           {64, 1, 257},
+           {40, 64, 16},
+           // More than one cache block (blas.h: gemm_blocks) in every
+           // dimension, on any L2 size.
+           {1100, 1100, 530}}) {
     const std::string name = std::string(c10::toString(opts.dtype())) +
                              " blas m=" + std::to_string(m) +
                              " n=" + std::to_string(n) +
