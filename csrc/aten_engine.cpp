@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-    const MlpActivations& act) {
+    const MlpActivations& act, bool save_hidden) {
   AtenScope scope;
   const size_t L = weights.size();
   const bool saves_output = act.hidden_saves_output();
@@ -118,6 +118,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
     const bool top = l + 1 == L;
     h = activation_aten(z, top ? act.output : act.hidden, act.negative_slope,
                         /*in_place=*/!top);
+    if (!save_hidden) continue;
     if (top) {
       if (act.output != Activation::kNone) hidden.push_back(z);
     } else {

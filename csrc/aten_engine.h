@@ -3,8 +3,8 @@
 // Device-generic host code, compiled in every build. The CUDA op glue uses it
 // as the engine that is correct on every GPU (the default until a recorded GPU
 // run has validated a faster engine, see cuda_engines.h) and for float64, and
-// the whole-MLP ops' only CUDA engine so far; the C++ tests run it on CPU
-// tensors against the CPU kernels.
+// the whole-MLP ops' only CUDA engine so far; on the CPU it is the "aten"
+// path (cpu/engine_rule.h), and the C++ tests run it against the CPU kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,9 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_aten(
 // activations run them. Returns the output and the hidden tensors of mlp's
 // schema (each layer's output or pre-activation, see MlpActivations).
 // Arguments already checked.
+// save_hidden = false (inference) keeps nothing: each layer's activations
+// are freed once the next layer has read them, as in eager PyTorch.
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_aten(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-    const MlpActivations& act = MlpActivations());
+    const MlpActivations& act = MlpActivations(), bool save_hidden = true);
 
 // fastmlp::mlp_backward's contract: mask = (grad_x, grad_w[0..L), grad_b[0..L)
 // when there are biases); outputs not asked for are empty (0,) tensors of

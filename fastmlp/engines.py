@@ -1,20 +1,18 @@
 """Which engine fastmlp's whole-MLP ops run, on the CPU and on a GPU, and why.
 
-**CPU.** Two paths implement ``fastmlp::mlp``, ``mlp_inference`` and ``mlp_backward``:
+**CPU.** Three paths implement ``fastmlp::mlp``, ``mlp_inference`` and ``mlp_backward``:
 ``layered`` (layer by layer over the whole batch, each layer's GEMM split over threads
-by output features, bias and activation fused in) and ``row_blocked`` (a block of rows
-goes through every layer before the next block, so its activations stay in cache;
-backward likewise, weight gradients summed per thread and reduced once). The rule, in
-``csrc/cpu/engine_rule.cpp``, picks ``row_blocked`` for float32/float64 networks whose
-layers are all at most 256 wide; for float32 layers up to 1024 wide from 256 rows in
-training and 1024 in inference where oneDNN's brgemm runs its GEMMs
-(:func:`cpu_float_gemm`; else up to 512 wide from 4096 rows); and for inference batches
-that fit one block; ``layered`` otherwise (wider layers, small batches of wide layers,
-bfloat16 and float16). See docs/cpu.md. :func:`cpu_path` says which and why
-for a shape; ``FASTMLP_CPU_PATH=layered|row_blocked`` (read once per process) and
+by output features, bias and activation fused in), ``row_blocked`` (a block of rows goes
+through every layer before the next block, so its activations stay in cache; backward
+likewise) and ``aten`` (eager PyTorch's own ops, bit for bit). The first call of each
+shape class measures every path that can run it and keeps the fastest for the process
+(:func:`set_cpu_tuning`; ``FASTMLP_CPU_TUNE=off`` keeps the built-in rule of
+``csrc/cpu/engine_rule.cpp``, whose crossovers are stated there and in docs/cpu.md).
+:func:`cpu_path` says which path a shape takes and why (rule, measured or forced);
+``FASTMLP_CPU_PATH=layered|row_blocked|aten`` (read once per process) and
 :func:`set_cpu_path` force one for the process, :func:`force_cpu_path` for the calling
-thread within a ``with`` block (tests run every path so).
-Both paths compute the same function; results differ only by rounding.
+thread within a ``with`` block (tests run every path so). All paths compute the same
+function; results differ only by rounding.
 
 **CUDA.**
 
@@ -55,7 +53,10 @@ __all__ = [
     "cpu_path",
     "cpu_path_report",
     "check_cpu_path_environment",
+    "clear_measured_cpu_paths",
+    "cpu_tuning",
     "force_cpu_path",
+    "set_cpu_tuning",
     "requested_cpu_path",
     "set_cpu_path",
     "ENGINES",
@@ -95,7 +96,7 @@ class EngineChoice:
     detail: str
 
 
-CPU_PATHS = ("auto", "layered", "row_blocked")
+CPU_PATHS = ("auto", "layered", "row_blocked", "aten")
 # What an MLP call computes: forward saving for backward, forward only (no_grad,
 # inference_mode), or backward.
 CPU_PHASES = ("train", "inference", "backward")
@@ -103,11 +104,16 @@ CPU_PHASES = ("train", "inference", "backward")
 
 @dataclass(frozen=True)
 class CpuPathChoice:
-    """The CPU path one phase of an MLP call takes, and why (``"forced"`` when forced)."""
+    """The CPU path one phase of an MLP call takes, and why (``"forced"`` when forced).
+
+    ``source`` is ``"forced"``, ``"measured"`` (the fastest path timed at the first call of
+    this shape class in this process) or ``"rule"`` (the built-in rule: before a call of
+    this shape class was measured, or with tuning off)."""
 
     phase: str
     path: str
     reason: str
+    source: str = "rule"
 
 
 def set_cpu_path(name: str | None) -> None:
@@ -132,14 +138,18 @@ def requested_cpu_path() -> str:
 
 def check_cpu_path_environment() -> None:
     """Raise ``ValueError`` (one line) if ``FASTMLP_CPU_PATH`` is set to something other than
-    a CPU path. Commands call it first, so that a typo stops them before any work; the ops
-    would raise at their first call otherwise."""
+    a CPU path, or ``FASTMLP_CPU_TUNE`` to something other than on or off. Commands call it
+    first, so that a typo stops them before any work; the ops would raise at their first
+    call otherwise."""
     value = os.environ.get("FASTMLP_CPU_PATH", "")
     if value and value not in CPU_PATHS:
         raise ValueError(
             f"FASTMLP_CPU_PATH={value!r} is not a CPU path: expected one of "
             f"{', '.join(CPU_PATHS)} (or unset)"
         )
+    tune = os.environ.get("FASTMLP_CPU_TUNE", "")
+    if tune not in ("", "on", "off"):
+        raise ValueError(f"FASTMLP_CPU_TUNE={tune!r}: expected on or off (or unset)")
 
 
 @contextlib.contextmanager
@@ -177,8 +187,27 @@ def cpu_path(
     if phase not in CPU_PHASES:
         raise ValueError(f"phase must be one of {', '.join(CPU_PHASES)}; got {phase!r}")
     widths, batch = _checked_widths(widths), _checked_batch(batch)
-    path, reason = torch.ops.fastmlp._cpu_path(batch, widths, dtype, phase)
-    return CpuPathChoice(phase, path, reason)
+    path, reason, source = torch.ops.fastmlp._cpu_path(batch, widths, dtype, phase)
+    return CpuPathChoice(phase, path, reason, source)
+
+
+def set_cpu_tuning(on: bool) -> None:
+    """Whether the first call of each shape class measures every CPU path and keeps the
+    fastest (on by default; ``FASTMLP_CPU_TUNE=off`` starts a process with it off). Off:
+    the built-in rule, whose choice is the same from run to run. Paths measured earlier
+    in the process stay chosen while it is on (:func:`clear_measured_cpu_paths`)."""
+    torch.ops.fastmlp._set_cpu_tuning(bool(on))
+
+
+def cpu_tuning() -> bool:
+    """Whether CPU paths are measured at the first call of a shape class."""
+    return bool(torch.ops.fastmlp._cpu_tuning())
+
+
+def clear_measured_cpu_paths() -> None:
+    """Forget the paths measured in this process: the next call of each shape class is
+    measured again."""
+    torch.ops.fastmlp._clear_measured_cpu_paths()
 
 
 # The rule takes widths and rows as C++ int64s: a larger Python int cannot be passed.
@@ -376,9 +405,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"CPU: {hardware.describe_cpu(hardware.describe())}, {torch.get_num_threads()} threads")
     print(f"FASTMLP_CPU_PATH: {requested_cpu_path()}")
+    tune = "on" if cpu_tuning() else "off"
+    print(f"FASTMLP_CPU_TUNE: {tune} (measure the paths at a shape's first call)")
     print(f"row-blocked float32 GEMMs: {cpu_float_gemm()}")
     print(f"CPU path for widths {widths}, batch {args.batch}, {args.dtype}:")
-    rows = [(c.phase, c.path, c.reason) for c in report]
+    rows = [(c.phase, c.path, f"({c.source}) {c.reason}") for c in report]
     width = max(len(r[0]) for r in rows)
     path_width = max(len(r[1]) for r in rows)
     for phase, path, reason in rows:

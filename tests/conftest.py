@@ -1,4 +1,5 @@
-"""Shared pytest setup: the CUDA marker's skip, and per-test outcomes for the GPU check."""
+"""Shared pytest setup: CPU path measurement off, the CUDA marker's skip, and per-test
+outcomes for the GPU check."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import os
 
 import pytest
 import torch
+
+# The suite checks the CPU paths' rule and exact results: paths measured at a shape's first
+# call (fastmlp.engines.set_cpu_tuning) would depend on this machine's timings. Off for
+# every test and the processes they start; tests of the measurement turn it on.
+os.environ.setdefault("FASTMLP_CPU_TUNE", "off")
 
 
 def pytest_collection_modifyitems(config, items):

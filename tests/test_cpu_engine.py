@@ -33,7 +33,7 @@ from fastmlp.testing import (
 )
 from fastmlp.testing import mlp_forward_backward as _run
 
-PATHS = ("layered", "row_blocked", "auto")
+PATHS = ("layered", "row_blocked", "aten", "auto")
 WIDTHS = (1, 7, 100, 257)
 BATCHES = (0, 1, 3, 17, 4099)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)

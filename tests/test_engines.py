@@ -257,10 +257,10 @@ def test_cpu_rule_picks_the_documented_path(cpu_auto, widths, batch, dtype, phas
 def test_cpu_report_has_every_phase(cpu_auto):
     report = engines.cpu_path_report([32, 64, 16], 4096)
     assert [c.phase for c in report] == list(engines.CPU_PHASES)
-    assert all(c.path in ("layered", "row_blocked") and c.reason for c in report)
+    assert all(c.path in ("layered", "row_blocked", "aten") and c.reason for c in report)
 
 
-@pytest.mark.parametrize("forced", ["layered", "row_blocked"])
+@pytest.mark.parametrize("forced", ["layered", "row_blocked", "aten"])
 def test_forced_cpu_path_is_reported_as_forced(cpu_auto, forced):
     with engines.force_cpu_path(forced):
         assert engines.requested_cpu_path() == forced

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -57,8 +59,9 @@ std::optional<CpuPath> parse_path(const std::string& name, const char* where) {
   if (name == "auto") return std::nullopt;
   if (name == "layered") return CpuPath::kLayered;
   if (name == "row_blocked") return CpuPath::kRowBlocked;
+  if (name == "aten") return CpuPath::kAten;
   TORCH_CHECK(false, where, "unknown CPU path '", name,
-              "': expected auto, layered or row_blocked");
+              "': expected auto, layered, row_blocked or aten");
 }
 
 // -1: auto; else a CpuPath.
@@ -128,23 +131,108 @@ std::string why_not_row_blocked(at::ScalarType dtype) {
          c10::toString(dtype) + " for the row-blocked engine";
 }
 
+// Whether a path left to the rule may be measured (FASTMLP_CPU_TUNE, read
+// once: on unless "off"; fastmlp.engines.set_cpu_tuning changes it).
+std::atomic<bool>& tuning_on() {
+  static std::atomic<bool> on = [] {
+    const char* env = std::getenv("FASTMLP_CPU_TUNE");
+    if (env == nullptr || *env == '\0') return true;
+    const std::string value(env);
+    TORCH_CHECK(value == "on" || value == "off",
+                "FASTMLP_CPU_TUNE: expected on or off, got '", value, "'");
+    return value == "on";
+  }();
+  return on;
+}
+
+// The paths measured fastest in this process, by shape class.
+struct Measured {
+  CpuPath path;
+  std::string times;
+};
+std::mutex measured_mutex;
+std::map<std::string, Measured>& measured_paths() {
+  static std::map<std::string, Measured> paths;
+  return paths;
+}
+
+// The shape class of a call: calls that differ only in rows within a power
+// of two share a measurement.
+std::string shape_class(int64_t rows, const std::vector<int64_t>& widths,
+                        at::ScalarType dtype, MlpPhase phase) {
+  int64_t bucket = 1;
+  while (bucket < rows && bucket < (int64_t{1} << 62)) bucket *= 2;
+  std::string key = std::to_string(static_cast<int>(phase)) + " " +
+                    c10::toString(dtype) + " " +
+                    std::to_string(at::get_num_threads()) +
+                    " rows<=" + std::to_string(bucket) + " widths";
+  for (const int64_t w : widths) key += " " + std::to_string(w);
+  return key;
+}
+
+CpuPathChoice rule_choice(int64_t rows, const std::vector<int64_t>& widths,
+                          at::ScalarType dtype, MlpPhase phase);
+
 }  // namespace
 
 const char* path_name(CpuPath path) {
-  return path == CpuPath::kRowBlocked ? "row_blocked" : "layered";
+  switch (path) {
+    case CpuPath::kRowBlocked:
+      return "row_blocked";
+    case CpuPath::kAten:
+      return "aten";
+    default:
+      return "layered";
+  }
+}
+
+std::vector<CpuPath> runnable_cpu_paths(at::ScalarType dtype) {
+  std::vector<CpuPath> paths{CpuPath::kLayered};
+  if (row_blocked_supports(dtype)) paths.push_back(CpuPath::kRowBlocked);
+  paths.push_back(CpuPath::kAten);
+  return paths;
+}
+
+void record_measured_path(int64_t rows, const std::vector<int64_t>& widths,
+                          at::ScalarType dtype, MlpPhase phase, CpuPath path,
+                          const std::string& times) {
+  const std::lock_guard<std::mutex> lock(measured_mutex);
+  measured_paths()[shape_class(rows, widths, dtype, phase)] = {path, times};
 }
 
 CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
                               at::ScalarType dtype, MlpPhase phase) {
   const int forced = effective_forced_path();
-  const bool supported = row_blocked_supports(dtype);
   if (forced >= 0) {
     const auto path = static_cast<CpuPath>(forced);
-    TORCH_CHECK(path != CpuPath::kRowBlocked || supported,
+    TORCH_CHECK(path != CpuPath::kRowBlocked || row_blocked_supports(dtype),
                 "fastmlp: the CPU path is forced to row_blocked, but ",
                 why_not_row_blocked(dtype));
     return {path, "forced"};
   }
+  if (!tuning_on().load()) return rule_choice(rows, widths, dtype, phase);
+  {
+    const std::lock_guard<std::mutex> lock(measured_mutex);
+    const auto& paths = measured_paths();
+    const auto found = paths.find(shape_class(rows, widths, dtype, phase));
+    if (found != paths.end()) {
+      return {found->second.path,
+              "measured fastest here at this shape's first call (" +
+                  found->second.times + ")"};
+    }
+  }
+  CpuPathChoice choice = rule_choice(rows, widths, dtype, phase);
+  choice.may_measure = rows > 0;
+  return choice;
+}
+
+namespace {
+
+// The built-in rule: the choice before any measurement, and with
+// FASTMLP_CPU_TUNE=off.
+CpuPathChoice rule_choice(int64_t rows, const std::vector<int64_t>& widths,
+                          at::ScalarType dtype, MlpPhase phase) {
+  const bool supported = row_blocked_supports(dtype);
   if (!supported) return {CpuPath::kLayered, why_not_row_blocked(dtype)};
   if (dtype == at::kBFloat16) {
     return {CpuPath::kLayered,
@@ -191,8 +279,6 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
                                  "): per-layer GEMMs split over threads"};
 }
 
-namespace {
-
 std::vector<std::string> cpu_path_op(int64_t rows, std::vector<int64_t> widths,
                                      at::ScalarType dtype,
                                      c10::string_view phase) {
@@ -210,7 +296,25 @@ std::vector<std::string> cpu_path_op(int64_t rows, std::vector<int64_t> widths,
     p = MlpPhase::kBackward;
   }
   const CpuPathChoice c = choose_cpu_path(rows, widths, dtype, p);
-  return {path_name(c.path), c.reason};
+  const std::string source = c.reason == "forced" ? "forced"
+                             : c.may_measure      ? "rule"
+                             : tuning_on().load() ? "measured"
+                                                  : "rule";
+  std::string reason = c.reason;
+  if (c.may_measure) reason += "; measured at this shape's first call";
+  return {path_name(c.path), reason, source};
+}
+
+void set_cpu_tuning_op(std::optional<bool> on) {
+  tuning_on().store(on.value_or(true));
+}
+
+bool cpu_tuning_op() { return tuning_on().load(); }
+
+// Forgets what was measured (tests; a user who changed the machine's load).
+void clear_measured_paths_op() {
+  const std::lock_guard<std::mutex> lock(measured_mutex);
+  measured_paths().clear();
 }
 
 void set_cpu_path_op(const std::optional<std::string>& name) {
@@ -259,6 +363,10 @@ TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
       "str[]",
       &fastmlp::cpu::cpu_path_op);
   m.def("_set_cpu_path(str? name) -> ()", &fastmlp::cpu::set_cpu_path_op);
+  m.def("_set_cpu_tuning(bool? on) -> ()", &fastmlp::cpu::set_cpu_tuning_op);
+  m.def("_cpu_tuning() -> bool", &fastmlp::cpu::cpu_tuning_op);
+  m.def("_clear_measured_cpu_paths() -> ()",
+        &fastmlp::cpu::clear_measured_paths_op);
   m.def("_cpu_requested_path() -> str", &fastmlp::cpu::requested_cpu_path_op);
   m.def("_set_thread_cpu_path(str? name) -> str?",
         &fastmlp::cpu::set_thread_cpu_path_op);
