@@ -1,0 +1,160 @@
+"""The CI speed gate: fastmlp against eager PyTorch on this machine, whatever its CPU.
+
+    python benchmarks/speed_gate.py            # this CPU, then (on AVX-512) emulated AVX2
+    python benchmarks/speed_gate.py --native   # this CPU only
+
+A small grid (32 -> width x 4 -> 16 with ReLU, widths 64/512/1024, batch 256/4096, a
+training step (forward + backward) and an inference_mode forward; plus the transformer MLP
+block 512 -> 2048 (GELU) -> 512 at 4096 rows). Each point times a fastmlp.MLP against the
+same weights in plain nn.Linear/activation layers, interleaved in one process, after both
+have run twice (fastmlp's first call measures its CPU paths: docs/cpu.md); the ratio is
+eager's median over fastmlp's, over ROUNDS rounds, each round long enough (>= 20 ms) to
+time. A point below THRESHOLD is measured once more, and the gate fails if it stays below.
+On a CPU with AVX-512 the grid runs again in a child process under the AVX2 emulation
+(ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2; the child
+checks that ATen took it). Prints a markdown table; exits 1 if any point fails. Timings,
+not tests: this is a benchmark script (tests/ hold no timing assertions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import fastmlp
+from fastmlp import hardware
+
+THRESHOLD = 0.9
+ROUNDS = 5
+ROUND_SECONDS = 0.02
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+# (name, widths, activation, rows)
+POINTS = [
+    *(
+        (f"32-{w}x4-16 b{b}", (32, w, w, w, w, 16), "relu", b)
+        for w in (64, 512, 1024)
+        for b in (256, 4096)
+    ),
+    ("GELU block 512-2048-512 b4096", (512, 2048, 512), "gelu", 4096),
+]
+
+
+def _twins(widths: tuple[int, ...], activation: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    fused = fastmlp.MLP(widths, activation=activation)
+    eager = fastmlp.nn.unfuse(fastmlp.MLP(widths, activation=activation))
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
+def _step(model: nn.Module, x: torch.Tensor, phase: str) -> Callable[[], None]:
+    if phase == "inference":
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return infer
+
+    def train() -> None:
+        for p in model.parameters():
+            p.grad = None
+        model(x).sum().backward()
+
+    return train
+
+
+def _ratio(fused: Callable[[], None], eager: Callable[[], None]) -> tuple[float, float, float]:
+    """(eager median ms, fastmlp median ms, ratio) over ROUNDS interleaved rounds."""
+    start = time.perf_counter()
+    eager()
+    calls = max(1, round(ROUND_SECONDS / max(time.perf_counter() - start, 1e-6)))
+    times: dict[str, list[float]] = {"eager": [], "fused": []}
+    for _ in range(ROUNDS):
+        for name, f in (("eager", eager), ("fused", fused)):
+            start = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[name].append((time.perf_counter() - start) / calls)
+    e, f = (statistics.median(times[k]) * 1e3 for k in ("eager", "fused"))
+    return e, f, e / f
+
+
+def run_grid() -> list[tuple[str, str, float, float, float, bool]]:
+    rows = []
+    for name, widths, activation, batch in POINTS:
+        fused_model, eager_model = _twins(widths, activation)
+        x = torch.randn(batch, widths[0])
+        for phase in ("train", "inference"):
+            fused, eager = _step(fused_model, x, phase), _step(eager_model, x, phase)
+            for f in (fused, fused, eager, eager):  # fastmlp's first call measures its paths
+                f()
+            e, f, ratio = _ratio(fused, eager)
+            if ratio < THRESHOLD:  # once more before failing: this machine may be busy
+                e, f, ratio = _ratio(fused, eager)
+            rows.append((name, phase, e, f, ratio, ratio >= THRESHOLD))
+            print(f"  {name} {phase}: {ratio:.2f}x", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, float, float, float, bool]], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| point | phase | eager ms | fastmlp ms | speed-up | gate |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name, phase, e, f, ratio, ok in rows:
+        gate = "ok" if ok else f"FAIL (< {THRESHOLD}x)"
+        lines.append(f"| {name} | {phase} | {e:.3f} | {f:.3f} | {ratio:.2f}x | {gate} |")
+    return "\n".join(lines)
+
+
+def _title() -> str:
+    cpu = hardware.describe_cpu(hardware.describe())
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu}, ATen {capability}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--native", action="store_true", help="skip the AVX2 emulation")
+    parser.add_argument(
+        "--emulated-child", action="store_true", help=argparse.SUPPRESS
+    )  # set by the parent for the AVX2 run
+    args = parser.parse_args(argv)
+    if args.emulated_child and torch.backends.cpu.get_cpu_capability() != "AVX2":
+        print("speed gate: ATEN_CPU_CAPABILITY=avx2 did not take effect", file=sys.stderr)
+        return 1
+    title = ("emulated AVX2: " if args.emulated_child else "") + _title()
+    rows = run_grid()
+    print(format_table(rows, title), flush=True)
+    ok = all(row[-1] for row in rows)
+    if args.emulated_child:
+        return 0 if ok else 1
+    if not args.native:
+        if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            child = subprocess.run(
+                [sys.executable, __file__, "--emulated-child"], env={**os.environ, **AVX2_ENV}
+            )
+            ok = ok and child.returncode == 0
+        else:
+            print("\n(no AVX-512 here: the native run is the AVX2 run)")
+    print(f"\nspeed gate: {'passed' if ok else 'FAILED'} (every point >= {THRESHOLD}x eager)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
