@@ -211,12 +211,6 @@ inline void transpose_into(float* dst, const float* src, int64_t rows,
   }
 }
 
-// The calling thread's kept buffer for transpose_into (lease it: scratch.h).
-inline std::vector<float>& transpose_scratch() {
-  thread_local std::vector<float> scratch;
-  return scratch;
-}
-
 // C (m x n) = A (m x k) @ B (k x n) + beta C for beta 0 or 1, by one
 // brgemm call: for products that fit the caches (brgemm_nn blocks others).
 inline void brgemm_block(int64_t m, int64_t n, int64_t k, const float* a,
@@ -287,12 +281,6 @@ inline int64_t even_block(int64_t total, int64_t most, int64_t align) {
   return std::min(most, (size + align - 1) / align * align);
 }
 
-// The calling thread's kept buffer for a packed panel of B.
-inline std::vector<float>& panel_scratch() {
-  thread_local std::vector<float> scratch;
-  return scratch;
-}
-
 // C (m x n) = A (m x k) @ B (k x n) + beta C for beta 0 or 1, by brgemm on
 // cache-sized blocks (gemm_blocks); in one call where the product is one
 // block. Sums over k run block by block, in a fixed order.
@@ -310,7 +298,7 @@ inline void brgemm_nn(int64_t m, int64_t n, int64_t k, const float* a,
   // Packed even for one row block: the AVX2 kernels ran 30-60% slower on
   // panels read at the matrix's row stride (on AVX-512, packing cost up to
   // 20% where m was 24 rows, and nothing from 256).
-  const ScratchLease<float> panel(panel_scratch(), kc * nc);
+  const ScratchLease<float> panel(thread_scratch<float>(kPanelSlot), kc * nc);
   float* p = panel.data();
   for (int64_t n0 = 0; n0 < n; n0 += nc) {
     const int64_t nb = std::min(nc, n - n0);
@@ -342,7 +330,7 @@ inline void gemm_tn(int64_t m, int64_t n, int64_t k, const float* a,
                     int64_t lda, const float* b, int64_t ldb, float beta,
                     float* c, int64_t ldc) {
   if (k >= kBrgemmMinRows && brgemm_f32_available()) {
-    const ScratchLease<float> at(transpose_scratch(), k * m);
+    const ScratchLease<float> at(thread_scratch<float>(kTransposeSlot), k * m);
     transpose_into(at.data(), a, k, m, lda);
     brgemm_nn(m, n, k, at.data(), k, b, ldb, beta, c, ldc);
   } else {
@@ -404,7 +392,8 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
         }
       }
       // a is stored k x m (row stride a.stride(1)): its transpose, scaled.
-      const ScratchLease<float> at(transpose_scratch(), k * m);
+      const ScratchLease<float> at(thread_scratch<float>(kTransposeSlot),
+                                   k * m);
       transpose_into(at.data(), a.data_ptr<float>(), k, m, a.stride(1),
                      static_cast<float>(alpha));
       brgemm_nn(m, n, k, at.data(), k, b.data_ptr<float>(), b.stride(0), 1.0f,

@@ -91,14 +91,6 @@ std::vector<LayerRef<T>> layer_refs(const std::vector<at::Tensor>& w,
   return layers;
 }
 
-// The calling thread's kept scratch vector number `slot` (lease it for a
-// call: scratch.h).
-template <typename T>
-std::vector<T>& thread_scratch(int slot) {
-  thread_local std::vector<T> buffers[4];
-  return buffers[slot];
-}
-
 // dst (rows x n, row stride ldd) = a product that gemm(c, ldc) computes into
 // a math_t matrix: in place for float and double; for bfloat16 into float
 // scratch (slot 3) and rounded once into dst, as torch's bf16 GEMMs round

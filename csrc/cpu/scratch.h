@@ -43,5 +43,16 @@ class ScratchLease {
   std::vector<T>& v_;
 };
 
+// The calling thread's kept scratch vector number `slot` (lease it for a
+// call). Slots 0-3: the row-blocked engine's activations and accumulators
+// (mlp_rowblock.h); the two below: blas.h's GEMMs, which run inside it.
+constexpr int kTransposeSlot = 4;  // a transposed operand (gemm_tn)
+constexpr int kPanelSlot = 5;      // a packed panel of B (brgemm_nn)
+template <typename T>
+std::vector<T>& thread_scratch(int slot) {
+  thread_local std::vector<T> buffers[6];
+  return buffers[slot];
+}
+
 }  // namespace cpu
 }  // namespace fastmlp
