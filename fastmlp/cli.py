@@ -335,12 +335,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(_positive_int(word.strip()) for word in text.split(",") if word.strip())
-    if not values:
+    words = [word.strip() for word in text.split(",")]
+    if not all(words):  # "32,,64" or a trailing comma: a width left out, not to be guessed
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive integers, got {text!r}"
         )
-    return values
+    return tuple(_positive_int(word) for word in words)
 
 
 def _names(allowed: Sequence[str]) -> Any:

@@ -248,3 +248,11 @@ def test_cli_bench_grid_with_every_point_skipped_is_one_line(capsys, json_flag):
         "e.g. fp32 train width 32 depth 2 batch 16: "
     )
     assert "over the cap of 1e-09 (--max-gflop)" in lines[0]
+
+
+@pytest.mark.parametrize("widths", ["32,,64", "32,", ",32", "32, ,64"])
+def test_cli_grid_widths_with_an_empty_item_are_refused(capsys, widths):
+    # Before: the empty item was dropped and the grid ran 32,64 without a word.
+    assert main(["bench", "--grid", "--short", "--widths", widths]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "comma-separated positive integers" in err[0], err
