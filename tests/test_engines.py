@@ -442,7 +442,9 @@ def test_bad_environment_value_raises_a_clear_error_at_first_use():
     )
     run = _python(code, FASTMLP_CPU_PATH="fastest")
     assert run.returncode == 0, run.stderr
-    want = "FASTMLP_CPU_PATH: unknown CPU path 'fastest': expected auto, layered or row_blocked"
+    want = (
+        "FASTMLP_CPU_PATH: unknown CPU path 'fastest': expected auto, layered, row_blocked or aten"
+    )
     lines = run.stdout.splitlines()
     assert lines[0] == "imported" and len(lines) == 3, run.stdout
     assert all(want in line for line in lines[1:]), run.stdout
