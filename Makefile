@@ -3,7 +3,7 @@
 #   make train    set up what is missing, then `fastmlp train` (extra flags: ARGS="--epochs 3")
 #   make test     set up what is missing, then the test suite   (extra flags: ARGS="-x tests/test_cli.py")
 #   make check    the quick loop for day-to-day work: the suite without the tests marked slow
-#                 (those that start processes or train on the real data), about 2 minutes on 2 cores
+#                 (those that start processes or train on the real data); its time: docs/development.md
 #
 # Setting up means, each step only when it is not done yet: a virtual environment in $(VENV),
 # the pinned torch/torchvision, the build tools, one build of the kernels together with the
