@@ -1,7 +1,7 @@
 """The CPU engine of the whole-MLP ops (issue 24): every path (``layered``,
-``row_blocked``, ``aten`` and the rule's ``auto``) forced with :func:`fastmlp.engines.force_cpu_path`
-and checked against a float64 reference with the error bounded by PyTorch's own in the
-same dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias
+``row_blocked``, ``aten`` and the rule's ``auto``) forced with
+:func:`fastmlp.engines.force_cpu_path` and checked against a float64 reference with the
+error bounded by PyTorch's own in the same dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias
 or not, needs_input_grad subsets, several activations; inference (``mlp_inference``,
 what ``fastmlp.mlp`` runs under no_grad/inference_mode) and its refusal to be
 differentiated; forward on one path and backward on the other; vmap; one and two
