@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import SupportsIndex, overload
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ def _check_sizes(sizes: object, argument: str, op: str) -> tuple[int, ...]:
         raise TypeError(f"{op}: {argument} must be a sequence of integers, got {sizes!r}") from None
 
     def width(s: object) -> int:
-        if isinstance(s, bool):
+        if isinstance(s, bool) or not isinstance(s, SupportsIndex):
             raise TypeError(f"{op}: {argument} must be integers, got {s!r} in {sizes!r}")
         try:
             return operator.index(s)  # ints and integer numpy scalars; 7.9 is refused
@@ -137,7 +138,7 @@ def linear_relu(
     """
     dtype = _autocast_dtype(x)
     if dtype is not None:
-        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+        x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     return torch.ops.fastmlp.linear_relu(x, weight, bias)
 
 
@@ -154,6 +155,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+@overload
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
 def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # Like autocast's own cast for matmul-like ops: float64 is left alone.
     if t is None or not t.is_floating_point() or t.dtype == torch.float64:
@@ -174,8 +179,15 @@ def linear_relu_backward(
     only for ``grad_x`` and ``x`` only for ``grad_weight``. Gradients not asked for
     in ``output_mask`` are returned as ``None``.
     """
-    grads = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, weight, list(output_mask))
-    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask, strict=True))
+    grad_x, grad_weight, grad_bias = torch.ops.fastmlp.linear_relu_backward(
+        grad_y, y, x, weight, list(output_mask)
+    )
+    want_x, want_weight, want_bias = output_mask
+    return (
+        grad_x if want_x else None,
+        grad_weight if want_weight else None,
+        grad_bias if want_bias else None,
+    )
 
 
 def linear_act(
