@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 from torch import nn
@@ -414,6 +414,15 @@ class _Inputs(NamedTuple):
     preprocess_seconds: float  # whitening estimated and applied (0 without it)
 
 
+class _Shard(TypedDict):
+    """The :class:`DeviceLoader` arguments both splits' loaders share: this rank's shard."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    transform: Callable[[torch.Tensor], torch.Tensor] | None
+
+
 def _build_inputs(
     cfg: TrainConfig,
     ctx: distributed.Context,
@@ -434,7 +443,7 @@ def _build_inputs(
     test_x, test_y = data.load_split(False, cfg.data)
     t0 = time.perf_counter()
     whitening = _whitening(cfg, train_x, device, state, ctx)
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
+    shard = _Shard(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
     train_loader = DeviceLoader(
         train_x,
         train_y,
