@@ -565,8 +565,8 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-_GRID_KNOBS = ("widths", "depths", "batches", "dtypes", "modes", "variants", "rounds")
-_GRID_KNOBS += ("anchors", "max_gflop")
+_GRID_KNOBS: tuple[str, ...] = ("widths", "depths", "batches", "dtypes", "modes", "variants")
+_GRID_KNOBS += ("rounds", "anchors", "max_gflop")
 # --grid --short: a smoke grid of one tiny point per dtype and mode, no torch.compile.
 _GRID_SHORT = dict(
     widths=(32,), depths=(2,), batches=(16,), rounds=1, variants=("eager", "fastmlp")

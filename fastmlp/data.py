@@ -435,8 +435,8 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
     if invert not in ("auto", "yes", "no"):
         raise ValueError(f"invert must be 'auto', 'yes' or 'no', got {invert!r}")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+        with Image.open(path) as file:
+            im = ImageOps.exif_transpose(file)
             if im.mode in ("RGBA", "LA", "P"):
                 rgba = im.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -50,7 +50,7 @@ class CpuInfo:
 @cache
 def cpu_info() -> CpuInfo:
     """The CPU model and which of :data:`ISA_FLAGS` it has (from /proc/cpuinfo on Linux)."""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
