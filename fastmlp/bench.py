@@ -261,10 +261,12 @@ def _eager_workload(
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The tutorial's eager step on ``(x, y)`` and its epoch over the images, on a fresh
     model (``torch.compile``d when ``compiled``, already compiled for both batch sizes)."""
-    model = NeuralNetwork().to(device)
+    model: nn.Module = NeuralNetwork().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     if compiled:
-        model = torch.compile(model)
+        compiled_model = torch.compile(model)
+        assert isinstance(compiled_model, nn.Module)  # an OptimizedModule (typed as a callable)
+        model = compiled_model
 
     def step() -> None:
         with autocast(device, precision):
