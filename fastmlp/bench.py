@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -52,7 +52,7 @@ SIZES = (784, 512, 512, 10)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def epoch_flops(samples: int, sizes=SIZES) -> int:
+def epoch_flops(samples: int, sizes: Sequence[int] = SIZES) -> int:
     """Multiply-adds x 2 of one epoch: forward, weight gradients, and input gradients of
     every layer but the first (the images need no gradient)."""
     pairs = list(zip(sizes[:-1], sizes[1:], strict=False))
@@ -152,7 +152,9 @@ class BenchResult:
         return json.dumps(asdict(self), indent=2)
 
 
-def _time_steps(step: Callable[[], None], device, steps: int, repeats: int = 3) -> float:
+def _time_steps(
+    step: Callable[[], None], device: torch.device | str, steps: int, repeats: int = 3
+) -> float:
     """Median seconds per step over ``repeats`` runs of ``steps`` steps."""
     step()  # warm-up (allocations, kernels' caches, bf16 weight copies)
     sync(device)
@@ -166,7 +168,7 @@ def _time_steps(step: Callable[[], None], device, steps: int, repeats: int = 3) 
     return statistics.median(times)
 
 
-def _time_once(fn: Callable[[], None], device) -> float:
+def _time_once(fn: Callable[[], None], device: torch.device | str) -> float:
     start = time.perf_counter()
     fn()
     sync(device)
