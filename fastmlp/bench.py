@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -142,7 +143,7 @@ class Run:
 
 @dataclass
 class BenchResult:
-    machine: dict
+    machine: dict[str, Any]
     auto_precision: str
     samples: int
     gemm_gflops: dict[str, float]

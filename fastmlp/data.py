@@ -316,7 +316,7 @@ def load_split(
     return _CACHE[key]
 
 
-class FashionMNIST(Dataset):
+class FashionMNIST(Dataset[tuple[Any, Any]]):
     """Drop-in for ``torchvision.datasets.FashionMNIST`` that finds the data by itself.
 
     ``dataset[i]`` returns ``(PIL.Image, int)`` before transforms, exactly like torchvision,
@@ -354,7 +354,7 @@ class FashionMNIST(Dataset):
         return img, target
 
 
-class CustomImageDataset(Dataset):
+class CustomImageDataset(Dataset[tuple[Any, Any]]):
     """The tutorial's ``CustomImageDataset``: a folder of images plus a ``file_name,label`` CSV.
 
     The CSV may have a ``file_name,label`` header and spaces after commas. Every row is

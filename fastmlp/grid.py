@@ -37,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,7 +212,7 @@ def build_model(variant: str, sizes: Sequence[int], state: dict[str, torch.Tenso
     return plain
 
 
-def _autocast(dtype: str) -> contextlib.AbstractContextManager:
+def _autocast(dtype: str) -> contextlib.AbstractContextManager[Any]:
     if dtype == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -281,7 +282,7 @@ class PointResult:
 
 @dataclass
 class GridResult:
-    machine: dict
+    machine: dict[str, Any]
     torch_version: str
     rounds: int
     min_round_s: float

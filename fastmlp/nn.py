@@ -135,7 +135,7 @@ class FusedSequential(nn.Sequential):
         return [step for step in _plan(self) if isinstance(step, _FusableRun)]
 
 
-def _plan_key(m: nn.Module) -> tuple:
+def _plan_key(m: nn.Module) -> tuple[object, ...]:
     # What planning reads of a child (fusion._run_at): the module, the setting of the
     # classes that have one (LeakyReLU's negative_slope, GELU's approximate, Dropout's p),
     # and whether it has hooks or a forward of its own (fusion.why_not_plain: a hook added
