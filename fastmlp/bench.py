@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ SIZES = (784, 512, 512, 10)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def epoch_flops(samples: int, sizes=SIZES) -> int:
+def epoch_flops(samples: int, sizes: Sequence[int] = SIZES) -> int:
     """Multiply-adds x 2 of one epoch: forward, weight gradients, and input gradients of
     every layer but the first (the images need no gradient)."""
     pairs = list(zip(sizes[:-1], sizes[1:], strict=False))
@@ -142,7 +143,7 @@ class Run:
 
 @dataclass
 class BenchResult:
-    machine: dict
+    machine: dict[str, Any]
     auto_precision: str
     samples: int
     gemm_gflops: dict[str, float]
@@ -152,7 +153,9 @@ class BenchResult:
         return json.dumps(asdict(self), indent=2)
 
 
-def _time_steps(step: Callable[[], None], device, steps: int, repeats: int = 3) -> float:
+def _time_steps(
+    step: Callable[[], None], device: torch.device | str, steps: int, repeats: int = 3
+) -> float:
     """Median seconds per step over ``repeats`` runs of ``steps`` steps."""
     step()  # warm-up (allocations, kernels' caches, bf16 weight copies)
     sync(device)
@@ -166,7 +169,7 @@ def _time_steps(step: Callable[[], None], device, steps: int, repeats: int = 3) 
     return statistics.median(times)
 
 
-def _time_once(fn: Callable[[], None], device) -> float:
+def _time_once(fn: Callable[[], None], device: torch.device | str) -> float:
     start = time.perf_counter()
     fn()
     sync(device)
@@ -261,10 +264,12 @@ def _eager_workload(
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The tutorial's eager step on ``(x, y)`` and its epoch over the images, on a fresh
     model (``torch.compile``d when ``compiled``, already compiled for both batch sizes)."""
-    model = NeuralNetwork().to(device)
+    model: nn.Module = NeuralNetwork().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     if compiled:
-        model = torch.compile(model)
+        compiled_model = torch.compile(model)
+        assert isinstance(compiled_model, nn.Module)  # an OptimizedModule (typed as a callable)
+        model = compiled_model
 
     def step() -> None:
         with autocast(device, precision):

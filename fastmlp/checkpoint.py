@@ -25,7 +25,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -33,8 +33,12 @@ from torch import nn
 from fastmlp.data import CLASSES, IMAGE_SIZE, file_problem
 from fastmlp.whitening import InputWhitening
 
+if TYPE_CHECKING:  # the library is looked up in sys.modules at run time (architecture)
+    from fastmlp.nn import MLP
+
 __all__ = [
     "ARCHITECTURE_KEYS",
+    "Architecture",
     "FORMAT",
     "CheckpointError",
     "CheckpointWriteError",
@@ -555,16 +559,29 @@ def sizes_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
 ARCHITECTURE_KEYS = ("sizes", "activation", "output_activation", "negative_slope", "bias")
 
 
-def architecture(model: nn.Module) -> dict[str, Any] | None:
+class Architecture(TypedDict):
+    """What :func:`architecture` records (the keys of :data:`ARCHITECTURE_KEYS`)."""
+
+    sizes: list[int]
+    activation: str
+    output_activation: str | None
+    negative_slope: float
+    bias: bool
+
+
+def architecture(model: nn.Module) -> Architecture | None:
     """What builds ``model`` again, as plain values: ``{"sizes": [784, 512, 512, 10],
     "activation": "relu", "output_activation": None, "negative_slope": 0.01, "bias": True}``
     (:class:`fastmlp.MLP`'s arguments), or ``None`` when ``model`` is no fastmlp.MLP or its
     layers were changed after it was built (then only the model itself says what it is)."""
     library = sys.modules.get("fastmlp.nn")  # an MLP exists only once that is imported
-    if library is None or not isinstance(model, library.MLP):
+    if library is None:
+        return None
+    mlp_class: type[MLP] = library.MLP
+    if not isinstance(model, mlp_class):
         return None
     linears = model.linears()
-    recorded = {
+    recorded: Architecture = {
         "sizes": list(model.sizes),
         "activation": model.activation,
         "output_activation": model.output_activation,
@@ -572,9 +589,9 @@ def architecture(model: nn.Module) -> dict[str, Any] | None:
         "bias": all(linear.bias is not None for linear in linears),
     }
     # Built again on the meta device (no memory): the same layers, parameters and shapes?
-    rebuilt = library.MLP(**recorded, device="meta")
+    rebuilt = mlp_class(**recorded, device="meta")
 
-    def layout(m: nn.Module) -> list[Any]:
+    def layout(m: MLP) -> list[Any]:
         settings = ("negative_slope", "approximate")  # LeakyReLU's, GELU's
         layers = [(type(c), *(getattr(c, a, None) for a in settings)) for c in m.linear_relu_stack]
         return layers + [(k, tuple(v.shape)) for k, v in m.state_dict().items()]

@@ -185,7 +185,7 @@ def _device_help() -> str:
     return _option_help("device")
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+def _add_train_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     t = sub.add_parser(
         "train",
         help="train the fused MLP",
@@ -238,7 +238,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_cmd_train)
 
 
-def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+def _add_evaluate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     from fastmlp.config import TrainConfig
 
     e = sub.add_parser(
@@ -268,7 +268,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_cmd_evaluate)
 
 
-def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+def _add_predict_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     pr = sub.add_parser(
         "predict",
         help="classify image files",
@@ -289,7 +289,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=_cmd_predict)
 
 
-def _add_samples_parser(sub: argparse._SubParsersAction) -> None:
+def _add_samples_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     s = sub.add_parser(
         "samples",
         help="save a 3x3 grid of labelled training images",
@@ -302,7 +302,7 @@ def _add_samples_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_samples)
 
 
-def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     b = sub.add_parser(
         "bench",
         help="how fast fastmlp is on this machine (about a minute)",
@@ -565,8 +565,8 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-_GRID_KNOBS = ("widths", "depths", "batches", "dtypes", "modes", "variants", "rounds")
-_GRID_KNOBS += ("anchors", "max_gflop")
+_GRID_KNOBS: tuple[str, ...] = ("widths", "depths", "batches", "dtypes", "modes", "variants")
+_GRID_KNOBS += ("rounds", "anchors", "max_gflop")
 # --grid --short: a smoke grid of one tiny point per dtype and mode, no torch.compile.
 _GRID_SHORT = dict(
     widths=(32,), depths=(2,), batches=(16,), rounds=1, variants=("eager", "fastmlp")

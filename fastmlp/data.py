@@ -316,7 +316,7 @@ def load_split(
     return _CACHE[key]
 
 
-class FashionMNIST(Dataset):
+class FashionMNIST(Dataset[tuple[Any, Any]]):
     """Drop-in for ``torchvision.datasets.FashionMNIST`` that finds the data by itself.
 
     ``dataset[i]`` returns ``(PIL.Image, int)`` before transforms, exactly like torchvision,
@@ -354,7 +354,7 @@ class FashionMNIST(Dataset):
         return img, target
 
 
-class CustomImageDataset(Dataset):
+class CustomImageDataset(Dataset[tuple[Any, Any]]):
     """The tutorial's ``CustomImageDataset``: a folder of images plus a ``file_name,label`` CSV.
 
     The CSV may have a ``file_name,label`` header and spaces after commas. Every row is
@@ -435,8 +435,8 @@ def load_image(path: str | os.PathLike[str], invert: str = "auto") -> torch.Tens
     if invert not in ("auto", "yes", "no"):
         raise ValueError(f"invert must be 'auto', 'yes' or 'no', got {invert!r}")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+        with Image.open(path) as file:
+            im = ImageOps.exif_transpose(file)
             if im.mode in ("RGBA", "LA", "P"):
                 rgba = im.convert("RGBA")
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -148,7 +148,8 @@ def device_for_rank(device: torch.device, env: DistEnv | None) -> torch.device:
 
     An explicit index (``cuda:1``) is kept as given; CPU devices are shared by all ranks.
     """
-    if device.type != "cuda" or device.index is not None:
+    index: int | None = device.index  # torch types it int, but a bare "cuda" has None
+    if device.type != "cuda" or index is not None:
         return device
     if env is None:
         if dist.is_available() and dist.is_initialized():  # the caller chose the GPU

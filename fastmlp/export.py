@@ -202,6 +202,11 @@ def _mlp_backward(
             g = _act_backward(g, hidden[i], activation, negative_slope, not pre)
         if output_mask[1 + i]:
             if i == 0:
+                if x is None:  # the kernels' check (csrc/checks.h)
+                    raise RuntimeError(
+                        "fastmlp.mlp_backward: x is required to compute weights[0]'s gradient "
+                        "(output_mask[1] is true)"
+                    )
                 g_in = _rows(x)
             else:  # layer i's input: layer i-1's output, recomputed where z was saved
                 g_in = (

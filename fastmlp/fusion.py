@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,10 @@ def _describe_activation(name: str, negative_slope: float) -> str:
     return repr(activation_module(name, negative_slope)) if name != "none" else "no activation"
 
 
+@overload
+def _param(linear: nn.Module, name: Literal["weight"]) -> torch.Tensor: ...
+@overload
+def _param(linear: nn.Module, name: Literal["bias"]) -> torch.Tensor | None: ...
 def _param(linear: nn.Module, name: str) -> torch.Tensor | None:
     # linear.weight, read from _parameters when it is there (Module.__getattr__ costs
     # 0.7 us per read, a batch-1 forward's overhead); a parametrized or re-assigned
@@ -138,9 +143,12 @@ class _FusableRun:
             return linear_act(x, lin.weight, lin.bias, self.output_activation, self.negative_slope)
         weights = [_param(lin, "weight") for lin in linears]
         biases = [_param(lin, "bias") for lin in linears]
-        if biases[0] is None:  # fusion plans only runs whose Linears all or none have one
-            biases = None
-        return mlp(x, weights, biases, self.activation, self.output_activation, self.negative_slope)
+        # Fusion plans only runs whose Linears all or none have a bias: all tensors or None.
+        # (Not filtered with a walrus: torch.compile cannot trace one in a comprehension.)
+        all_biases = None if biases[0] is None else cast(list[torch.Tensor], biases)
+        return mlp(
+            x, weights, all_biases, self.activation, self.output_activation, self.negative_slope
+        )
 
     def describe(self) -> str:
         """What the run computes, for describe_fusion."""
@@ -156,8 +164,7 @@ class _FusableRun:
 def _is_no_op(module: nn.Module) -> bool:
     # What may sit inside a run without changing it: torchvision.ops.MLP puts a
     # Dropout(p=0.0) after every layer.
-    kind = type(module)
-    no_op = kind is nn.Identity or (kind is nn.Dropout and module.p == 0)
+    no_op = type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
     return no_op and why_not_plain(module) is None
 
 
@@ -227,7 +234,9 @@ def _run_at(items: list[tuple[str, nn.Module]], start: int) -> _FusableRun | Non
     out, out_slope = "none", None
     i = start
     while True:
-        linears.append(items[i][1])
+        linear = items[i][1]
+        assert isinstance(linear, nn.Linear)  # fusable_linear (start) or is_linear (later i)
+        linears.append(linear)
         gap_kind, gap_slope, j = _gap(items, i + 1)
         if is_linear(j) and (kind is None or (gap_kind, gap_slope) == (kind, slope)):
             kind, slope, i = gap_kind, gap_slope, j

@@ -37,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,10 +127,10 @@ def grid(
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"unknown {name} {bad[0]!r}; choose from {', '.join(allowed)}")
-    for name, values in (("width", widths), ("depth", depths), ("batch", batches)):
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-        if bad:
-            raise ValueError(f"{name} must be a positive integer, got {bad[0]!r}")
+    for name, numbers in (("width", widths), ("depth", depths), ("batch", batches)):
+        wrong = [v for v in numbers if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if wrong:
+            raise ValueError(f"{name} must be a positive integer, got {wrong[0]!r}")
     return [
         Point(w, d, b, dt, m)
         for dt in dtypes
@@ -205,11 +206,13 @@ def build_model(variant: str, sizes: Sequence[int], state: dict[str, torch.Tenso
     plain = plain_mlp(sizes)
     plain.load_state_dict(state)
     if variant in COMPILED:
-        return torch.compile(plain, mode=COMPILED[variant])
+        compiled = torch.compile(plain, mode=COMPILED[variant])
+        assert isinstance(compiled, nn.Module)  # an OptimizedModule (typed as a callable)
+        return compiled
     return plain
 
 
-def _autocast(dtype: str) -> contextlib.AbstractContextManager:
+def _autocast(dtype: str) -> contextlib.AbstractContextManager[Any]:
     if dtype == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -279,7 +282,7 @@ class PointResult:
 
 @dataclass
 class GridResult:
-    machine: dict
+    machine: dict[str, Any]
     torch_version: str
     rounds: int
     min_round_s: float

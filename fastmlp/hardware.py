@@ -17,6 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class CpuInfo:
 @cache
 def cpu_info() -> CpuInfo:
     """The CPU model and which of :data:`ISA_FLAGS` it has (from /proc/cpuinfo on Linux)."""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -148,7 +149,7 @@ def _warn_slow_bf16() -> None:
     )
 
 
-def describe_cpu(machine: dict) -> str:
+def describe_cpu(machine: dict[str, Any]) -> str:
     """One line naming a :func:`describe` record's CPU and what decides its fp32/bf16
     speed, e.g. ``AMD EPYC (avx2, fma; bf16 not native)``."""
     isa = ", ".join(machine["cpu_isa"]) or "no AVX2"
@@ -156,7 +157,7 @@ def describe_cpu(machine: dict) -> str:
     return f"{machine['cpu']} ({isa}; {native})"
 
 
-def describe(device: torch.device | str = "cpu") -> dict:
+def describe(device: torch.device | str = "cpu") -> dict[str, Any]:
     """The hardware facts a measurement needs beside it: CPU model, ISA flags, whether bf16
     is native, thread count, and the GPU when ``device`` is CUDA."""
     cpu = cpu_info()

@@ -13,6 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _refuse_script(module: nn.Module) -> None:
+def _refuse_script(module: nn.Module) -> NoReturn:
     """torch.jit.script calls ``__prepare_scriptable__`` on every module it compiles: fail
     there with one clear line instead of a TorchScript error deep in fastmlp's code."""
     raise RuntimeError(
@@ -119,7 +120,7 @@ class FusedSequential(nn.Sequential):
             # Children may be replaced (seq[1] = nn.Tanh()), a setting changed (LeakyReLU's
             # negative_slope, GELU's approximate, Dropout's p) or hooks added: plan again.
             key = (global_hooks(), *map(_plan_key, self._modules.values()))
-            if key != self._plan_key:
+            if key != self._plan_key or self._plan_cache is None:
                 self._plan_cache, self._plan_key = _plan(self), key
             plan = self._plan_cache
         for step in plan:
@@ -134,7 +135,7 @@ class FusedSequential(nn.Sequential):
         return [step for step in _plan(self) if isinstance(step, _FusableRun)]
 
 
-def _plan_key(m: nn.Module) -> tuple:
+def _plan_key(m: nn.Module) -> tuple[object, ...]:
     # What planning reads of a child (fusion._run_at): the module, the setting of the
     # classes that have one (LeakyReLU's negative_slope, GELU's approximate, Dropout's p),
     # and whether it has hooks or a forward of its own (fusion.why_not_plain: a hook added
@@ -199,9 +200,11 @@ def __getattr__(name: str) -> type:
     module's class at run time" above)."""
     if name.startswith(_FUSED_PREFIX):
         module, _, qualname = name[len(_FUSED_PREFIX) :].replace("_o_", ".").partition(":")
-        cls = importlib.import_module(module)
+        cls: object = importlib.import_module(module)
         for part in qualname.split("."):
             cls = getattr(cls, part)
+        if not isinstance(cls, type):  # the TypeError _fused_class's issubclass would raise
+            raise TypeError(f"{name}: {module}:{qualname} is not a class")
         return _fused_class(cls)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

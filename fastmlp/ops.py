@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import NoReturn, SupportsIndex, overload
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ def _check_sizes(sizes: object, argument: str, op: str) -> tuple[int, ...]:
         raise TypeError(f"{op}: {argument} must be a sequence of integers, got {sizes!r}") from None
 
     def width(s: object) -> int:
-        if isinstance(s, bool):
+        if isinstance(s, bool) or not isinstance(s, SupportsIndex):
             raise TypeError(f"{op}: {argument} must be integers, got {s!r} in {sizes!r}")
         try:
             return operator.index(s)  # ints and integer numpy scalars; 7.9 is refused
@@ -137,7 +138,7 @@ def linear_relu(
     """
     dtype = _autocast_dtype(x)
     if dtype is not None:
-        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+        x, weight, bias = _autocast(x, dtype), _autocast(weight, dtype), _autocast(bias, dtype)
     return torch.ops.fastmlp.linear_relu(x, weight, bias)
 
 
@@ -154,6 +155,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+@overload
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
 def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # Like autocast's own cast for matmul-like ops: float64 is left alone.
     if t is None or not t.is_floating_point() or t.dtype == torch.float64:
@@ -174,8 +179,15 @@ def linear_relu_backward(
     only for ``grad_x`` and ``x`` only for ``grad_weight``. Gradients not asked for
     in ``output_mask`` are returned as ``None``.
     """
-    grads = torch.ops.fastmlp.linear_relu_backward(grad_y, y, x, weight, list(output_mask))
-    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask, strict=True))
+    grad_x, grad_weight, grad_bias = torch.ops.fastmlp.linear_relu_backward(
+        grad_y, y, x, weight, list(output_mask)
+    )
+    want_x, want_weight, want_bias = output_mask
+    return (
+        grad_x if want_x else None,
+        grad_weight if want_weight else None,
+        grad_bias if want_bias else None,
+    )
 
 
 def linear_act(
@@ -335,7 +347,9 @@ def _check_matches(t: torch.Tensor, t_name: str, other: torch.Tensor, other_name
 
 
 @torch.library.register_fake("fastmlp::linear_relu")
-def _linear_relu_fake(x, weight, bias):
+def _linear_relu_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     _check_dtype(x, "x")
     _check_dtype(weight, "weight")
     torch._check(weight.dim() == 2, lambda: "fastmlp.linear_relu: weight must be 2-D")
@@ -362,7 +376,13 @@ def _linear_relu_fake(x, weight, bias):
 
 
 @torch.library.register_fake("fastmlp::linear_relu_backward")
-def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
+def _linear_relu_backward_fake(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch._check(
         grad_y.shape == y.shape,
         lambda: "fastmlp.linear_relu_backward: grad_y must have y's shape",
@@ -370,10 +390,12 @@ def _linear_relu_backward_fake(grad_y, y, x, weight, output_mask):
     # Outputs not asked for are empty (0,) tensors, as in the C++ kernels.
     grad_x, grad_w, grad_b = (y.new_empty((0,)) for _ in range(3))
     if output_mask[0]:
-        torch._check(weight is not None, lambda: "weight is required for grad_x")
+        if weight is None:  # what torch._check(weight is not None, ...) raises
+            raise RuntimeError("weight is required for grad_x")
         grad_x = y.new_empty((*y.shape[:-1], weight.shape[1]))
     if output_mask[1]:
-        torch._check(x is not None, lambda: "x is required for grad_weight")
+        if x is None:
+            raise RuntimeError("x is required for grad_weight")
         grad_w = y.new_empty((y.shape[-1], x.shape[-1]))
     if output_mask[2]:
         grad_b = y.new_empty((y.shape[-1],))
@@ -391,23 +413,56 @@ def _check_mlp_layer(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
     )
 
 
-def _check_activation_args(op, activation, output_activation, negative_slope):
+def _check_activation_args(
+    op: str, activation: str, output_activation: str, negative_slope: float
+) -> None:
     # The fake's copy of the C++ checks (the wrappers raise ValueError before this).
-    for argument, name in (("activation", activation), ("output_activation", output_activation)):
-        torch._check(
-            name in ACTIVATIONS,
-            lambda a=argument, n=name: (
-                f"{op}: {a} must be one of {', '.join(ACTIVATIONS)}; got {n!r}"
-            ),
-        )
+    _check_activation_arg(op, "activation", activation)
+    _check_activation_arg(op, "output_activation", output_activation)
     torch._check(
         math.isfinite(negative_slope),
         lambda: f"{op}: negative_slope must be finite, got {negative_slope}",
     )
 
 
+def _check_activation_arg(op: str, argument: str, name: str) -> None:
+    torch._check(
+        name in ACTIVATIONS,
+        lambda: f"{op}: {argument} must be one of {', '.join(ACTIVATIONS)}; got {name!r}",
+    )
+
+
+def _check_mlp_weights(
+    i: int, w: torch.Tensor, bias: torch.Tensor | None, features: int, x: torch.Tensor
+) -> None:
+    """The fake's checks of layer ``i``: its weight ``w`` and ``bias`` (None without
+    biases) for an input of ``features`` features."""
+    _check_mlp_layer(w, f"weights[{i}]", x)
+    torch._check(w.dim() == 2, lambda: f"fastmlp.mlp: weights[{i}] must be 2-D")
+    torch._check(
+        w.shape[1] == features,
+        lambda: (
+            f"fastmlp.mlp: in_features mismatch: weights[{i}] "
+            f"has shape {tuple(w.shape)} but its input has {features} features"
+        ),
+    )
+    if bias is not None:
+        _check_mlp_layer(bias, f"biases[{i}]", x)
+        torch._check(
+            bias.shape == (w.shape[0],),
+            lambda: f"fastmlp.mlp: biases[{i}] must have shape ({w.shape[0]},)",
+        )
+
+
 @torch.library.register_fake("fastmlp::mlp")
-def _mlp_fake(x, weights, biases, activation="relu", output_activation="none", negative_slope=0.01):
+def _mlp_fake(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     _check_activation_args("fastmlp.mlp", activation, output_activation, negative_slope)
     torch._check(
         x.dtype in _SUPPORTED_DTYPES,
@@ -423,21 +478,7 @@ def _mlp_fake(x, weights, biases, activation="relu", output_activation="none", n
     features = x.shape[-1]
     hidden = []
     for i, w in enumerate(weights):
-        _check_mlp_layer(w, f"weights[{i}]", x)
-        torch._check(w.dim() == 2, lambda i=i: f"fastmlp.mlp: weights[{i}] must be 2-D")
-        torch._check(
-            w.shape[1] == features,
-            lambda i=i, w=w, f=features: (
-                f"fastmlp.mlp: in_features mismatch: weights[{i}] "
-                f"has shape {tuple(w.shape)} but its input has {f} features"
-            ),
-        )
-        if biases:
-            _check_mlp_layer(biases[i], f"biases[{i}]", x)
-            torch._check(
-                biases[i].shape == (w.shape[0],),
-                lambda i=i, n=w.shape[0]: f"fastmlp.mlp: biases[{i}] must have shape ({n},)",
-            )
+        _check_mlp_weights(i, w, biases[i] if biases else None, features, x)
         features = w.shape[0]
         # Hidden layers save (rows, out_l); with an output activation the last layer
         # saves its pre-activation too.
@@ -448,22 +489,27 @@ def _mlp_fake(x, weights, biases, activation="relu", output_activation="none", n
 
 @torch.library.register_fake("fastmlp::mlp_inference")
 def _mlp_inference_fake(
-    x, weights, biases, activation="relu", output_activation="none", negative_slope=0.01
-):
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
     return _mlp_fake(x, weights, biases, activation, output_activation, negative_slope)[0]
 
 
 @torch.library.register_fake("fastmlp::mlp_backward")
 def _mlp_backward_fake(
-    grad_y,
-    x,
-    weights,
-    hidden,
-    output_mask,
-    activation="relu",
-    output_activation="none",
-    negative_slope=0.01,
-):
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor],
+    output_mask: Sequence[bool],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     _check_activation_args("fastmlp.mlp_backward", activation, output_activation, negative_slope)
     n = len(weights)
     torch._check(
@@ -493,7 +539,14 @@ def _mlp_backward_fake(
 
 
 @torch.library.register_fake("fastmlp::mlp_sgd_step")
-def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
+def _mlp_sgd_step_fake(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    *options: object,
+) -> torch.Tensor:
     # The parameters and buffers are updated in place; the output is the loss.
     torch._check(
         x.dim() == 2 and target.shape == (x.shape[0],),
@@ -508,14 +561,14 @@ def _mlp_sgd_step_fake(x, target, weights, biases, momentum_buffers, *options):
 # differentiable: asking for it (double backward) raises a clear error.
 
 
-def _double_backward_unsupported(ctx, *grads):
+def _double_backward_unsupported(ctx: object, *grads: object) -> NoReturn:
     raise RuntimeError(
         "fastmlp's fused ops (linear_relu, mlp) do not support double backward "
         "(gradients of gradients); use the plain PyTorch layers (fastmlp.unfuse) for that"
     )
 
 
-def _backward_setup_context(ctx, inputs, output):
+def _backward_setup_context(ctx: object, inputs: tuple[object, ...], output: object) -> None:
     pass
 
 

@@ -19,7 +19,7 @@ activation than ReLU or with an output activation: the kernel is ReLU only), so
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import torch
 import torch.nn.functional as F
@@ -252,9 +252,12 @@ class FusedSGD(torch.optim.SGD):
         # Through step(), so that step hooks run and LR schedulers see a step taken.
         return self.step(_CrossEntropyClosure(self, x, target, float(label_smoothing)))
 
-    def step(  # type: ignore[override]
-        self, closure: LossClosure | None = None
-    ) -> torch.Tensor | None:
+    # torch types a closure as returning float; closures return the loss tensor (its docs').
+    @overload  # type: ignore[override]
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: LossClosure) -> torch.Tensor: ...
+    def step(self, closure: LossClosure | None = None) -> torch.Tensor | None:
         """SGD's ``step``, with one dispatch on the closure's type.
 
         * A :class:`_CrossEntropyClosure` made for this optimizer (only :meth:`train_step`

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,11 @@ ERROR_FLOOR = {
     "cpu": {"fp64": 1e-13, "fp32": 1e-6, "bf16": 1e-3, "fp16": 2e-4},
     "cuda": {"fp64": 1e-12, "fp32": 2e-6, "tf32": 2e-4, "bf16": 4e-3, "fp16": 1e-3},
 }
+#: A whole-MLP function as the checks call it: ``fn(x, weights, biases or None)``
+#: (fastmlp.ops.mlp, :func:`mlp_ref`).
+_MlpFn = Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None], torch.Tensor]
+_T = TypeVar("_T")
+
 _DTYPE_NAME = {
     torch.float64: "fp64",
     torch.float32: "fp32",
@@ -57,7 +63,7 @@ _DTYPE_NAME = {
 class NeuralNetwork(nn.Module):
     """The model of the "Learn the Basics" tutorial (section 4), verbatim."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
         self.linear_relu_stack = nn.Sequential(
@@ -68,22 +74,30 @@ class NeuralNetwork(nn.Module):
             nn.Linear(512, 10),
         )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
         logits = self.linear_relu_stack(x)
         return logits
 
 
-def linear_relu_ref(x, weight, bias=None):
+def linear_relu_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """relu(x @ weight.T + bias): what fastmlp.linear_relu must compute."""
     return torch.relu(F.linear(x, weight, bias))
 
 
-def mlp_layers(sizes, dtype=torch.float32, bias=True, generator=None):
+def mlp_layers(
+    sizes: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Random weights and biases of an MLP with layer widths ``sizes``, at nn.Linear's
     init scale (pre-activations of both signs, about half the ReLUs active); biases None
     when not ``bias``. Drawn in float32 from ``generator``, then cast to ``dtype``."""
-    weights, biases = [], []
+    weights: list[torch.Tensor] = []
+    biases: list[torch.Tensor] = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
         scale = fan_in**-0.5
         weights.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * scale)
@@ -92,10 +106,12 @@ def mlp_layers(sizes, dtype=torch.float32, bias=True, generator=None):
     return weights, [b.to(dtype) for b in biases] if bias else None
 
 
-def activation_ref(z, activation="relu", negative_slope=0.01):
+def activation_ref(
+    z: torch.Tensor, activation: str = "relu", negative_slope: float = 0.01
+) -> torch.Tensor:
     """The activation named ``activation`` (a name of fastmlp.ops.ACTIVATIONS) as
     torch.nn.functional computes it: what the fused ops must compute."""
-    return {
+    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "relu": F.relu,
         "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
         "tanh": torch.tanh,
@@ -104,12 +120,18 @@ def activation_ref(z, activation="relu", negative_slope=0.01):
         "gelu": F.gelu,
         "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "silu": F.silu,
-    }[activation](z)
+    }
+    return functions[activation](z)
 
 
 def mlp_ref(
-    x, weights, biases=None, activation="relu", output_activation="none", negative_slope=0.01
-):
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor] | None = None,
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
     """What fastmlp.ops.mlp must compute: Linear layers, each but the last followed by
     ``activation`` (ReLU by default), the last by ``output_activation`` (none)."""
     h = x
@@ -120,7 +142,14 @@ def mlp_ref(
     return h
 
 
-def mlp_forward_backward(fn, x, weights, biases, grad_y=None, needs=None):
+def mlp_forward_backward(
+    fn: _MlpFn,
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor] | None,
+    grad_y: torch.Tensor | None = None,
+    needs: Sequence[bool] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """``fn(x, weights, biases)`` (fastmlp.ops.mlp or :func:`mlp_ref`) forward and backward
     on fresh leaves; ``needs[i]`` says which of x, weights..., biases... require grad (all
     by default). Returns ``(y, grads in that order, grad_y)``."""
@@ -136,7 +165,16 @@ def mlp_forward_backward(fn, x, weights, biases, grad_y=None, needs=None):
     return y.detach(), [t.grad for t in leaves], grad_y
 
 
-def assert_mlp_matches_torch(fn, ref_fn, x, weights, biases, floor, needs=None, what=""):
+def assert_mlp_matches_torch(
+    fn: _MlpFn,
+    ref_fn: _MlpFn,
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor] | None,
+    floor: float,
+    needs: Sequence[bool] | None = None,
+    what: str = "",
+) -> None:
     """``fn`` (a whole-MLP op) forward and backward against ``ref_fn`` (its PyTorch
     reference) in float64: the output and every gradient asked for (``needs``, as in
     :func:`mlp_forward_backward`) may be off by at most twice what ``ref_fn`` in x's dtype
@@ -155,6 +193,7 @@ def assert_mlp_matches_torch(fn, ref_fn, x, weights, biases, floor, needs=None, 
             assert ours is None, f"{name} was not asked for but computed"
             continue
         assert ours is not None, f"{name} missing"
+        assert theirs is not None, f"{name} missing from {ref_fn} in {x.dtype}"
         assert ours.shape == ref.shape and ours.dtype == x.dtype, name
         err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
         assert err <= 2 * err_torch + floor, (
@@ -183,13 +222,19 @@ def layer_inputs(
     b = torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.5
     gy = torch.randn(batch, fan_out, generator=g, dtype=torch.float64)
 
-    def cast(t):
+    def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
 
     return cast(x), cast(w), cast(b) if bias else None, cast(gy)
 
 
-def forward_backward(fn, x, weight, bias, grad_y=None):
+def forward_backward(
+    fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """Runs fn forward and backward on fresh leaf copies; returns (y, grads, grad_y)."""
     leaves = [
         t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)
@@ -209,7 +254,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def magnitude_refs(x, weight, bias, grad_y):
+def magnitude_refs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad_y: torch.Tensor
+) -> list[torch.Tensor | None]:
     """The same products on absolute values, in float64: the scale that bounds
     rounding error in a dot product. Errors are measured relative to these, so
     that a result that is small through cancellation does not look inexact.
@@ -284,7 +331,7 @@ def allow_tf32(on: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def capture_cuda_graph(step: Callable[[], object], warmup: int = 3):
+def capture_cuda_graph(step: Callable[[], _T], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, _T]:
     """Warms ``step`` up on a side stream (as torch.cuda.graphs requires), captures one
     call in a CUDA graph and returns ``(graph, outputs of the captured call)``."""
     s = torch.cuda.Stream()

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from fastmlp.loops import (
 )
 from fastmlp.rundir import RunDir
 from fastmlp.whitening import InputWhitening
+
+if TYPE_CHECKING:  # the library is imported where a model is built, not with this module
+    from fastmlp.nn import MLP
 
 __all__ = [
     "PRESETS",
@@ -72,7 +75,7 @@ LogFn = Callable[[str], None]
 
 def build_model(
     sizes: Iterable[int] = (784, 512, 512, 10), device: Any = "cpu", **architecture: Any
-) -> nn.Module:
+) -> MLP:
     """The fused MLP (:class:`fastmlp.nn.MLP`) in the tutorial's layout, on ``device``:
     with ReLU, or as ``architecture`` says (MLP's ``activation``, ``output_activation``,
     ``negative_slope``, ``bias``: what a checkpoint's ``"architecture"`` records).
@@ -285,7 +288,7 @@ class _TrainingRun:
     train_loader: DeviceLoader
     test_loader: DeviceLoader
     train_samples: int  # in the training split, after --train-samples
-    model: nn.Module
+    model: MLP
     net: nn.Module  # the model, or DistributedDataParallel around it (_distribute)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
@@ -411,6 +414,15 @@ class _Inputs(NamedTuple):
     preprocess_seconds: float  # whitening estimated and applied (0 without it)
 
 
+class _Shard(TypedDict):
+    """The :class:`DeviceLoader` arguments both splits' loaders share: this rank's shard."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    transform: Callable[[torch.Tensor], torch.Tensor] | None
+
+
 def _build_inputs(
     cfg: TrainConfig,
     ctx: distributed.Context,
@@ -431,7 +443,7 @@ def _build_inputs(
     test_x, test_y = data.load_split(False, cfg.data)
     t0 = time.perf_counter()
     whitening = _whitening(cfg, train_x, device, state, ctx)
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
+    shard = _Shard(rank=ctx.rank, world_size=ctx.world_size, device=device, transform=whitening)
     train_loader = DeviceLoader(
         train_x,
         train_y,

@@ -22,7 +22,7 @@ check added. The ops' Python entry points and modules (``fastmlp.linear_relu``,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +49,9 @@ def _unbatched(t: torch.Tensor | None, level: int) -> torch.Tensor | None:
     return inner if bdim is None else None
 
 
-def _vmap_linear_relu(interpreter: Any, x, weight, bias) -> torch.Tensor | None:
+def _vmap_linear_relu(
+    interpreter: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
     level = interpreter.level()
     x_inner, x_bdim = _unwrap_batched(x, level)
     w = _unbatched(weight, level)
@@ -63,13 +65,13 @@ def _vmap_linear_relu(interpreter: Any, x, weight, bias) -> torch.Tensor | None:
 
 def _vmap_mlp(
     interpreter: Any,
-    x,
-    weights,
-    biases,
-    activation="relu",
-    output_activation="none",
-    negative_slope=0.01,
-) -> tuple | None:
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    activation: str = "relu",
+    output_activation: str = "none",
+    negative_slope: float = 0.01,
+) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     level = interpreter.level()
     x_inner, x_bdim = _unwrap_batched(x, level)
     ws = [_unbatched(w, level) for w in weights]

@@ -16,10 +16,12 @@ This module never imports the compiled extension.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:  # fold's argument; this module never imports the extension
+    from fastmlp.nn import MLP
 
 __all__ = ["InputWhitening"]
 
@@ -84,7 +86,7 @@ class InputWhitening:
         shift = (self.mean @ self.matrix).neg_()
         return torch.addmm(shift, flat, self.matrix).reshape(x.shape)
 
-    def fold(self, model: nn.Module) -> nn.Module:
+    def fold(self, model: MLP) -> MLP:
         """A copy of ``model`` (trained on whitened inputs) that takes raw pixels: its first
         Linear becomes ``W @ matrix`` with bias ``b - W @ matrix @ mean`` (computed in
         float64). ``model`` needs ``linears()`` (a :class:`fastmlp.MLP`)."""
