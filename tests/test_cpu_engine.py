@@ -1,13 +1,12 @@
-"""The CPU engine of the whole-MLP ops (issue 24): every path (``layered``,
-``row_blocked``, ``aten`` and the rule's ``auto``) forced with
-:func:`fastmlp.engines.force_cpu_path` and checked against a float64 reference with the
-error bounded by PyTorch's own in the same dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias
-or not, needs_input_grad subsets, several activations; inference (``mlp_inference``,
-what ``fastmlp.mlp`` runs under no_grad/inference_mode) and its refusal to be
-differentiated; forward on one path and backward on the other; vmap; one and two
-threads, bitwise-deterministic gradients; opcheck, gradcheck, torch.compile; clear
-errors. The rule and its report are in
-tests/test_engines.py.
+"""The CPU engine of the whole-MLP ops (issue 24): every path (``layered``, ``row_blocked``,
+``aten`` and the rule's ``auto``) forced with :func:`fastmlp.engines.force_cpu_path` and
+checked against a float64 reference with the error bounded by PyTorch's own in the same
+dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias or
+not, needs_input_grad subsets, several activations; inference (``mlp_inference``, what
+``fastmlp.mlp`` runs under no_grad/inference_mode) and its refusal to be differentiated;
+forward on one path and backward on the other; vmap; one and two threads, bitwise-
+deterministic gradients; opcheck, gradcheck, torch.compile; clear errors. The rule and its
+report are in tests/test_engines.py.
 
 row_blocked runs float32 and float64 only: its bf16 cases are skipped with the engine's
 own reason, and one test checks that forcing it for bf16 raises that reason.
