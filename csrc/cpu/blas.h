@@ -385,10 +385,17 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
         a.stride(0) == 1 && a.stride(1) >= m && b.stride(1) == 1 &&
         b.stride(0) >= n && out.stride(1) == 1 && out.stride(0) >= n) {
       float* o = out.data_ptr<float>();
+      const int64_t ldo = out.stride(0);
       if (beta != 1.0) {
+        // Weight decay without momentum: W *= 1 - lr wd before the product
+        // adds onto it. The row stride is read once: read per element (a
+        // call the compiler cannot hoist) the pass ran scalar, and FusedSGD's
+        // tutorial step with weight decay took 2.17 ms against 1.23 without
+        // (Zen 4, 2 threads); now 1.36-1.42 against 1.25-1.40.
         const auto fb = static_cast<float>(beta);
         for (int64_t r = 0; r < m; ++r) {
-          for (int64_t c = 0; c < n; ++c) o[r * out.stride(0) + c] *= fb;
+          float* row = o + r * ldo;
+          for (int64_t c = 0; c < n; ++c) row[c] *= fb;
         }
       }
       // a is stored k x m (row stride a.stride(1)): its transpose, scaled.
@@ -397,7 +404,7 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
       transpose_into(at.data(), a.data_ptr<float>(), k, m, a.stride(1),
                      static_cast<float>(alpha));
       brgemm_nn(m, n, k, at.data(), k, b.data_ptr<float>(), b.stride(0), 1.0f,
-                o, out.stride(0));
+                o, ldo);
       return;
     }
   }
