@@ -67,11 +67,12 @@ void record_measured_path(int64_t rows, const std::vector<int64_t>& widths,
 
 const char* path_name(CpuPath path);
 
-// Products below this many flops are timed twice per path when measured
-// (the first run of a path may pay page faults and kernel generation);
+// Calls below this many flops (about 0.2 s here) are timed twice per path
+// when measured: the first run of a path may pay page faults and kernel
+// generation, and a single timing on a busy machine can pick the wrong path;
 // larger ones once, so that measuring a big call costs about one call per
 // path.
-constexpr double kTimeTwiceBelowFlops = 1e9;
+constexpr double kTimeTwiceBelowFlops = 2e10;
 
 // run(path) on the path choose_cpu_path picks; where that choice may be
 // measured, run(path) for every runnable path (timed, in a fixed order),
