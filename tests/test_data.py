@@ -374,3 +374,29 @@ def test_real_data_loads_and_is_balanced() -> None:
     xt, yt = data.load_split(False, REAL_DATA, download=False)
     assert xt.shape == (10000, 28, 28)
     assert torch.equal(torch.bincount(yt), torch.full((10,), 1000))
+
+
+@pytest.mark.parametrize(
+    ("b", "size", "offset", "shift"), [(64, 64, 0, 2), (7, 20, 5, 1), (5, 5, 0, 0)]
+)
+def test_augmentation_is_flip_then_shift_of_each_image(b, size, offset, shift) -> None:
+    # _augment draws for the whole global batch (flips, then row and column offsets) and
+    # computes every image in one gather; per image it must be: flip, pad, crop.
+    from fastmlp.loader import _augment
+
+    x = torch.randint(0, 256, (b, 28, 28), dtype=torch.uint8)
+    g = torch.Generator()
+    g.manual_seed(11)
+    got = _augment(x, g, shift, size, offset)
+    g.manual_seed(11)
+    rows = slice(offset, offset + b)
+    flip = (torch.rand(size, generator=g) < 0.5)[rows]
+    if shift:
+        dy = torch.randint(0, 2 * shift + 1, (size, 1), generator=g)[rows, 0]
+        dx = torch.randint(0, 2 * shift + 1, (size, 1), generator=g)[rows, 0]
+    for i in range(b):
+        img = x[i].flip(-1) if flip[i] else x[i]
+        if shift:
+            padded = torch.nn.functional.pad(img, (shift,) * 4)
+            img = padded[dy[i] : dy[i] + 28, dx[i] : dx[i] + 28]
+        assert torch.equal(got[i], img), i
