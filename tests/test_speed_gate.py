@@ -41,3 +41,13 @@ def test_grid_covers_the_issue_points():
         for batch in (256, 4096):
             assert f"32-{width}x4-16 b{batch}" in names
     assert any("GELU" in n for n in names)
+
+
+def test_known_gaps_have_a_lower_floor_and_a_reason():
+    (key, (floor, why)), *_ = GATE["KNOWN_GAPS"].items()
+    assert key in {(p[0], phase) for p in GATE["POINTS"] for phase in ("train", "inference")}
+    assert 0 < floor < GATE["THRESHOLD"] and why
+    ok = GATE["format_table"]([(*key, 2.0, 2.1, 0.95 * 2.0 / 2.1, True)], "cpu")
+    assert ok.splitlines()[-1].endswith(f"| known gap (floor {floor}x) |")
+    below = GATE["format_table"]([(*key, 1.0, 2.0, 0.5, False)], "cpu")
+    assert below.splitlines()[-1].endswith(f"| FAIL (< {floor}x) |")
