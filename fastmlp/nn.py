@@ -139,17 +139,10 @@ def _plan_key(m: nn.Module) -> tuple[object, ...]:
     # What planning reads of a child (fusion._run_at): the module, the setting of the
     # classes that have one (LeakyReLU's negative_slope, GELU's approximate, Dropout's p),
     # and whether it has hooks or a forward of its own (fusion.why_not_plain: a hook added
-    # after the first call unfuses its module). Reads __dict__ directly: getattr of a name
-    # a module lacks goes through Module.__getattr__'s AttributeError, 1.5 us per module
-    # and call, most of a batch-1 forward's overhead.
-    d = m.__dict__
-    hooked = bool(
-        d["_forward_pre_hooks"]
-        or d["_forward_hooks"]
-        or d["_backward_hooks"]
-        or d["_backward_pre_hooks"]
-        or "forward" in d
-    )
+    # after the first call unfuses its module). No getattr of a name a module may lack: it
+    # goes through Module.__getattr__'s AttributeError, 1.5 us per module and call, most
+    # of a batch-1 forward's overhead (why_not_plain reads __dict__).
+    hooked = why_not_plain(m) is not None
     kind = type(m)
     if kind is nn.LeakyReLU:
         return m, m.negative_slope, hooked
