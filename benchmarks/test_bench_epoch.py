@@ -8,9 +8,9 @@ lr 1e-3, batch 64, all 60,000 training images, one epoch per round. Timed in one
   ``FashionMNIST`` with ``ToTensor()``, ``DataLoader(batch_size=64, shuffle=True)``, the
   tutorial's ``NeuralNetwork`` and its ``train_loop``;
 * ``eager``: the same model, the whole split in memory as one float tensor, a ``randperm``
-  per epoch and one index per batch (no DataLoader; ``fastmlp.bench.eager_epoch``);
+  per epoch and one index per batch (no DataLoader; ``fastmlp.bench.epochs.eager_epoch``);
 * ``compile``: ``torch.compile`` of that model in that loop (compilation done before timing);
-* ``fastmlp``: ``fastmlp.MLP``, its ``DeviceLoader`` and ``fastmlp.train.train_loop`` with
+* ``fastmlp``: ``fastmlp.MLP``, its ``DeviceLoader`` and ``fastmlp.workflow.train.train_loop`` with
   ``FusedSGD`` (on the CPU each step is one fused kernel), float32;
 * ``fastmlp-bf16``: the same under bfloat16 autocast (fp32 master weights).
 
@@ -41,11 +41,20 @@ import torch
 from torch import nn
 
 import fastmlp
-from fastmlp import data
-from fastmlp.bench import BATCH, LR, SIZES, eager_epoch, epoch_flops, fastmlp_epoch, gemm, sync
-from fastmlp.loader import DeviceLoader
+from fastmlp.bench.epochs import (
+    BATCH,
+    LR,
+    SIZES,
+    eager_epoch,
+    epoch_flops,
+    fastmlp_epoch,
+    gemm,
+    sync,
+)
 from fastmlp.optim import FusedSGD
 from fastmlp.testing import NeuralNetwork  # the tutorial's model, verbatim
+from fastmlp.workflow import data
+from fastmlp.workflow.loader import DeviceLoader
 
 SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
 ROUNDS = int(os.environ.get("FASTMLP_BENCH_ROUNDS", "1" if SHORT else "3"))

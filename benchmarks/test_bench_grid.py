@@ -2,7 +2,7 @@
 against eager PyTorch and torch.compile at tiny-cuda-nn's network shape, 32 -> width x
 depth -> 16 with ReLU.
 
-The models, steps and weights are fastmlp.grid's (what ``fastmlp bench --grid`` times):
+The models, steps and weights are fastmlp.bench.grid's (what ``fastmlp bench --grid`` times):
 ``train`` is a user's step (``zero_grad(set_to_none=True)``, the squared output's mean,
 ``backward``, ``torch.optim.SGD(lr=1e-3).step()``), ``no_grad`` and ``inference_mode`` the
 forward under that context; bf16 runs under CPU autocast with fp32 weights and is skipped
@@ -14,7 +14,7 @@ ReLU, ``compile`` that stack under ``torch.compile`` (compiled in the warm-up, n
     python benchmarks/test_bench_grid.py   # the same subset interleaved: one table
 
 Run as a script, the variants of each point alternate round by round in one process
-(``fastmlp.grid.run``: FASTMLP_BENCH_ROUNDS rounds, each long enough for the fastest
+(``fastmlp.bench.grid.run``: FASTMLP_BENCH_ROUNDS rounds, each long enough for the fastest
 variant to take 20 ms) and the table gives median ms per step and speed-ups. The whole
 grid is ``fastmlp bench --grid`` (docs/benchmarks.md).
 
@@ -31,7 +31,8 @@ import os
 import pytest
 import torch
 
-from fastmlp import grid, hardware
+from fastmlp import hardware
+from fastmlp.bench import grid
 
 SHORT = os.environ.get("FASTMLP_BENCH_SHORT", "0") not in ("", "0")
 INNER = int(os.environ.get("FASTMLP_BENCH_INNER", "1" if SHORT else "5"))
@@ -96,7 +97,7 @@ def test_grid_point(benchmark, point, impl):
 
 
 def interleaved_table(rounds: int = ROUNDS) -> str:
-    """The subset through fastmlp.grid.run: variants alternating round by round."""
+    """The subset through fastmlp.bench.grid.run: variants alternating round by round."""
     result = grid.run(
         _points(),
         IMPLS,

@@ -18,9 +18,9 @@ from torch import nn
 from torchvision.transforms import Lambda, ToTensor
 
 import fastmlp
-from fastmlp import checkpoint, data, plots
-from fastmlp.loader import DeviceLoader
-from fastmlp.train import TrainConfig, fit, resolve_device, test_loop, train_loop
+from fastmlp.workflow import checkpoint, data, plots
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.train import TrainConfig, fit, resolve_device, test_loop, train_loop
 
 
 def section(title: str) -> None:

@@ -6,18 +6,27 @@ and ``fuse()`` for existing models (``fastmlp.nn``), a drop-in for ``apex.mlp.ML
 (``fastmlp.apex``), ``FusedSGD`` that runs a whole training step as one kernel
 (``fastmlp.optim``), export to ONNX and portable ``.pt2``
 (``fastmlp.export``), ``torch.func`` transforms of the ops (``fastmlp.transforms``), and a
-fast FashionMNIST workflow (``fastmlp.data``, ``fastmlp.train``, ``fastmlp.checkpoint``,
-the ``fastmlp`` command).
+fast FashionMNIST workflow (``fastmlp.workflow``: data, training, checkpoints, the ``fastmlp``
+command) with its benchmarks (``fastmlp.bench``).
 
-Two layers. The library (``ops``, ``nn``, ``optim``, ``export``, ``transforms``,
-``engines``) needs the compiled extension, ``fastmlp._C``; ``import fastmlp`` loads it,
-which registers the ``torch.ops.fastmlp.*`` ops and their export and transform rules.
-The workflow (``data``, ``loader``, ``checkpoint``, ``train``, ``cli``, ...) imports the
-library only inside the functions that build or run a model. Where the extension is
-missing or broken, ``import fastmlp`` still succeeds, so the workflow's other parts
-(``fastmlp --help``, ``fastmlp samples``, the data checks, reading checkpoints) keep
-working, and the first use of a library name (``fastmlp.MLP``, ``import fastmlp.ops``,
-``fastmlp.train.build_model``) raises the ImportError with the build instructions.
+Three layers, one per folder (``tests/test_layering.py`` is the rule):
+
+* ``fastmlp/`` - the library: the ops and what is built on them (``ops``, ``nn``,
+  ``fusion``, ``optim``, ``export``, ``transforms``, ``engines``, ``apex``) and the few
+  modules they share that need no extension (``hardware``, ``protocols``, ``testing``).
+  ``import fastmlp`` loads the compiled extension, ``fastmlp._C``, which registers the
+  ``torch.ops.fastmlp.*`` ops and their export and transform rules.
+* ``fastmlp/workflow/`` - the Fashion-MNIST workflow (``data``, ``loader``, ``train``,
+  ``checkpoint``, ``cli``, ...). It imports the library's compiled parts only inside the
+  functions that build or run a model.
+* ``fastmlp/bench/`` - the benchmarks' workloads (``fastmlp bench``, ``--grid``); like the
+  workflow, importable without the extension.
+
+Where the extension is missing or broken, ``import fastmlp`` still succeeds, so the
+workflow's other parts (``fastmlp --help``, ``fastmlp samples``, the data checks, reading
+checkpoints) keep working, and the first use of a library name (``fastmlp.MLP``,
+``import fastmlp.ops``, ``fastmlp.workflow.train.build_model``) raises the ImportError with
+the build instructions.
 """
 
 from __future__ import annotations

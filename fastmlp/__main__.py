@@ -1,5 +1,5 @@
 """`python -m fastmlp` runs the `fastmlp` command."""
 
-from fastmlp.cli import main
+from fastmlp.workflow.cli import main
 
 raise SystemExit(main())

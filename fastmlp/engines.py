@@ -376,7 +376,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         "for an MLP shape, then the CUDA engine of each precision.",
     )
     # "--widths -5,10": a word starting with "-" and a digit is a value, not a flag (as in
-    # fastmlp.cli; Python 3.11's argparse takes only "-5" or "-.5" so).
+    # fastmlp.workflow.cli; Python 3.11's argparse takes only "-5" or "-.5" so).
     parser._negative_number_matcher = re.compile(r"-\.?\d")
     parser.add_argument(
         "--widths",

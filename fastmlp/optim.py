@@ -113,7 +113,7 @@ class FusedSGD(torch.optim.SGD):
     opt.step()``. The fused step leaves ``.grad`` as ``None`` (it never materialises
     gradients) and does not run module hooks; it is not taken when a Linear layer has
     hooks (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) or global module
-    hooks are registered. :func:`fastmlp.loops.train_loop` asks
+    hooks are registered. :func:`fastmlp.workflow.loops.train_loop` asks
     :meth:`train_step_for` whether to use it.
 
     Why the fused step goes through ``step()``: torch runs an optimizer's step hooks, and

@@ -1,6 +1,6 @@
 """The duck-typed interfaces of the training loop, declared in one place.
 
-:func:`fastmlp.loops.train_loop` takes any optimizer and any iterable of batches, and uses
+:func:`fastmlp.workflow.loops.train_loop` takes any optimizer and any iterable of batches, and uses
 more of them when they offer it. What it looks for is declared here as
 :class:`typing.Protocol` classes, so that type checkers, readers and other implementations
 see the contract; the loop tests them with ``isinstance`` (each is ``runtime_checkable``,
@@ -10,7 +10,7 @@ and a check looks up one attribute, once per epoch):
   returns a whole training step of its own (a :data:`StepFn`) or ``None``;
   :class:`fastmlp.optim.FusedSGD` is one.
 * :class:`WeightedBatchSource`: a loader with ``weighted_batches()``, yielding
-  ``(X, y, weight)``; :class:`fastmlp.loader.DeviceLoader` is one.
+  ``(X, y, weight)``; :class:`fastmlp.workflow.loader.DeviceLoader` is one.
 * :class:`GlobalBatchSized`: a loader that knows the batch over all processes
   (``global_batch_size``), for the progress line's sample count.
 * :class:`LossClosure`: what ``optimizer.step(closure)`` calls; ``FusedSGD.step``
@@ -40,7 +40,7 @@ __all__ = [
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: A whole training step on one batch ``(X, y)``: forward, loss, backward and update;
-#: returns the batch's loss (see :func:`fastmlp.loops.train_loop`).
+#: returns the batch's loss (see :func:`fastmlp.workflow.loops.train_loop`).
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

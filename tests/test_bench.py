@@ -1,4 +1,4 @@
-"""fastmlp.bench (what `fastmlp bench` runs), in a short mode: structure, not speed."""
+"""fastmlp.bench.epochs (what `fastmlp bench` runs), in a short mode: structure, not speed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fastmlp import bench, hardware
+from fastmlp import hardware
+from fastmlp.bench import epochs as bench
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_epoch_flops_of_the_tutorial_mlp():
 
 @pytest.mark.slow
 def test_cli_bench_short_json(capsys):
-    from fastmlp.cli import main
+    from fastmlp.workflow.cli import main
 
     assert main(["bench", "--short", "--precision", "fp32", "--device", "cpu", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -75,7 +76,7 @@ def test_cli_bench_short_json(capsys):
 
 
 def test_cli_bench_auto_times_the_precision_auto_picks(capsys):
-    from fastmlp.cli import main
+    from fastmlp.workflow.cli import main
 
     assert main(["bench", "--short", "--precision", "auto", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from workflow_fixtures import NeuralNetwork, deny_reading
 
-from fastmlp import checkpoint as ckpt
-from fastmlp.cli import main
 from fastmlp.nn import MLP
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow.cli import main
 
 
 def state(value: float) -> dict[str, object]:
@@ -109,7 +109,7 @@ def test_full_disk_is_named_as_such(
 _CHILD = textwrap.dedent(
     """
     import os, sys, time, torch
-    from fastmlp import checkpoint as ckpt
+    from fastmlp.workflow import checkpoint as ckpt
     path = sys.argv[1]
     big = {"model": {"w": torch.zeros(1_000_000)}, "epoch": 1}
     ckpt.save_checkpoint(big, path)

@@ -16,12 +16,12 @@ import torch
 from workflow_fixtures import REAL_DATA, deny_reading, needs_real_data, write_fake_dataset
 
 import fastmlp
-from fastmlp import checkpoint as ckpt
-from fastmlp import cli, data, rundir
-from fastmlp import train as train_mod
-from fastmlp.cli import main
-from fastmlp.config import TrainConfig
 from fastmlp.nn import MLP
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import cli, data, rundir
+from fastmlp.workflow import train as train_mod
+from fastmlp.workflow.cli import main
+from fastmlp.workflow.config import TrainConfig
 
 QUICK = ["--data", str(REAL_DATA), "--device", "cpu", "--quiet", "--train-samples", "1000"]
 

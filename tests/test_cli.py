@@ -21,15 +21,15 @@ from workflow_fixtures import (
 )
 
 import fastmlp
-from fastmlp import checkpoint as ckpt
-from fastmlp import data
-from fastmlp import train as train_mod
-from fastmlp.cli import UsageError, build_parser, main
-from fastmlp.config import OPTIONS, Option
-from fastmlp.data import load_image
-from fastmlp.loader import DeviceLoader
-from fastmlp.loops import evaluate
 from fastmlp.nn import MLP
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data
+from fastmlp.workflow import train as train_mod
+from fastmlp.workflow.cli import UsageError, build_parser, main
+from fastmlp.workflow.config import OPTIONS, Option
+from fastmlp.workflow.data import load_image
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.loops import evaluate
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -222,7 +222,7 @@ def test_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmlp.cli", "evaluate", str(bad)],
+        [sys.executable, "-m", "fastmlp.workflow.cli", "evaluate", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -547,7 +547,8 @@ def test_weights_without_an_architecture_run_as_the_tutorial_relu_mlp_with_a_not
     assert err == (
         f"fastmlp {command}: note: {path} holds weights without their architecture: running "
         "them as the tutorial's 784-512-512-10 MLP with ReLU, which is wrong for a model trained "
-        "with another activation (save fastmlp.checkpoint.model_checkpoint(model) to keep it)\n"
+        "with another activation (save fastmlp.workflow.checkpoint.model_checkpoint(model) to "
+        "keep it)\n"
     )
 
 

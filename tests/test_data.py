@@ -19,9 +19,9 @@ from workflow_fixtures import (
     write_idx,
 )
 
-from fastmlp import data
-from fastmlp.data import DataFormatError, DataNotFoundError
-from fastmlp.loader import DeviceLoader
+from fastmlp.workflow import data
+from fastmlp.workflow.data import DataFormatError, DataNotFoundError
+from fastmlp.workflow.loader import DeviceLoader
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +382,7 @@ def test_real_data_loads_and_is_balanced() -> None:
 def test_augmentation_is_flip_then_shift_of_each_image(b, size, offset, shift) -> None:
     # _augment draws for the whole global batch (flips, then row and column offsets) and
     # computes every image in one gather; per image it must be: flip, pad, crop.
-    from fastmlp.loader import _augment
+    from fastmlp.workflow.loader import _augment
 
     x = torch.randint(0, 256, (b, 28, 28), dtype=torch.uint8)
     g = torch.Generator()

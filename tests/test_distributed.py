@@ -24,12 +24,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from workflow_fixtures import REAL_DATA, needs_real_data
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import distributed
-from fastmlp.cli import main
-from fastmlp.loader import DeviceLoader
 from fastmlp.nn import MLP
-from fastmlp.train import TrainConfig, fit, train_loop
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import distributed
+from fastmlp.workflow.cli import main
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.train import TrainConfig, fit, train_loop
 
 TIMEOUT = 120  # seconds for any process group launched here (each run takes ~10 s)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
@@ -461,7 +461,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 def test_rank_zero_alone_writes_and_records_the_world(two_process_run: tuple[Path, str]) -> None:
     run, out = two_process_run
     assert sorted(p.name for p in run.iterdir()) == [
-        ".fastmlp.lock",  # rank 0's claim on the folder (fastmlp.rundir)
+        ".fastmlp.lock",  # rank 0's claim on the folder (fastmlp.workflow.rundir)
         "best.pt",
         "confusion.png",
         "curves.png",
@@ -542,7 +542,7 @@ def test_a_failing_rank_makes_the_launcher_exit_nonzero(tmp_path: Path) -> None:
 def _failing_train_loop(loader: Any, model: Any, loss_fn: Any, *args: Any, **kw: Any) -> float:
     """train_loop whose rank 1 raises at the second step of epoch 2. Rank 1 gets there only
     after step 1's gradient all-reduce, which rank 0 joins after saving epoch 1."""
-    from fastmlp import loops
+    from fastmlp.workflow import loops
 
     calls = 0
 
@@ -558,7 +558,7 @@ def _failing_train_loop(loader: Any, model: Any, loss_fn: Any, *args: Any, **kw:
 
 
 if __name__ == "__main__":  # torchrun's script in the failing-rank test: `fastmlp` + a fault
-    import fastmlp.train
+    import fastmlp.workflow.train
 
-    fastmlp.train.train_loop = _failing_train_loop  # type: ignore[assignment]
+    fastmlp.workflow.train.train_loop = _failing_train_loop  # type: ignore[assignment]
     sys.exit(main(sys.argv[1:]))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmlp import data
-from fastmlp.cli import UsageError, build_parser
+from fastmlp.workflow import data
+from fastmlp.workflow.cli import UsageError, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

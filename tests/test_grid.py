@@ -1,4 +1,4 @@
-"""fastmlp.grid and ``fastmlp bench --grid`` (issue 24's shape grid): which points it
+"""fastmlp.bench.grid and ``fastmlp bench --grid`` (issue 24's shape grid): which points it
 times and skips, that every variant computes the same function, its JSON and table.
 Structure, never speed: rounds are 1 and no time is asserted."""
 
@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from fastmlp import grid, hardware
-from fastmlp.cli import main
+from fastmlp import hardware
+from fastmlp.bench import grid
+from fastmlp.workflow.cli import main
 
 # A small point off the grid's powers of two (odd batch, 3 hidden layers).
 SMALL = dict(width=40, depth=3, batch=33)

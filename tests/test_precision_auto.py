@@ -15,13 +15,14 @@ import pytest
 import torch
 from workflow_fixtures import REAL_DATA, needs_real_data
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import data, hardware
-from fastmlp.config import TrainConfig
-from fastmlp.loader import DeviceLoader
-from fastmlp.loops import evaluate
+from fastmlp import hardware
 from fastmlp.testing import NeuralNetwork
-from fastmlp.train import fit
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data
+from fastmlp.workflow.config import TrainConfig
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.loops import evaluate
+from fastmlp.workflow.train import fit
 
 pytestmark = [needs_real_data, pytest.mark.filterwarnings("ignore:precision bf16:RuntimeWarning")]
 

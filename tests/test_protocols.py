@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from fastmlp.loader import DeviceLoader
 from fastmlp.nn import MLP
 from fastmlp.optim import FusedSGD
 from fastmlp.protocols import GlobalBatchSized, TrainStepProvider, WeightedBatchSource
+from fastmlp.workflow.loader import DeviceLoader
 
 
 def test_fused_sgd_offers_its_train_step_and_sgd_does_not():

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from fastmlp import rundir
-from fastmlp.rundir import LOCK_NAME, RunDir, RunDirError, new_run_dir
+from fastmlp.workflow import rundir
+from fastmlp.workflow.rundir import LOCK_NAME, RunDir, RunDirError, new_run_dir
 
 # A child that claims a folder, says so, and holds it until its stdin closes.
 _HOLDER = textwrap.dedent(
     """
     import sys
-    from fastmlp.rundir import RunDir
+    from fastmlp.workflow.rundir import RunDir
     with RunDir(sys.argv[1]):
         print("HOLDING", flush=True)
         sys.stdin.read()

@@ -13,14 +13,21 @@ import pytest
 import torch
 from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data, trained_result, trained_run
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import data
-from fastmlp.config import resume_config, resume_ignores
-from fastmlp.loader import DeviceLoader
 from fastmlp.nn import MLP
 from fastmlp.optim import FusedSGD
-from fastmlp.train import PRESETS, TrainConfig, build_model, fit, resolve_device, train_loop
-from fastmlp.train import test_loop as tutorial_test_loop  # not a pytest test
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data
+from fastmlp.workflow.config import resume_config, resume_ignores
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.train import (
+    PRESETS,
+    TrainConfig,
+    build_model,
+    fit,
+    resolve_device,
+    train_loop,
+)
+from fastmlp.workflow.train import test_loop as tutorial_test_loop  # not a pytest test
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -359,7 +366,7 @@ def test_a_missing_gpu_is_named_as_asked(monkeypatch: pytest.MonkeyPatch, gpus: 
 
 
 def test_flush_denormals_restores_the_previous_mode() -> None:
-    from fastmlp.train import flush_denormals
+    from fastmlp.workflow.train import flush_denormals
 
     def tiny() -> float:  # a denormal through one multiply: 0 while they are flushed
         return (torch.tensor([1e-39]) * 1.0).item()

@@ -18,12 +18,12 @@ import pytest
 import torch
 from workflow_fixtures import REAL_DATA, needs_real_data, write_fake_dataset
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import distributed
-from fastmlp import train as train_mod
-from fastmlp.cli import main
 from fastmlp.nn import MLP
-from fastmlp.train import TrainConfig, TrainingDiverged, fit, make_scheduler
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import distributed
+from fastmlp.workflow import train as train_mod
+from fastmlp.workflow.cli import main
+from fastmlp.workflow.train import TrainConfig, TrainingDiverged, fit, make_scheduler
 
 QUICK = ["--data", str(REAL_DATA), "--device", "cpu", "--quiet", "--train-samples", "1000"]
 
@@ -243,7 +243,7 @@ def test_short_one_cycle_runs_train(
 _HOLD = textwrap.dedent(
     """
     import sys
-    from fastmlp.rundir import RunDir
+    from fastmlp.workflow.rundir import RunDir
     with RunDir(sys.argv[1]):
         print("HOLDING", flush=True)
         sys.stdin.read()

@@ -10,12 +10,12 @@ import torch
 from workflow_fixtures import REAL_DATA, NeuralNetwork, needs_real_data
 
 import fastmlp
-from fastmlp import checkpoint as ckpt
-from fastmlp import data
-from fastmlp.loader import DeviceLoader
-from fastmlp.loops import evaluate
-from fastmlp.train import TrainConfig, fit
-from fastmlp.whitening import InputWhitening
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.loops import evaluate
+from fastmlp.workflow.train import TrainConfig, fit
+from fastmlp.workflow.whitening import InputWhitening
 
 
 def _correlated_images(n: int = 4000, side: int = 5, seed: int = 0) -> torch.Tensor:

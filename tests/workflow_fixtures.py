@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from fastmlp import data
 from fastmlp.testing import NeuralNetwork  # noqa: F401  (re-exported for the workflow tests)
+from fastmlp.workflow import data
 
 REAL_DATA = data.DEBIAN_DIR
 needs_real_data = pytest.mark.skipif(
@@ -85,7 +85,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Two epochs without augmentation comfortably beat 80% test accuracy.
     """
     if "out" not in _TRAINED:
-        from fastmlp.train import TrainConfig, fit
+        from fastmlp.workflow.train import TrainConfig, fit
 
         out = tmp_path_factory.mktemp("trained")
         cfg = TrainConfig(

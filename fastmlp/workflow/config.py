@@ -3,7 +3,7 @@
 Every field of :class:`TrainConfig` carries its help text, the values it accepts (choices or a
 :class:`Range`) and how the command line spells it (:func:`option`). The config validates itself
 with them and ``fastmlp train`` generates its flags from them (:data:`OPTIONS`, read by
-:mod:`fastmlp.cli`), so the Python API and the command line accept the same values.
+:mod:`fastmlp.workflow.cli`), so the Python API and the command line accept the same values.
 
 :data:`PRESETS` are named starting points (``fastmlp train --preset NAME``,
 :meth:`TrainConfig.from_preset`); :func:`resume_config` is the one rule for what a resumed run
@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fastmlp import distributed, hardware
-from fastmlp.data import CLASSES, IMAGE_SIZE, TRAIN_SIZE
+from fastmlp import hardware
+from fastmlp.workflow import distributed
+from fastmlp.workflow.data import CLASSES, IMAGE_SIZE, TRAIN_SIZE
 
 __all__ = [
     "MAX_WIDTH",
@@ -137,8 +138,8 @@ def option(
 
 #: The widest hidden layer a config accepts: 2**24. Two such layers in a row hold 2**48
 #: weights (1 PiB in fp32), so every layer's size stays far inside int64 and what does not
-#: fit in memory fails as a memory error naming the layer (fastmlp.train.build_model), not as
-#: an overflow deep inside PyTorch.
+#: fit in memory fails as a memory error naming the layer (train.build_model), not as an
+#: overflow deep inside PyTorch.
 MAX_WIDTH = 2**24
 
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 from torch import nn
 
-from fastmlp.data import CLASSES, IMAGE_SIZE, file_problem
-from fastmlp.whitening import InputWhitening
+from fastmlp.workflow.data import CLASSES, IMAGE_SIZE, file_problem
+from fastmlp.workflow.whitening import InputWhitening
 
 if TYPE_CHECKING:  # the library is looked up in sys.modules at run time (architecture)
     from fastmlp.nn import MLP
@@ -273,7 +273,7 @@ def _missing_class(path: Path, e: Exception) -> str | None:
 #: The training checkpoint's layout; :func:`check_training_checkpoint` refuses any other.
 FORMAT = "fastmlp-checkpoint-1"
 
-#: What ``fastmlp.train.fit`` needs to continue a run from a checkpoint.
+#: What ``fastmlp.workflow.train.fit`` needs to continue a run from a checkpoint.
 TRAINING_KEYS = ("model", "optimizer", "epoch", "config", "metrics", "best_accuracy", "rng")
 
 
@@ -655,8 +655,8 @@ def load_model(
         message = (
             f"{path} holds weights without their architecture: running them as the "
             f"tutorial's {'-'.join(map(str, sizes))} MLP with ReLU, which is wrong for a model "
-            "trained with another activation (save fastmlp.checkpoint.model_checkpoint(model) "
-            "to keep it)"
+            "trained with another activation (save "
+            "fastmlp.workflow.checkpoint.model_checkpoint(model) to keep it)"
         )
         if note is None:
             warnings.warn(message, stacklevel=2)
@@ -682,7 +682,7 @@ def _recorded_architecture(obj: Any, path: str | os.PathLike[str]) -> dict[str, 
 
 
 def _build(recorded: dict[str, Any], device: torch.device, path: str | os.PathLike[str]) -> Any:
-    from fastmlp.train import build_model  # builds a fastmlp.MLP: needs the extension
+    from fastmlp.workflow.train import build_model  # builds a fastmlp.MLP: needs the extension
 
     try:
         return build_model(device=device, **recorded)

@@ -1,7 +1,7 @@
 """The tutorial's loops, fast: ``train_loop``, ``test_loop`` and ``evaluate``.
 
 Same signatures and log lines as "Learn the Basics", and they accept a
-``torch.utils.data.DataLoader`` as well as a :class:`fastmlp.loader.DeviceLoader`. Losses
+``torch.utils.data.DataLoader`` as well as a :class:`fastmlp.workflow.loader.DeviceLoader`. Losses
 and counts accumulate in device tensors; the host reads them once per epoch, and once every
 ``log_every`` steps for the progress line, so a GPU is never stalled per step.
 """
@@ -91,7 +91,7 @@ def train_loop(
     ``scheduler.step()`` follows every step.
 
     Batch weights: when ``dataloader`` has ``weighted_batches()`` (a
-    :class:`fastmlp.protocols.WeightedBatchSource`, as :class:`fastmlp.loader.DeviceLoader`
+    :class:`fastmlp.protocols.WeightedBatchSource`, as :class:`fastmlp.workflow.loader.DeviceLoader`
     is), the loop iterates that, and the autograd step multiplies each batch's loss by its
     weight: 1.0 except for the uneven pieces of a sharded loader's short last batch, where
     it makes DDP's average over ranks the mean over the global batch. A rank whose piece

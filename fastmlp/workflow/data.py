@@ -6,7 +6,7 @@ Three layers, each usable on its own:
   validated ``uint8`` images ``(N, 28, 28)`` and ``int64`` labels ``(N,)``.
 * :class:`FashionMNIST` and :class:`CustomImageDataset` are the tutorial's ``Dataset`` API
   (per-sample, works with ``torchvision.transforms`` and ``torch.utils.data.DataLoader``).
-* :class:`~fastmlp.loader.DeviceLoader` (in fastmlp.loader) is the fast path: the whole
+* :class:`~fastmlp.workflow.loader.DeviceLoader` is the fast path: the whole
   split lives on the target device and batches are gathered with one indexing op per step.
 * :func:`load_image` turns any image file into a Fashion-MNIST-like 28x28 input.
 

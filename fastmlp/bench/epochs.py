@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from fastmlp import hardware
-from fastmlp.loader import DeviceLoader
-from fastmlp.loops import autocast, train_loop
 from fastmlp.testing import NeuralNetwork
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.loops import autocast, train_loop
 
 __all__ = [
     "BATCH",
@@ -122,7 +122,8 @@ def eager_epoch(
 def fastmlp_epoch(
     loader: DeviceLoader, model: nn.Module, optimizer: torch.optim.Optimizer, precision: str
 ) -> Callable[[], None]:
-    """One epoch of ``fastmlp.loops.train_loop`` (FusedSGD: one kernel per step on the CPU)."""
+    """One epoch of ``fastmlp.workflow.loops.train_loop`` (FusedSGD: one kernel per step on
+    the CPU)."""
     loss_fn = nn.CrossEntropyLoss()
 
     def epoch() -> None:

@@ -1,16 +1,17 @@
 """Training: ``fit`` runs an experiment described by a :class:`TrainConfig`.
 
 ``TrainConfig`` (what a run computes, its presets and the resume rule) lives in
-:mod:`fastmlp.config`; the tutorial's ``train_loop``/``test_loop`` live in
-:mod:`fastmlp.loops`; both are re-exported here. ``fit`` runs a whole experiment: data on the
-device, the fused MLP, optimizer and schedule, bf16 autocast if asked, per-epoch metrics, plots
-and atomic checkpoints (:mod:`fastmlp.checkpoint`) that resume bit-identically on CPU.
+:mod:`fastmlp.workflow.config`; the tutorial's ``train_loop``/``test_loop`` live in
+:mod:`fastmlp.workflow.loops`; both are re-exported here. ``fit`` runs a whole experiment:
+data on the device, the fused MLP, optimizer and schedule, bf16 autocast if asked, per-epoch
+metrics, plots and atomic checkpoints (:mod:`fastmlp.workflow.checkpoint`) that resume
+bit-identically on CPU.
 
 Losses and accuracies accumulate in device tensors; the host reads them once per epoch (and
 once every ``log_every`` steps for the progress line), so a GPU is never stalled per step.
 
 Under ``torchrun`` every process runs ``fit``: DistributedDataParallel over a process group
-from :mod:`fastmlp.distributed`, a sharded loader, evaluation summed over ranks, and files
+from :mod:`fastmlp.workflow.distributed`, a sharded loader, evaluation summed over ranks, and files
 written by rank 0 alone.
 """
 
@@ -31,12 +32,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 import torch
 from torch import nn
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import data, distributed, hardware
-from fastmlp.config import PRESETS, TrainConfig, resume_config
+from fastmlp import hardware
 from fastmlp.hardware import resolve_device
-from fastmlp.loader import DeviceLoader
-from fastmlp.loops import (
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data, distributed
+from fastmlp.workflow.config import PRESETS, TrainConfig, resume_config
+from fastmlp.workflow.loader import DeviceLoader
+from fastmlp.workflow.loops import (
     EvalResult,
     evaluate,
     progress_bar,
@@ -44,8 +46,8 @@ from fastmlp.loops import (
     test_loop,
     train_loop,
 )
-from fastmlp.rundir import RunDir
-from fastmlp.whitening import InputWhitening
+from fastmlp.workflow.rundir import RunDir
+from fastmlp.workflow.whitening import InputWhitening
 
 if TYPE_CHECKING:  # the library is imported where a model is built, not with this module
     from fastmlp.nn import MLP
@@ -67,9 +69,9 @@ __all__ = [
 ]
 
 LogFn = Callable[[str], None]
-# train_loop, test_loop, evaluate and EvalResult live in fastmlp.loops; re-exported here so
-# `from fastmlp.train import train_loop, test_loop` reads like the tutorial. TrainConfig and
-# PRESETS live in fastmlp.config, re-exported so `from fastmlp.train import TrainConfig, fit`
+# train_loop, test_loop, evaluate and EvalResult live in loops; re-exported here so
+# `from fastmlp.workflow.train import train_loop, test_loop` reads like the tutorial. TrainConfig
+# and PRESETS live in config, re-exported so `from fastmlp.workflow.train import TrainConfig, fit`
 # keeps working. resolve_device lives in fastmlp.hardware, re-exported for the same reason.
 
 
@@ -82,7 +84,7 @@ def build_model(
 
     A model that does not fit in memory raises :class:`MemoryError` naming the layer that
     did not fit, its size and what the whole model's weights take."""
-    from fastmlp.nn import MLP  # needs the compiled extension; fastmlp.train does not
+    from fastmlp.nn import MLP  # needs the compiled extension; fastmlp.workflow.train does not
 
     sizes = tuple(sizes)
     try:
@@ -211,7 +213,7 @@ def fit(
     ``last.pt`` (every epoch) and ``best.pt`` (best test accuracy so far). ``resume`` is a
     ``last.pt`` to continue from: its saved config is used, and the result is bit-identical
     on CPU to an uninterrupted run; ``config`` then only says where the run goes (its
-    ``device``, ``data`` and ``backend``: :func:`fastmlp.config.resume_config`).
+    ``device``, ``data`` and ``backend``: :func:`fastmlp.workflow.config.resume_config`).
     ``stop_after`` ends this call after that many total epochs, as if interrupted.
     ``progress`` defaults to tqdm bars on a terminal.
 
@@ -222,7 +224,7 @@ def fit(
     for ``epochs`` from the start would use at that step. For a run that had finished its
     schedule this raises the rate again from its final minimum (a warm restart).
 
-    ``out_dir`` belongs to this call while it runs (:class:`fastmlp.rundir.RunDir`): a
+    ``out_dir`` belongs to this call while it runs (:class:`fastmlp.workflow.rundir.RunDir`): a
     second run on it fails at once, and one that holds an earlier run's results is refused
     unless ``resume`` lies in it or ``overwrite`` is true (the old results are deleted).
 
@@ -230,7 +232,7 @@ def fit(
     :class:`TrainingDiverged` before that epoch is saved: ``last.pt`` keeps the last good
     epoch. ``metrics.json`` is always standard JSON (a non-finite value would be ``null``).
 
-    Launched by ``torchrun`` (see :mod:`fastmlp.distributed`), every process calls ``fit``
+    Launched by ``torchrun`` (see :mod:`fastmlp.workflow.distributed`), every process calls ``fit``
     with the same arguments: the process group is created here and destroyed on the way
     out (or an existing one is used), the model is wrapped in DistributedDataParallel,
     each rank trains on its slice of every global batch of ``batch_size * world_size``
@@ -240,7 +242,7 @@ def fit(
 
     Ctrl-C raises ``KeyboardInterrupt`` and, while ``fit`` runs in the main thread where
     SIGTERM has its default handler, SIGTERM raises
-    :class:`fastmlp.distributed.Terminated` (a ``KeyboardInterrupt``): the checkpoints
+    :class:`fastmlp.workflow.distributed.Terminated` (a ``KeyboardInterrupt``): the checkpoints
     already saved stay whole, no temporary file is left, and ``resume`` continues the run.
     """
     state: dict[str, Any] | None = None
@@ -633,7 +635,7 @@ def _finish(run: _TrainingRun, out: Path | None) -> FitResult:
     """Plots, the summary line, and (under torchrun) a wait for rank 0's files."""
     ctx = run.ctx
     if out is not None and run.history:
-        from fastmlp import plots
+        from fastmlp.workflow import plots
 
         if run.last_eval is None:  # resumed a finished run: nothing trained, plot the saved model
             run.last_eval = _evaluate(run.model, run.test_loader, ctx)

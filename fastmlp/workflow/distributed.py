@@ -1,6 +1,6 @@
 """Several processes, one model: PyTorch's own distributed engine, as torchrun sets it up.
 
-``fastmlp train`` (and :func:`fastmlp.train.fit`) run unchanged under ``torchrun``: the
+``fastmlp train`` (and :func:`fastmlp.workflow.train.fit`) run unchanged under ``torchrun``: the
 launcher exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``; :func:`detect_env` reads them, :func:`process_group` initializes the
 default process group from them (gloo on CPU, NCCL on CUDA unless told otherwise) and
@@ -12,8 +12,8 @@ ranks (:func:`all_reduce_sum`; the mean of a number, :func:`mean_over_ranks`; a 
 evaluation result, :func:`eval_result_over_ranks`) and the CPU thread split between
 ranks that share a machine (:func:`split_cpu_threads`). The loss weights that keep an
 uneven last batch exact come with the batches
-(:meth:`fastmlp.loader.DeviceLoader.weighted_batches`; :func:`fastmlp.loops.train_loop`
-applies them).
+(:meth:`fastmlp.workflow.loader.DeviceLoader.weighted_batches`;
+:func:`fastmlp.workflow.loops.train_loop` applies them).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from fastmlp.loops import EvalResult
+    from fastmlp.workflow.loops import EvalResult
 
 __all__ = [
     "BACKENDS",
@@ -307,7 +307,7 @@ def mean_over_ranks(value: float, ctx: Context) -> float:
 
 
 def eval_result_over_ranks(result: EvalResult, ctx: Context) -> EvalResult:
-    """One rank's :class:`fastmlp.loops.EvalResult` (on its shard) combined over all ranks:
+    """One rank's :class:`fastmlp.workflow.loops.EvalResult` (on its shard) combined over all ranks:
     the whole test set's accuracy, mean loss and confusion matrix, identical everywhere."""
     if ctx.world_size == 1:
         return result

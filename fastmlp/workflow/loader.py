@@ -22,7 +22,7 @@ class DeviceLoader:
     models move freely between this loader and the tutorial's pipeline). Each epoch draws a
     ``randperm`` from a generator seeded with ``(seed, epoch)``: the order depends only on
     those two numbers, which makes resuming exact without saving generator state.
-    ``transform`` (say :class:`fastmlp.whitening.InputWhitening`) is applied to the whole
+    ``transform`` (say :class:`fastmlp.workflow.whitening.InputWhitening`) is applied to the whole
     resident split once, after that conversion, like a torchvision transform that runs once
     per split instead of once per sample per epoch.
 
@@ -39,7 +39,7 @@ class DeviceLoader:
     exactly one rank. A short last global batch of ``n`` samples is split as evenly as
     possible (pieces differ by at most one sample; with ``n < world_size`` some are empty)
     rather than padded with repeats or dropped; :meth:`weighted_batches` yields each
-    batch with the weight its loss needs for that (:func:`fastmlp.loops.train_loop`
+    batch with the weight its loss needs for that (:func:`fastmlp.workflow.loops.train_loop`
     applies it). All ranks yield the same number of batches, which DDP needs.
     ``drop_last`` drops a short last *global* batch.
     """

@@ -1,6 +1,7 @@
 """The ``fastmlp`` command: train, evaluate, predict, samples.
 
-A thin shell over :mod:`fastmlp.train`, :mod:`fastmlp.checkpoint` and :mod:`fastmlp.data`.
+A thin shell over :mod:`fastmlp.workflow.train`, :mod:`fastmlp.workflow.checkpoint` and
+:mod:`fastmlp.workflow.data`.
 Every failure a user can cause (a bad flag or value, missing data, a damaged or unsafe
 checkpoint, an unreadable image) ends in a short ``fastmlp …: error: …`` message on stderr
 and a non-zero exit status, never a traceback (set ``FASTMLP_DEBUG=1`` to get one).
@@ -20,10 +21,12 @@ from typing import Any, NoReturn
 
 import torch
 
-from fastmlp import checkpoint as ckpt
-from fastmlp import data, distributed, grid, hardware, rundir
-from fastmlp.config import OPTIONS, PRESETS, Option, Range
-from fastmlp.loader import DeviceLoader
+from fastmlp import hardware
+from fastmlp.bench import grid
+from fastmlp.workflow import checkpoint as ckpt
+from fastmlp.workflow import data, distributed, rundir
+from fastmlp.workflow.config import OPTIONS, PRESETS, Option, Range
+from fastmlp.workflow.loader import DeviceLoader
 
 __all__ = ["build_parser", "main"]
 
@@ -116,7 +119,7 @@ def _expected(opt: Option) -> str:
 
 
 def _add_config_flags(group: Any) -> None:
-    """One flag per TrainConfig option (fastmlp.config.OPTIONS), generated from it. Unset
+    """One flag per TrainConfig option (fastmlp.workflow.config.OPTIONS), generated from it. Unset
     flags stay unset (SUPPRESS), so the command knows which were given (--resume, --preset)."""
     for opt in OPTIONS:
         if opt.flag is None:
@@ -233,13 +236,13 @@ def _add_train_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         f"override them (not with --resume). {presets}",
     )
     _add_config_flags(
-        t.add_argument_group("training options (the fields of fastmlp.train.TrainConfig)")
+        t.add_argument_group("training options (the fields of fastmlp.workflow.train.TrainConfig)")
     )
     t.set_defaults(func=_cmd_train)
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
-    from fastmlp.config import TrainConfig
+    from fastmlp.workflow.config import TrainConfig
 
     e = sub.add_parser(
         "evaluate",
@@ -411,8 +414,8 @@ def _add_grid_flags(g: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastmlp.config import TrainConfig, resume_ignores
-    from fastmlp.train import fit
+    from fastmlp.workflow.config import TrainConfig, resume_ignores
+    from fastmlp.workflow.train import fit
 
     # Only the flags given are in args (SUPPRESS): a preset or the checkpoint fills the rest.
     given = {o.name: vars(args)[o.name] for o in OPTIONS if o.flag and o.name in vars(args)}
@@ -422,7 +425,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "fastmlp train: error: --preset cannot be used with --resume: a resumed run "
                 "keeps its saved config (see 'fastmlp train --help')"
             )
-        # fit() applies the rule (fastmlp.config.resume_config); this only says what it drops.
+        # fit() applies the rule (config.resume_config); this only says what it drops.
         ignored = resume_ignores(given)
         if ignored and _rank() == 0:
             flags = ", ".join(_flag(name) for name in ignored)
@@ -494,7 +497,7 @@ def _rank() -> int:
 def _load_model(
     path: str, device: str, trust: bool, prog: str
 ) -> tuple[torch.nn.Module, torch.device]:
-    """The model in ``path`` (fastmlp.checkpoint.load_model): a whole pickled model as it
+    """The model in ``path`` (fastmlp.workflow.checkpoint.load_model): a whole pickled model as it
     is, else built from the recorded architecture, else the tutorial's ReLU MLP with a note
     on stderr saying so."""
     from fastmlp.hardware import resolve_device
@@ -508,7 +511,7 @@ def _load_model(
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastmlp.loops import evaluate, test_error_line
+    from fastmlp.workflow.loops import evaluate, test_error_line
 
     model, dev = _load_model(args.checkpoint, args.device, args.trust, "fastmlp evaluate")
     images, labels = data.load_split(False, args.data)
@@ -550,7 +553,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:
-    from fastmlp import plots
+    from fastmlp.workflow import plots
 
     images, labels = data.load_split(not args.test, args.data)
     g = torch.Generator()
@@ -574,7 +577,7 @@ _GRID_SHORT = dict(
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fastmlp import bench
+    from fastmlp.bench import epochs as bench
     from fastmlp.hardware import resolve_device
 
     if args.grid:
@@ -678,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILURE
         # data/checkpoint errors are ValueError/OSError/RuntimeError subclasses and carry
         # complete messages; others get their type name for context.
-        from fastmlp.train import TrainingDiverged
+        from fastmlp.workflow.train import TrainingDiverged
 
         known = (
             data.DataNotFoundError,
