@@ -44,8 +44,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastmlp import _C  # noqa: F401  (the ops must exist before they can be registered)
-from fastmlp.ops import apply_activation, saves_preactivation
+from fastmlp import (
+    _C,  # noqa: F401  (the ops must exist before they can be registered)
+    activations,
+)
+from fastmlp.activations import apply as apply_activation
+from fastmlp.activations import saves_preactivation
 
 __all__ = ["OPS", "OpExport", "decompositions", "portable", "register"]
 
@@ -130,23 +134,7 @@ def _act_backward(
 ) -> torch.Tensor:
     """``g`` through the activation's derivative, by PyTorch's own backward formulas;
     ``saved`` is the activation's output when ``is_output``, else its pre-activation."""
-    aten = torch.ops.aten
-    if kind == "none":
-        return g
-    if kind == "relu":  # threshold_backward: blocked where <= 0, NaN passes (z or relu(z))
-        return torch.where(saved <= 0, torch.zeros_like(g), g)
-    if kind == "leaky_relu":
-        return aten.leaky_relu_backward(g, saved, negative_slope, is_output)
-    if kind in ("tanh", "sigmoid"):
-        y = saved if is_output else apply_activation(saved, kind, negative_slope)
-        return (aten.tanh_backward if kind == "tanh" else aten.sigmoid_backward)(g, y)
-    if kind == "silu":
-        return aten.silu_backward(g, saved)
-    if kind == "gelu":
-        return aten.gelu_backward(g, saved)
-    if kind == "gelu_tanh":
-        return aten.gelu_backward(g, saved, approximate="tanh")
-    raise ValueError(f"fastmlp: unknown activation {kind!r}")
+    return activations.backward(g, saved, kind, negative_slope, is_output)
 
 
 def _mlp(

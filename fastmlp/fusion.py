@@ -7,7 +7,6 @@ children with each run in place of the children it covers). Used by
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, cast, overload
 
@@ -16,19 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_mod
 
-from fastmlp.ops import apply_activation, check_activation, linear_act, linear_relu, mlp
+from fastmlp import activations
+from fastmlp.ops import apply_activation, linear_act, linear_relu, mlp
 
 __all__ = ["activation_module"]
 
-# The activation modules fuse() recognises: exact classes (a subclass may have its own
-# forward), as the names of fastmlp.ops.ACTIVATIONS.
-_SIMPLE_ACTIVATIONS: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.SiLU: "silu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-}
-_DEFAULT_SLOPE = 0.01
+_DEFAULT_SLOPE = activations.DEFAULT_NEGATIVE_SLOPE
 
 
 def why_not_plain(module: nn.Module) -> str | None:
@@ -60,31 +52,13 @@ def global_hooks() -> bool:
 
 def _activation_of(module: nn.Module) -> tuple[str, float | None] | None:
     """``(name, negative_slope)`` of an activation module fuse() fuses (the slope only for
-    LeakyReLU), else None."""
-    if why_not_plain(module) is not None:
-        return None
-    kind = _SIMPLE_ACTIVATIONS.get(type(module))
-    if kind is not None:
-        return kind, None
-    if type(module) is nn.GELU and module.approximate in ("none", "tanh"):
-        return ("gelu" if module.approximate == "none" else "gelu_tanh"), None
-    if type(module) is nn.LeakyReLU and math.isfinite(module.negative_slope):
-        return "leaky_relu", float(module.negative_slope)
-    return None
+    LeakyReLU): exactly a class of the activations' table, with nothing to skip."""
+    return None if why_not_plain(module) is not None else activations.from_module(module)
 
 
 def activation_module(name: str, negative_slope: float = _DEFAULT_SLOPE) -> nn.Module | None:
     """The torch.nn module computing activation ``name`` (None for "none")."""
-    check_activation(name)
-    if name == "none":
-        return None
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "leaky_relu":
-        return nn.LeakyReLU(negative_slope)
-    return {v: k for k, v in _SIMPLE_ACTIVATIONS.items()}[name]()
+    return activations.module_for(name, negative_slope)
 
 
 def _describe_activation(name: str, negative_slope: float) -> str:

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import NoReturn, SupportsIndex, overload
 
 import torch
-import torch.nn.functional as F
 
-from fastmlp import _C  # noqa: F401  (loading the library registers the ops and autograd)
+from fastmlp import (
+    _C,  # noqa: F401  (loading the library registers the ops and autograd)
+    activations,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,24 +39,11 @@ __all__ = [
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-#: The activations the ops take, by name, each computed as the torch.nn.functional call:
-#: relu, leaky_relu (``F.leaky_relu(z, negative_slope)``), tanh, sigmoid, none (identity),
-#: gelu (``F.gelu(z)``, the erf form), gelu_tanh (``F.gelu(z, approximate="tanh")``), silu.
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "none", "gelu", "gelu_tanh", "silu")
-
-# Those whose backward needs the pre-activation; the others' needs their output (and
-# leaky_relu's its output only while negative_slope >= 0, which keeps the sign).
-_SAVES_PREACTIVATION = frozenset(["gelu", "gelu_tanh", "silu"])
-
-
-def check_activation(name: object, argument: str = "activation", op: str = "fastmlp.mlp") -> str:
-    """``name`` if it is one of :data:`ACTIVATIONS`, else a ValueError naming the argument
-    and listing the valid names."""
-    if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"{op}: {argument} must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}"
-        )
-    return name
+#: The activations the ops take, by name (the table and its rules: fastmlp.activations).
+ACTIVATIONS = activations.NAMES
+check_activation = activations.check
+apply_activation = activations.apply
+saves_preactivation = activations.saves_preactivation
 
 
 def _check_sizes(sizes: object, argument: str, op: str) -> tuple[int, ...]:
@@ -88,33 +77,6 @@ def _check_negative_slope(negative_slope: object, op: str) -> float:
     if not math.isfinite(negative_slope):
         raise ValueError(f"{op}: negative_slope must be a finite number, got {negative_slope!r}")
     return float(negative_slope)
-
-
-def apply_activation(z: torch.Tensor, name: str, negative_slope: float = 0.01) -> torch.Tensor:
-    """The activation ``name`` of :data:`ACTIVATIONS` applied to ``z`` in plain PyTorch,
-    as the ops compute it (the decompositions of :mod:`fastmlp.export` use it)."""
-    if name == "relu":
-        return torch.relu(z)
-    if name == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    if name == "tanh":
-        return torch.tanh(z)
-    if name == "sigmoid":
-        return torch.sigmoid(z)
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "silu":
-        return F.silu(z)
-    check_activation(name)
-    return z  # "none"
-
-
-def saves_preactivation(activation: str, negative_slope: float = 0.01) -> bool:
-    """Whether a hidden layer with ``activation`` saves its pre-activation for backward
-    (else it saves its output); the ops' ``hidden`` follow this rule."""
-    return activation in _SAVES_PREACTIVATION or (activation == "leaky_relu" and negative_slope < 0)
 
 
 def linear_relu(

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmlp import activations
+
 __all__ = [
     "ERROR_FLOOR",
     "NeuralNetwork",
@@ -109,19 +111,9 @@ def mlp_layers(
 def activation_ref(
     z: torch.Tensor, activation: str = "relu", negative_slope: float = 0.01
 ) -> torch.Tensor:
-    """The activation named ``activation`` (a name of fastmlp.ops.ACTIVATIONS) as
+    """The activation named ``activation`` (a name of fastmlp.activations.NAMES) as
     torch.nn.functional computes it: what the fused ops must compute."""
-    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "relu": F.relu,
-        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "none": lambda t: t,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "silu": F.silu,
-    }
-    return functions[activation](z)
+    return activations.apply(z, activation, negative_slope)
 
 
 def mlp_ref(

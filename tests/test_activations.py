@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmlp
+from fastmlp import activations
 from fastmlp.nn import MLP, FusedSequential, describe_fusion, fuse, unfuse
 from fastmlp.ops import ACTIVATIONS, linear_act, mlp
 from fastmlp.testing import activation_ref, assert_mlp_matches_torch, mlp_layers, mlp_ref
@@ -184,7 +185,8 @@ def test_opcheck(kind, dtype):
 
 def test_hidden_saves_what_each_activation_needs():
     # The output for relu/tanh/sigmoid/none/leaky_relu (slope >= 0), the pre-activation
-    # for gelu/gelu_tanh/silu and leaky_relu with a negative slope; with an output
+    # for gelu/gelu_tanh/silu and leaky_relu with a negative slope (as fastmlp.activations
+    # says: the check that C++ and Python agree); with an output
     # activation, one more entry: the last layer's pre-activation.
     weights, biases = mlp_layers(
         (4, 6, 5, 3), torch.float64, True, torch.Generator().manual_seed(9)
@@ -197,7 +199,8 @@ def test_hidden_saves_what_each_activation_needs():
             h0 = activation_ref(z0, activation, slope)
             z1 = F.linear(h0, weights[1], biases[1])
             h1 = activation_ref(z1, activation, slope)
-            pre = activation in ("gelu", "gelu_tanh", "silu") or slope < 0
+            # The kernels' rule (saves_output in C++) must be the Python table's.
+            pre = activations.saves_preactivation(activation, slope)
             want = [z0, z1] if pre else [h0, h1]
             if out != "none":
                 want.append(F.linear(h1, weights[2], biases[2]))
@@ -555,3 +558,26 @@ def test_fused_sequential_follows_changed_activation_settings():
     model(x)
     model[1].negative_slope = 0.5  # the plan must not keep the old slope
     torch.testing.assert_close(model(x), model[2](F.leaky_relu(model[0](x), 0.5)))
+
+
+@pytest.mark.parametrize("kind,slope", KINDS, ids=KIND_IDS)
+def test_each_row_of_the_table_agrees_with_itself(kind, slope):
+    # fastmlp.activations is the one Python table: its module, forward and backward must be
+    # one activation (the backward from what the row says is saved), as torch computes it.
+    module = activations.module_for(kind, slope)
+    z = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    z.data[:3] = torch.tensor([0.0, float("inf"), -float("inf")], dtype=torch.float64)
+    if kind == "none":
+        assert module is None and activations.from_module(nn.Identity()) is None
+        y = z * 1
+    else:
+        assert activations.from_module(module) == (kind, slope if kind == "leaky_relu" else None)
+        y = module(z)
+    torch.testing.assert_close(activations.apply(z, kind, slope), y, equal_nan=True)
+    g = torch.randn_like(z)
+    (expected,) = torch.autograd.grad(y, z, g)
+    pre = activations.saves_preactivation(kind, slope)
+    saved = (z if pre else y).detach()
+    got = activations.backward(g, saved, kind, slope, saved_is_output=not pre)
+    finite = torch.isfinite(z.detach())  # at +-inf PyTorch's own formulas give NaN or 0
+    torch.testing.assert_close(got[finite], expected[finite])
