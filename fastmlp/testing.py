@@ -54,14 +54,6 @@ ERROR_FLOOR = {
 _MlpFn = Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None], torch.Tensor]
 _T = TypeVar("_T")
 
-_DTYPE_NAME = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-}
-
-
 class NeuralNetwork(nn.Module):
     """The model of the "Learn the Basics" tutorial (section 4), verbatim."""
 
@@ -273,15 +265,6 @@ def scaled_err(a: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> f
         return 0.0
     diff = (a.double() - ref.double()).norm()
     return (diff / magnitude.double().norm().clamp_min(1e-300)).item()
-
-
-def precision_name(dtype: torch.dtype) -> str:
-    """fp64/fp32/tf32/bf16/fp16: float32 counts as tf32 when CUDA matmuls may use TF32
-    (only meaningful for CUDA results)."""
-    name = _DTYPE_NAME[dtype]
-    if name == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return name
 
 
 def assert_error_bounded(

@@ -1,10 +1,10 @@
-"""The ``fastmlp`` command: train, evaluate, predict, samples.
+"""The ``fastmlp`` command: train, evaluate, predict, samples, bench.
 
-A thin shell over :mod:`fastmlp.workflow.train`, :mod:`fastmlp.workflow.checkpoint` and
-:mod:`fastmlp.workflow.data`.
-Every failure a user can cause (a bad flag or value, missing data, a damaged or unsafe
-checkpoint, an unreadable image) ends in a short ``fastmlp …: error: …`` message on stderr
-and a non-zero exit status, never a traceback (set ``FASTMLP_DEBUG=1`` to get one).
+A thin shell over :mod:`fastmlp.workflow.train`, :mod:`fastmlp.workflow.checkpoint`,
+:mod:`fastmlp.workflow.data` and :mod:`fastmlp.bench`. Every failure a user can cause (a
+bad flag or value, missing data, a damaged or unsafe checkpoint, an unreadable image) ends
+in a short ``fastmlp …: error: …`` message on stderr and a non-zero exit status, never a
+traceback (set ``FASTMLP_DEBUG=1`` to get one).
 """
 
 from __future__ import annotations
