@@ -54,6 +54,7 @@ ERROR_FLOOR = {
 _MlpFn = Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None], torch.Tensor]
 _T = TypeVar("_T")
 
+
 class NeuralNetwork(nn.Module):
     """The model of the "Learn the Basics" tutorial (section 4), verbatim."""
 

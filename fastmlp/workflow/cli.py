@@ -314,7 +314,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "needed), in fp32 and bf16, with the GEMM rate and the floor it sets. Names the CPU, "
         "its bf16 support and what --precision auto picks. With --grid, the shape grid "
         "instead: fastmlp against eager PyTorch and torch.compile on the CPU across widths, "
-        "depths, batch sizes, dtypes and modes.",
+        "depths, batch sizes, dtypes and modes. With --serve, CPU inference as a service runs "
+        "it: latency (p50/p99) at batch 1 and 8 and throughput at 64 and 4096 of the "
+        "tutorial's MLP and a narrow one, against eager PyTorch and ONNX Runtime.",
     )
     b.add_argument("--device", default="auto", help=_device_help())
     b.add_argument(
@@ -330,7 +332,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--short",
         action="store_true",
         help="a few seconds: a small epoch, few steps (with --grid: width 32, depth 2, "
-        "batch 16, 1 round, eager and fastmlp only, unless the grid options say otherwise)",
+        "batch 16, 1 round, eager and fastmlp only, unless the grid options say otherwise; "
+        "with --serve: batch 1 and 64, 2 short rounds)",
+    )
+    b.add_argument(
+        "--serve",
+        action="store_true",
+        help="time CPU inference as a service runs it instead (fp32, inference_mode): "
+        "latency and throughput of fastmlp against eager PyTorch, ONNX Runtime where installed, "
+        "and with --compile torch.compile and max-autotune (see docs/benchmarks.md)",
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_grid_flags(b.add_argument_group("shape grid (--grid; see docs/benchmarks.md)"))
@@ -580,12 +590,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fastmlp.bench import epochs as bench
     from fastmlp.hardware import resolve_device
 
+    if args.grid and args.serve:
+        raise UsageError("fastmlp bench: error: choose one of --grid and --serve")
     if args.grid:
         return _cmd_bench_grid(args)
     given = [k for k in _GRID_KNOBS if getattr(args, k) is not None]
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise UsageError(f"fastmlp bench: error: {flag} needs --grid (see 'fastmlp bench --help')")
+    if args.serve:
+        return _cmd_bench_serve(args)
     dev = resolve_device(args.device)
     if args.precision == "all":
         precisions: tuple[str, ...] = ("fp32", "bf16")
@@ -597,6 +611,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         dev, samples=samples, steps=steps, precisions=precisions, compile=args.compile, log=log
     )
     print(result.to_json() if args.json else bench.format_table(result))
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from fastmlp.bench import serve
+    from fastmlp.hardware import resolve_device
+
+    if args.precision != "all":
+        raise UsageError("fastmlp bench: error: --serve times fp32 only; leave out --precision")
+    if args.device != "auto" and resolve_device(args.device).type != "cpu":
+        raise UsageError("fastmlp bench: error: --serve times the CPU; use --device cpu")
+    short: dict[str, Any] = {}
+    if args.short:
+        short = dict(latency_batches=(1,), throughput_batches=(64,), rounds=2, round_s=0.02)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = serve.run(variants=serve.default_variants(args.compile), log=log, **short)
+    print(result.to_json() if args.json else serve.format_markdown(result))
     return 0
 
 
