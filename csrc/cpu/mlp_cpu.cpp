@@ -8,8 +8,8 @@
 // gradient tensors accumulated and zeroed by separate passes and bookkeeping
 // around each. Here forward is the fused Linear+ReLU block of every hidden
 // layer (the same one linear_relu and mlp_sgd_step run; another activation
-// is another epilogue of that block, activations.h) and one addmm for the
-// last layer (or the block again, with the output activation); backward is
+// is another epilogue of that block, activation_epilogues.h) and one addmm for
+// the last layer (or the block again, with the output activation); backward is
 // mlp_sgd_step's layer backward (mlp_blocks.h) with an epilogue that writes
 // each thread's rows of the weight gradient straight into the tensor autograd
 // hands to .grad, instead of updating the weights.
@@ -22,14 +22,14 @@
 #include <tuple>
 #include <vector>
 
-#include "activation.h"
-#include "aten_engine.h"
+#include "activation_kinds.h"
+#include "aten/aten_engine.h"
 #include "checks.h"
-#include "cpu/activations.h"
-#include "cpu/cpu_kernels.h"
-#include "cpu/engine_rule.h"
-#include "cpu/mlp_blocks.h"
-#include "cpu/mlp_rowblock.h"
+#include "cpu/kernels/activation_epilogues.h"
+#include "cpu/kernels/cpu_kernels.h"
+#include "cpu/kernels/mlp_blocks.h"
+#include "cpu/paths/rowblock.h"
+#include "cpu/paths/rule.h"
 
 namespace fastmlp {
 namespace {
@@ -215,7 +215,7 @@ at::Tensor mlp_inference_cpu(const at::Tensor& x, at::TensorList weights,
   return std::get<0>(mlp_forward(x, a, MlpPhase::kInference));
 }
 
-// What mlp_backward computes (GradRequest, mlp_rowblock.h) from its
+// What mlp_backward computes (GradRequest, paths/rowblock.h) from its
 // output_mask.
 GradRequest parse_mask(const std::vector<bool>& mask, size_t L) {
   GradRequest m;

@@ -1,6 +1,6 @@
 // CUDA implementations of fastmlp::linear_relu and linear_relu_backward:
 // the op glue. Three engines sit behind the two ops, and the validated-engine
-// rule (cuda_engines.h) picks one per call:
+// rule (cuda/engine_rule.h) picks one per call:
 //
 //   custom    our kernels (gemm_kernels.cu): tensor-core GEMM with bias+ReLU
 //             fused into the epilogue; the backward applies the ReLU mask
@@ -37,12 +37,12 @@
 #include <limits>
 #include <vector>
 
-#include "aten_engine.h"
+#include "aten/aten_engine.h"
 #include "checks.h"
 #include "common_math.h"
 #include "cuda/cublaslt.h"
+#include "cuda/engine_rule.h"
 #include "cuda/gemm_kernels.cuh"
-#include "cuda_engines.h"
 
 namespace fastmlp {
 namespace {

@@ -16,9 +16,9 @@
 #include <utility>
 #include <vector>
 
-#include "aten_engine.h"
-#include "cpu/blas.h"
-#include "cpu/mlp_rowblock.h"
+#include "aten/aten_engine.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/paths/rowblock.h"
 
 namespace {
 
@@ -716,7 +716,7 @@ void set_cpu_path(const std::string& path) {
 
 int main() {
   at::manual_seed(0);
-  // The whole-MLP tests once per CPU path (engine_rule.h), then on the rule's
+  // The whole-MLP tests once per CPU path (paths/rule.h), then on the rule's
   // own choice.
   for (const char* path : {"layered", "row_blocked"}) {
     set_cpu_path(path);

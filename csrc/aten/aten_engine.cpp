@@ -1,5 +1,5 @@
 // See aten_engine.h.
-#include "aten_engine.h"
+#include "aten/aten_engine.h"
 
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

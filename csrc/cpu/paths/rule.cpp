@@ -1,6 +1,6 @@
-// The CPU engine rule (engine_rule.h) and the ops fastmlp/engines.py reads it
+// The CPU engine rule (paths/rule.h) and the ops fastmlp/engines.py reads it
 // through.
-#include "cpu/engine_rule.h"
+#include "cpu/paths/rule.h"
 
 #include <torch/library.h>
 
@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/blas.h"
-#include "cpu/mlp_rowblock.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/paths/rowblock.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -1,7 +1,7 @@
 // The activations of the whole-MLP ops (fastmlp::mlp / mlp_backward): their
 // names, parsed in this one place for every backend, and what each saves for
 // the backward. Device-generic (no vector code): the CPU kernels are in
-// cpu/activations.h, the ATen versions in aten_engine.cpp.
+// cpu/kernels/activation_epilogues.h, the ATen versions in aten_engine.cpp.
 #pragma once
 
 #include <c10/util/Exception.h>

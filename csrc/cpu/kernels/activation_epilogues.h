@@ -20,8 +20,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "activation.h"
-#include "cpu/cpu_kernels.h"
+#include "activation_kinds.h"
+#include "cpu/kernels/cpu_kernels.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -1,5 +1,5 @@
 // Direct calls of the BLAS inside torch (MKL on x86-64 builds) for the small
-// GEMMs of the row-blocked engine (mlp_rowblock.h).
+// GEMMs of the row-blocked engine (paths/rowblock.h).
 //
 // Why not at::mm_out: a row block of a narrow network is a GEMM of a few
 // hundred rows by 32-256 columns, 10-50 us of arithmetic, and an ATen call
@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/scratch.h"
+#include "cpu/kernels/scratch.h"
 
 extern "C" {
 // Column-major BLAS (Fortran calling convention, LP64 integers as MKL's
@@ -165,7 +165,7 @@ inline void gemm_tn(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
 // 89 GFLOP/s in sgemm and 211 in brgemm (128x256x256: 98 and 232). For a
 // GEMV (one row: batch 1) sgemm was the faster (39 vs 29 GFLOP/s).
 // brgemm takes B as k x n: the forward passes W.T made once per call
-// (mlp_rowblock.h: gemm_nt stays sgemm), the weight gradient transposes its
+// (paths/rowblock.h: gemm_nt stays sgemm), the weight gradient transposes its
 // block of the output gradient into per-thread scratch (O(m k) work for an
 // O(m n k) product). brgemm is a micro-kernel: products larger than the
 // caches are cut into blocks (brgemm_nn).

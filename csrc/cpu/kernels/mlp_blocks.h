@@ -14,9 +14,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/blas.h"
-#include "cpu/cpu_kernels.h"
-#include "cpu/scratch.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/kernels/cpu_kernels.h"
+#include "cpu/kernels/scratch.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -12,10 +12,10 @@
 // in L1/L2) and small batches (one block on the calling thread: no thread
 // hand-off, no allocation). The GEMMs are the BLAS's (blas.h), called once
 // per layer and block; bias, activation and its derivative are epilogues
-// (activations.h). float, double and bfloat16 (float accumulation, each
-// GEMM's output rounded once as torch's; the weight and bias gradients summed
-// in float over the whole batch and rounded once); float16 and a torch
-// without MKL run the layer-by-layer engine (engine_rule.h).
+// (activation_epilogues.h). float, double and bfloat16 (float accumulation,
+// each GEMM's output rounded once as torch's; the weight and bias gradients
+// summed in float over the whole batch and rounded once); float16 and a torch
+// without MKL run the layer-by-layer engine (paths/rule.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,10 +24,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "activation.h"
-#include "cpu/activations.h"
-#include "cpu/blas.h"
-#include "cpu/cpu_kernels.h"
+#include "activation_kinds.h"
+#include "cpu/kernels/activation_epilogues.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/kernels/cpu_kernels.h"
 
 namespace fastmlp {
 namespace cpu {

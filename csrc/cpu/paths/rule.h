@@ -6,7 +6,7 @@
 //                over threads by output features (mlp_cpu.cpp): best where
 //                the layers are wide, whose GEMMs are compute-bound.
 //   row_blocked  block by block of rows through every layer
-//                (mlp_rowblock.h): best for narrow networks, whose layers are
+//                (paths/rowblock.h): best for narrow networks, whose layers are
 //                cheap GEMMs over activations that no longer fit a cache, and
 //                for small batches (one block, on the calling thread).
 //   aten         plain ATen ops layer by layer (aten_engine.h): what eager
