@@ -28,6 +28,7 @@
 #include "cpu/kernels/activation_epilogues.h"
 #include "cpu/kernels/blas.h"
 #include "cpu/kernels/cpu_kernels.h"
+#include "cpu/paths/grad_request.h"
 
 namespace fastmlp {
 namespace cpu {
@@ -292,13 +293,6 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
     }
   });
 }
-
-// Which gradients mlp_backward computes, as the engines read them.
-struct GradRequest {
-  bool grad_x = false;
-  std::vector<bool> weight, bias;
-  size_t lowest = 0;  // the lowest layer the gradient must reach
-};
 
 // Per-thread gradient accumulators of the row-blocked backward: for each
 // layer from `lowest` up, its weight gradient (n x k) when asked for, then
