@@ -31,7 +31,7 @@ namespace {
 
 using namespace cpu;  // NOLINT: the paths this file runs
 
-// The widths of an MLP as the engine rule reads them: in_features, then
+// The widths of an MLP as the path rule reads them: in_features, then
 // each layer's out_features.
 std::vector<int64_t> mlp_widths(const std::vector<at::Tensor>& w) {
   std::vector<int64_t> widths{w[0].size(1)};

@@ -642,7 +642,7 @@ void test_mlp_activations() {
       "hidden must hold 2 tensors", "hidden count with output activation");
 }
 
-// The BLAS wrappers of the row-blocked engine (blas.h) against ATen's
+// The BLAS wrappers of the row-blocked path (blas.h) against ATen's
 // products, on odd shapes and row strides wider than the rows: double (MKL's
 // dgemm) and float (oneDNN's brgemm from 16 rows where torch has it, else
 // MKL's sgemm).

@@ -1,5 +1,5 @@
 // Direct calls of the BLAS inside torch (MKL on x86-64 builds) for the small
-// GEMMs of the row-blocked engine (paths/rowblock.h).
+// GEMMs of the row-blocked path (paths/rowblock.h).
 //
 // Why not at::mm_out: a row block of a narrow network is a GEMM of a few
 // hundred rows by 32-256 columns, 10-50 us of arithmetic, and an ATen call
@@ -12,7 +12,7 @@
 //
 // The symbols are declared weak: torch's x86-64 Linux builds export MKL's
 // Fortran BLAS from libtorch_cpu, but a torch built without MKL does not, and
-// then blas_available() is false and the engine's rule never picks the path
+// then blas_available() is false and the path rule never picks the path
 // that needs it (forcing that path raises). The extension still loads.
 #pragma once
 
@@ -412,8 +412,8 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
 }
 
 // While alive, the BLAS calls of this thread run on this thread only: the
-// engine threads the work itself, and a call made outside a parallel region
-// (one row block) must not wake the library's pool for a tiny GEMM.
+// row-blocked path threads the work itself, and a call made outside a parallel
+// region (one row block) must not wake the library's pool for a tiny GEMM.
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas()

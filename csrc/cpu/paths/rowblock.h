@@ -1,4 +1,4 @@
-// The row-blocked engine of the whole-MLP ops on CPU ("fully fused", as
+// The row-blocked path of the whole-MLP ops on CPU ("fully fused", as
 // tiny-cuda-nn calls it on GPUs): a block of rows goes through every layer
 // before the next block starts, so its activations stay in the core's cache;
 // backward walks each block down through the layers the same way, each thread
@@ -6,7 +6,7 @@
 // the end. Nothing is written to memory but the output, what autograd saves
 // (mlp's `hidden`; nothing at all for inference) and the gradients.
 //
-// It wins where the layer-by-layer engine (mlp_cpu.cpp) pays memory traffic
+// It wins where the layered path (paths/layered.h) pays memory traffic
 // and per-call costs for little arithmetic: narrow networks on big batches
 // (each layer's activations of a whole batch are megabytes that a block keeps
 // in L1/L2) and small batches (one block on the calling thread: no thread
@@ -15,7 +15,7 @@
 // (activation_epilogues.h). float, double and bfloat16 (float accumulation,
 // each GEMM's output rounded once as torch's; the weight and bias gradients
 // summed in float over the whole batch and rounded once); float16 and a torch
-// without MKL run the layer-by-layer engine (paths/rule.h).
+// without MKL run the layered path (paths/rule.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,9 +50,9 @@ inline int64_t rowblock_rows(int64_t max_width, int64_t elem_size) {
 // it the hand-off costs more than the second core saves.
 constexpr int64_t kMinRowsPerThread = 64;
 
-// The threads the engine's parallel_for will use: one inside a parallel
+// The threads the path's parallel_for will use: one inside a parallel
 // region (it then runs inline).
-inline int64_t engine_threads() {
+inline int64_t path_threads() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
@@ -68,7 +68,7 @@ inline int64_t balanced_block_rows(int64_t M, int64_t max_width,
   return std::max<int64_t>(8, ceil_div(ceil_div(M, blocks), 8) * 8);
 }
 
-// One layer as the engine reads it: W (n x k, contiguous), its bias (n, or
+// One layer as the path reads it: W (n x k, contiguous), its bias (n, or
 // nullptr) and, for float forwards on brgemm, W.T (k x n, contiguous: the
 // operand layout brgemm takes; nullptr otherwise), made once per call rather
 // than once per block.
@@ -229,7 +229,7 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   const size_t L = layers.size();
   const int64_t M = x2.size(0), K0 = x2.size(1);
   const int64_t max_width = widest_layer(layers);
-  const int64_t threads = engine_threads();
+  const int64_t threads = path_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   const bool training = !hidden.empty();
   // Layers that save their output compute the activation in place.
@@ -371,7 +371,7 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
   const size_t L = layers.size();
   const int64_t M = gy2.size(0);
   const int64_t max_width = widest_layer(layers);
-  const int64_t threads = engine_threads();
+  const int64_t threads = path_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   using acc_t = math_t<T>;
   // One block (a small batch) of float or double: its sums are the gradients,
