@@ -139,6 +139,7 @@ def kernel_sources(with_cuda: bool) -> list[str]:
     csrc/. csrc/cuda holds the CUDA backend: .cu files for nvcc and ATen-only .cpp files
     for the host compiler, built only with CUDA (a CPU build must not register CUDA
     kernels), but for CUDA_FREE_SOURCES, built in every build."""
+
     def found(pattern: str) -> list[str]:
         return [os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/{pattern}", recursive=True)]
 
