@@ -1,5 +1,10 @@
-// Direct calls of the BLAS inside torch (MKL on x86-64 builds) for the small
-// GEMMs of the row-blocked path (paths/rowblock.h).
+// Direct calls of the GEMMs inside torch, for the small GEMMs of the
+// row-blocked path (paths/rowblock.h) and the per-thread GEMMs of the
+// layer-by-layer blocks (mm_on_this_thread: the layered path, mlp_sgd_step):
+// float by oneDNN's batch-reduce GEMM micro-kernel (brgemm, in cache blocks)
+// where this torch has it, else MKL's sgemm (see brgemm_f32_available for
+// why and when); double by MKL's dgemm; bfloat16 by MKL's
+// cblas_gemm_bf16bf16f32.
 //
 // Why not at::mm_out: a row block of a narrow network is a GEMM of a few
 // hundred rows by 32-256 columns, 10-50 us of arithmetic, and an ATen call
@@ -10,7 +15,7 @@
 // float output): native on CPUs with AVX512-BF16 or AMX, emulated (correct,
 // slower) elsewhere.
 //
-// The symbols are declared weak: torch's x86-64 Linux builds export MKL's
+// MKL's symbols are declared weak: torch's x86-64 Linux builds export MKL's
 // Fortran BLAS from libtorch_cpu, but a torch built without MKL does not, and
 // then blas_available() is false and the path rule never picks the path
 // that needs it (forcing that path raises). The extension still loads.

@@ -1,5 +1,6 @@
 // Building blocks of the CPU kernels, shared by the per-layer ops
-// (linear_relu_cpu.cpp) and the whole-step op (mlp_sgd_step_cpu.cpp).
+// (linear_relu_cpu.cpp), the whole-MLP ops' paths (paths/layered.h,
+// paths/rowblock.h) and the whole-step op (mlp_sgd_step_cpu.cpp).
 //
 // The GEMMs are the BLAS that torch ships (MKL / oneDNN through ATen); the
 // fusion around them is ours. Work is split by hand over at::parallel_for so
