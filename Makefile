@@ -24,7 +24,8 @@ FASTMLP_CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export FASTMLP_CUDA MAX_JOBS
 STAMP := $(VENV)/.fastmlp-built-cuda$(FASTMLP_CUDA)
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.txt csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+# Every file under csrc/, at any depth: a change to any of them rebuilds.
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.txt' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 ARGS ?=
 

@@ -129,17 +129,23 @@ def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     return possible
 
 
+# csrc/cuda files that are host code with no CUDA dependency, built in every build:
+# the CUDA engine rule, so that the rule and its report are tested without a GPU.
+CUDA_FREE_SOURCES = ("csrc/cuda/engine_rule.cpp",)
+
+
 def kernel_sources(with_cuda: bool) -> list[str]:
-    """The extension's sources, relative to the repository root. csrc/cuda holds the CUDA
-    backend: .cu files for nvcc and ATen-only .cpp files for the host compiler, all
-    built only with CUDA (a CPU build must not register CUDA kernels)."""
-    cpu = [
-        p
-        for p in glob.glob(f"{ROOT}/csrc/**/*.cpp", recursive=True)
-        if not p.startswith(f"{ROOT}/csrc/cuda/")
-    ]
-    cuda = glob.glob(f"{ROOT}/csrc/cuda/*.cu") + glob.glob(f"{ROOT}/csrc/cuda/*.cpp")
-    return [os.path.relpath(p, ROOT) for p in sorted(cpu + (cuda if with_cuda else []))]
+    """The extension's sources, relative to the repository root, from every folder of
+    csrc/. csrc/cuda holds the CUDA backend: .cu files for nvcc and ATen-only .cpp files
+    for the host compiler, built only with CUDA (a CPU build must not register CUDA
+    kernels), but for CUDA_FREE_SOURCES, built in every build."""
+
+    def found(pattern: str) -> list[str]:
+        return [os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/{pattern}", recursive=True)]
+
+    every = found("csrc/**/*.cpp") + found("csrc/cuda/**/*.cu")
+    cpu = [p for p in every if not p.startswith("csrc/cuda/") or p in CUDA_FREE_SOURCES]
+    return sorted(every if with_cuda else cpu)
 
 
 def build_extensions():

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "activation.h"
+#include "activation_kinds.h"
 
 namespace fastmlp {
 

@@ -7,7 +7,7 @@ through every layer before the next block, so its activations stay in cache; bac
 likewise) and ``aten`` (eager PyTorch's own ops, bit for bit). The first call of each
 shape class measures every path that can run it and keeps the fastest for the process
 (:func:`set_cpu_tuning`; ``FASTMLP_CPU_TUNE=off`` keeps the built-in rule of
-``csrc/cpu/engine_rule.cpp``, whose crossovers are stated there and in docs/cpu.md).
+``csrc/cpu/paths/rule.cpp``, whose crossovers are stated there and in docs/cpu.md).
 :func:`cpu_path` says which path a shape takes and why (rule, measured or forced);
 ``FASTMLP_CPU_PATH=layered|row_blocked|aten`` (read once per process) and
 :func:`set_cpu_path` force one for the process, :func:`force_cpu_path` for the calling
@@ -21,7 +21,7 @@ kernels), ``cublaslt`` (cuBLASLt GEMMs with fastmlp's mask and ReLU passes) and
 ``aten`` (plain ATen ops, correct on every GPU). A fast engine is used by default
 (``FASTMLP_CUDA_ENGINE=auto``) only where a recorded GPU run has validated it for
 that GPU generation and precision: the validated-engine table in
-``csrc/cuda_engines.cpp``, which ``scripts/gpu_check.sh`` fills from a run whose
+``csrc/cuda/engine_rule.cpp``, which ``scripts/gpu_check.sh`` fills from a run whose
 tests all passed. Everywhere else ``auto`` runs ``aten``.
 
 ``FASTMLP_CUDA_ENGINE=custom|cublaslt|aten`` forces an engine; an unvalidated one

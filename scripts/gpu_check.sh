@@ -14,7 +14,7 @@
 # H100/H200 with 16 cores (FASTMLP_GPU_CHECK_BUDGET_S, default 450).
 #
 # Promoting an engine afterwards: copy the printed entries into
-# validated_engines() in csrc/cuda_engines.cpp, and the measured table into
+# validated_engines() in csrc/cuda/engine_rule.cpp, and the measured table into
 # docs/benchmarks.md ("GPU") and docs/cuda.md ("Supported GPUs and engines").
 set -u -o pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the validated-engine entries a GPU run has earned, ready for csrc/cuda_engines.cpp.
+"""Print the validated-engine entries a GPU run has earned, ready for csrc/cuda/engine_rule.cpp.
 
     python scripts/gpu_engine_table.py --tests OUT/test_results.jsonl \\
         [--bench OUT/bench_main.json ...] [--tests-rc RC] [--capability 9.0]

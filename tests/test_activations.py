@@ -309,6 +309,32 @@ def test_non_finite_negative_slope_raises(slope):
         MLP((3, 4, 2), activation="leaky_relu", negative_slope=slope)
 
 
+def test_cpp_activation_names_are_what_its_parser_accepts():
+    """fastmlp._C._activation_names() (C++'s one list, in enum order) names exactly what
+    the ops' parser takes: each name runs as activation and output_activation, and the
+    error for an unknown name lists these names, in this order."""
+    from fastmlp import _C
+
+    names = _C._activation_names()
+    assert isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    assert len(set(names)) == len(names)
+    x = torch.randn(2, 3)
+    for name in names:
+        y, _ = torch.ops.fastmlp.mlp(x, W, [], name, name, 0.01)
+        assert y.shape == (2, W[-1].shape[0])
+    with pytest.raises(RuntimeError) as error:
+        torch.ops.fastmlp.mlp(x, W, [], "bogus", "none", 0.01)
+    assert f"must be one of {', '.join(names)}, got 'bogus'" in str(error.value)
+
+
+def test_python_and_cpp_list_the_same_activations_in_the_same_order():
+    # fastmlp.activations.TABLE (Python's one table) against FASTMLP_ACTIVATIONS (C++'s):
+    # an activation added on one side only fails here.
+    from fastmlp import _C
+
+    assert tuple(_C._activation_names()) == activations.NAMES == ACTIVATIONS
+
+
 def test_raw_ops_reject_bad_names_naming_the_argument():
     x = torch.randn(2, 3)
     with pytest.raises(RuntimeError, match=r"activation.*gelu_erf|gelu_erf.*activation"):

@@ -1,5 +1,5 @@
 """The "aten" CPU path (eager PyTorch's own ops) and the measured path choice: the first
-call of a shape class times every runnable path and keeps the fastest (cpu/engine_rule.h).
+call of a shape class times every runnable path and keeps the fastest (cpu/paths/rule.h).
 Issue 31, item 2."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The validated-engine rule of the CUDA ops (csrc/cuda_engines.cpp), tested without a GPU.
+"""The validated-engine rule of the CUDA ops (csrc/cuda/engine_rule.cpp), tested without a GPU.
 
 The rule is host code compiled into every build: these tests ask it about GPU
 generations by compute capability, with the recorded table and with filled ones.
-Then the CPU path rule (csrc/cpu/engine_rule.cpp): the path and reason per shape, dtype
+Then the CPU path rule (csrc/cpu/paths/rule.cpp): the path and reason per shape, dtype
 and phase, forcing (function, context manager, FASTMLP_CPU_PATH) and the report command.
 """
 
@@ -194,7 +194,7 @@ def test_report_without_a_gpu_says_how_to_ask():
         engines.cuda_engine_report()
 
 
-# --- the CPU path rule (csrc/cpu/engine_rule.cpp) and its report ------------------------
+# --- the CPU path rule (csrc/cpu/paths/rule.cpp) and its report ------------------------
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@
 #include <tuple>
 
 #include "checks.h"
-#include "cpu/cpu_kernels.h"
+#include "cpu/kernels/cpu_kernels.h"
 
 namespace fastmlp {
 namespace {

@@ -131,35 +131,32 @@ void set_pref(cublasLtMatmulPreference_t p,
       cublasLtMatmulPreferenceSetAttribute(p, attr, &value, sizeof(value)));
 }
 
-}  // namespace
-
-size_t algo_cache_size() { return algo_cache().size(); }
-
-bool matmul(const at::Tensor& like, bool transa, bool transb, int64_t m,
-            int64_t n, int64_t k, const void* A, int64_t lda, const void* B,
-            int64_t ldb, void* D, int64_t ldd, const void* bias) {
-  cudaDataType_t dt;
-  cublasComputeType_t ct = CUBLAS_COMPUTE_32F;
-  switch (like.scalar_type()) {
+// The cuBLASLt data and compute types of a GEMM in `dtype` (float32 computes
+// in TF32 when torch allows it); false for a dtype this wrapper does not take.
+bool gemm_types(at::ScalarType dtype, cudaDataType_t* dt,
+                cublasComputeType_t* ct) {
+  *ct = CUBLAS_COMPUTE_32F;
+  switch (dtype) {
     case at::kFloat:
-      dt = CUDA_R_32F;
-      if (tf32_allowed()) ct = CUBLAS_COMPUTE_32F_FAST_TF32;
-      break;
+      *dt = CUDA_R_32F;
+      if (tf32_allowed()) *ct = CUBLAS_COMPUTE_32F_FAST_TF32;
+      return true;
     case at::kBFloat16:
-      dt = CUDA_R_16BF;
-      break;
+      *dt = CUDA_R_16BF;
+      return true;
     case at::kHalf:
-      dt = CUDA_R_16F;
-      break;
+      *dt = CUDA_R_16F;
+      return true;
     default:
       return false;
   }
-  const cublasLtEpilogue_t epi =
-      bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-  const cublasOperation_t opa = transa ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t opb = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+}
 
-  Desc desc;
+// desc.d: the operation op(A) @ op(B), with the bias epilogue when bias is
+// given, accumulated in float.
+void describe_matmul(Desc& desc, cublasComputeType_t ct, cublasOperation_t opa,
+                     cublasOperation_t opb, cublasLtEpilogue_t epi,
+                     const void* bias) {
   FASTMLP_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.d, ct, CUDA_R_32F));
   FASTMLP_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(
       desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
@@ -171,6 +168,53 @@ bool matmul(const at::Tensor& like, bool transa, bool transb, int64_t m,
     FASTMLP_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(
         desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
+}
+
+// *algo: the cached algorithm for `key`, else cuBLASLt's first heuristic
+// choice for it (then cached). False when cuBLASLt has none.
+bool find_algo(const Key& key, cublasLtHandle_t handle, const Desc& desc,
+               const Layout& la, const Layout& lb, const Layout& ld,
+               size_t workspace_bytes, cublasLtMatmulAlgo_t* algo) {
+  if (algo_cache().find(key, algo)) return true;
+  Pref pref;
+  FASTMLP_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
+  set_pref<uint64_t>(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                     workspace_bytes);
+  set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                     key.align_a);
+  set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                     key.align_b);
+  set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                     key.align_d);
+  set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                     key.align_d);
+  cublasLtMatmulHeuristicResult_t result{};
+  int returned = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+      handle, desc.d, la.l, lb.l, ld.l, ld.l, pref.p, 1, &result, &returned);
+  if (st != CUBLAS_STATUS_SUCCESS || returned == 0) return false;
+  *algo = result.algo;
+  algo_cache().insert(key, *algo);
+  return true;
+}
+
+}  // namespace
+
+size_t algo_cache_size() { return algo_cache().size(); }
+
+bool matmul(const at::Tensor& like, bool transa, bool transb, int64_t m,
+            int64_t n, int64_t k, const void* A, int64_t lda, const void* B,
+            int64_t ldb, void* D, int64_t ldd, const void* bias) {
+  cudaDataType_t dt;
+  cublasComputeType_t ct;
+  if (!gemm_types(like.scalar_type(), &dt, &ct)) return false;
+  const cublasLtEpilogue_t epi =
+      bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  const cublasOperation_t opa = transa ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t opb = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+
+  Desc desc;
+  describe_matmul(desc, ct, opa, opb, epi, bias);
   Layout la, lb, ld;
   FASTMLP_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&la.l, dt, transa ? k : m,
                                                     transa ? m : k, lda));
@@ -202,26 +246,8 @@ bool matmul(const at::Tensor& like, bool transa, bool transb, int64_t m,
                 alignment_of(D),
                 0};
   cublasLtMatmulAlgo_t algo;
-  if (!algo_cache().find(key, &algo)) {
-    Pref pref;
-    FASTMLP_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
-    set_pref<uint64_t>(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                       workspace_bytes);
-    set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                       key.align_a);
-    set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                       key.align_b);
-    set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                       key.align_d);
-    set_pref<uint32_t>(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                       key.align_d);
-    cublasLtMatmulHeuristicResult_t result{};
-    int returned = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-        handle, desc.d, la.l, lb.l, ld.l, ld.l, pref.p, 1, &result, &returned);
-    if (st != CUBLAS_STATUS_SUCCESS || returned == 0) return false;
-    algo = result.algo;
-    algo_cache().insert(key, algo);
+  if (!find_algo(key, handle, desc, la, lb, ld, workspace_bytes, &algo)) {
+    return false;
   }
   const float alpha = 1.f, beta = 0.f;
   FASTMLP_CUBLASLT_CHECK(cublasLtMatmul(

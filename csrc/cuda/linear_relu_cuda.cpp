@@ -1,6 +1,6 @@
 // CUDA implementations of fastmlp::linear_relu and linear_relu_backward:
 // the op glue. Three engines sit behind the two ops, and the validated-engine
-// rule (cuda_engines.h) picks one per call:
+// rule (cuda/engine_rule.h) picks one per call:
 //
 //   custom    our kernels (gemm_kernels.cu): tensor-core GEMM with bias+ReLU
 //             fused into the epilogue; the backward applies the ReLU mask
@@ -37,12 +37,12 @@
 #include <limits>
 #include <vector>
 
-#include "aten_engine.h"
+#include "aten/aten_engine.h"
 #include "checks.h"
 #include "common_math.h"
 #include "cuda/cublaslt.h"
+#include "cuda/engine_rule.h"
 #include "cuda/gemm_kernels.cuh"
-#include "cuda_engines.h"
 
 namespace fastmlp {
 namespace {
@@ -186,6 +186,107 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight,
 // ---------------------------------------------------------------------------
 // Backward.
 
+// One linear_relu_backward call on the custom or cuBLASLt engine: its
+// arguments and sizes, grad_y and y contiguous, the launch settings, and the
+// three outputs that the parts below fill.
+struct BackwardCall {
+  const at::Tensor& y;
+  const std::optional<at::Tensor>& x;
+  const std::optional<at::Tensor>& weight;
+  const std::array<bool, 3> mask;
+  const int64_t M, N, K;
+  const at::Tensor gc, yc;  // grad_y and y, contiguous
+  const fk::DType dt;
+  const fk::F32Math f32;
+  const cudaStream_t stream;
+  const at::TensorOptions fopts;  // float32 on y's device: workspaces
+  // One tensor per output, also for the unrequested ones: outputs that
+  // share a TensorImpl would alias, which the schema does not declare.
+  at::Tensor gx, gw, gb;
+};
+
+// The mask and column-sum pass: gm_out (when given) = grad_y where y > 0,
+// and the bias gradient when it is asked for.
+void mask_colsum(const BackwardCall& c, void* gm_out) {
+  const int chunks = fk::colsum_chunks(static_cast<int>(c.M));
+  at::Tensor partial;
+  if (c.mask[2] && chunks > 1)
+    partial = at::empty({int64_t(chunks) * c.N}, c.fopts);
+  C10_CUDA_CHECK(fk::launch_mask_colsum(
+      c.dt, c.gc.data_ptr(), c.yc.data_ptr(), gm_out,
+      c.mask[2] ? c.gb.data_ptr() : nullptr,
+      partial.defined() ? partial.data_ptr<float>() : nullptr,
+      static_cast<int>(c.M), static_cast<int>(c.N), c.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The cuBLASLt engine's backward: one pass for gm = mask(grad_y) and the bias
+// gradient, then a GEMM per asked gradient. False when cuBLASLt has no
+// algorithm for a GEMM (the outputs are then incomplete).
+bool backward_cublaslt(BackwardCall& c) {
+  const int64_t M = c.M, N = c.N, K = c.K;
+  const bool need_gm = c.mask[0] || c.mask[1];
+  at::Tensor gm;
+  if (need_gm) gm = at::empty({M, N}, c.y.options());
+  if (need_gm || c.mask[2]) mask_colsum(c, need_gm ? gm.data_ptr() : nullptr);
+  bool ok = true;
+  if (c.mask[0]) {
+    const at::Tensor wc = c.weight->contiguous();
+    c.gx = at::empty(with_last(c.y.sizes(), K), c.y.options());
+    // grad_x^T (col-major K x M) = W (col-major K x N) @ gm^T (N x M).
+    ok = ok && cublaslt::matmul(c.y, false, false, K, M, N, wc.data_ptr(), K,
+                                gm.data_ptr(), N, c.gx.data_ptr(), K, nullptr);
+  }
+  if (c.mask[1] && ok) {
+    const at::Tensor xc = c.x->contiguous();
+    c.gw = at::empty({N, K}, c.y.options());
+    // grad_W^T (col-major K x N) = x^T (col-major K x M) @ op_T(gm^T).
+    ok = cublaslt::matmul(c.y, false, true, K, N, M, xc.data_ptr(), K,
+                          gm.data_ptr(), N, c.gw.data_ptr(), K, nullptr);
+  }
+  return ok;
+}
+
+// grad_x with our dgrad kernel.
+void custom_dgrad(BackwardCall& c) {
+  const at::Tensor wc = c.weight->contiguous();
+  c.gx = at::empty(with_last(c.y.sizes(), c.K), c.y.options());
+  C10_CUDA_CHECK(fk::launch_dgrad(
+      c.dt, c.f32, c.gc.data_ptr(), c.yc.data_ptr(), wc.data_ptr(),
+      c.gx.data_ptr(), static_cast<int>(c.M), static_cast<int>(c.N),
+      static_cast<int>(c.K), num_sms(c.y), c.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grad_W, and the bias gradient when asked for, with our wgrad kernel.
+void custom_wgrad(BackwardCall& c) {
+  const int M = static_cast<int>(c.M), N = static_cast<int>(c.N),
+            K = static_cast<int>(c.K);
+  const at::Tensor xc = c.x->contiguous();
+  c.gw = at::empty({c.N, c.K}, c.y.options());
+  const int splits = fk::wgrad_splits(M, N, K, num_sms(c.y));
+  const size_t ws = fk::wgrad_workspace_floats(M, N, K, splits);
+  at::Tensor workspace;
+  if (ws > 0) workspace = at::empty({static_cast<int64_t>(ws)}, c.fopts);
+  C10_CUDA_CHECK(fk::launch_wgrad(
+      c.dt, c.f32, c.gc.data_ptr(), c.yc.data_ptr(), xc.data_ptr(),
+      c.gw.data_ptr(), c.mask[2] ? c.gb.data_ptr() : nullptr, M, N, K, splits,
+      workspace.defined() ? workspace.data_ptr<float>() : nullptr, c.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The custom engine's backward, also cuBLASLt's fallback: every asked
+// gradient with our kernels (the bias gradient with wgrad's, or alone by the
+// mask and column-sum pass).
+void backward_custom(BackwardCall& c) {
+  if (c.mask[0]) custom_dgrad(c);
+  if (c.mask[1]) {
+    custom_wgrad(c);
+  } else if (c.mask[2]) {
+    mask_colsum(c, nullptr);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& y,
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
@@ -209,31 +310,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   if (engine == Engine::kAten) {
     return linear_relu_backward_aten(grad_y, y, x, weight, mask);
   }
-
-  const at::Tensor gc = grad_y.contiguous();
-  const at::Tensor yc = y.contiguous();
-  const fk::DType dt = to_kernel_dtype(y.scalar_type());
-  const fk::F32Math f32 = f32_math();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::TensorOptions fopts = y.options().dtype(at::kFloat);
-  // One tensor per output, also for the unrequested ones: outputs that
-  // share a TensorImpl would alias, which the schema does not declare.
-  at::Tensor gx = at::empty({0}, y.options());
-  at::Tensor gw = at::empty({0}, y.options());
-  at::Tensor gb = at::empty({mask[2] ? N : 0}, y.options());
-
-  auto colsum = [&](void* gm_out) {
-    const int chunks = fk::colsum_chunks(static_cast<int>(M));
-    at::Tensor partial;
-    if (mask[2] && chunks > 1)
-      partial = at::empty({int64_t(chunks) * N}, fopts);
-    C10_CUDA_CHECK(fk::launch_mask_colsum(
-        dt, gc.data_ptr(), yc.data_ptr(), gm_out,
-        mask[2] ? gb.data_ptr() : nullptr,
-        partial.defined() ? partial.data_ptr<float>() : nullptr,
-        static_cast<int>(M), static_cast<int>(N), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
+  BackwardCall c{y,
+                 x,
+                 weight,
+                 mask,
+                 M,
+                 N,
+                 K,
+                 grad_y.contiguous(),
+                 y.contiguous(),
+                 to_kernel_dtype(y.scalar_type()),
+                 f32_math(),
+                 at::cuda::getCurrentCUDAStream(),
+                 y.options().dtype(at::kFloat),
+                 at::empty({0}, y.options()),
+                 at::empty({0}, y.options()),
+                 at::empty({mask[2] ? N : 0}, y.options())};
 
   if (engine == Engine::kCublasLt && !fits_colsum(M, N)) {
     // Shapes past the custom kernels' limits are routed to cuBLASLt, but its
@@ -242,27 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     return linear_relu_backward_aten(grad_y, y, x, weight, mask);
   }
   if (engine == Engine::kCublasLt) {
-    // One pass: gm = mask(grad_y) and the bias gradient; then two GEMMs.
-    const bool need_gm = mask[0] || mask[1];
-    at::Tensor gm;
-    if (need_gm) gm = at::empty({M, N}, y.options());
-    if (need_gm || mask[2]) colsum(need_gm ? gm.data_ptr() : nullptr);
-    bool ok = true;
-    if (mask[0]) {
-      const at::Tensor wc = weight->contiguous();
-      gx = at::empty(with_last(y.sizes(), K), y.options());
-      // grad_x^T (col-major K x M) = W (col-major K x N) @ gm^T (N x M).
-      ok = ok && cublaslt::matmul(y, false, false, K, M, N, wc.data_ptr(), K,
-                                  gm.data_ptr(), N, gx.data_ptr(), K, nullptr);
-    }
-    if (mask[1] && ok) {
-      const at::Tensor xc = x->contiguous();
-      gw = at::empty({N, K}, y.options());
-      // grad_W^T (col-major K x N) = x^T (col-major K x M) @ op_T(gm^T).
-      ok = cublaslt::matmul(y, false, true, K, N, M, xc.data_ptr(), K,
-                            gm.data_ptr(), N, gw.data_ptr(), K, nullptr);
-    }
-    if (ok) return {gx, gw, gb};
+    if (backward_cublaslt(c)) return {c.gx, c.gw, c.gb};
     // Shapes our kernels cannot take (see fits_custom) go to ATen instead.
     if (!fits_custom(M, N, K)) {
       return linear_relu_backward_aten(grad_y, y, x, weight, mask);
@@ -273,36 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
         "; using fastmlp's own kernels");
     // fall through: recompute everything with our kernels
   }
-
-  if (mask[0]) {
-    const at::Tensor wc = weight->contiguous();
-    gx = at::empty(with_last(y.sizes(), K), y.options());
-    C10_CUDA_CHECK(fk::launch_dgrad(dt, f32, gc.data_ptr(), yc.data_ptr(),
-                                    wc.data_ptr(), gx.data_ptr(),
-                                    static_cast<int>(M), static_cast<int>(N),
-                                    static_cast<int>(K), num_sms(y), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (mask[1]) {
-    const at::Tensor xc = x->contiguous();
-    gw = at::empty({N, K}, y.options());
-    const int splits =
-        fk::wgrad_splits(static_cast<int>(M), static_cast<int>(N),
-                         static_cast<int>(K), num_sms(y));
-    const size_t ws = fk::wgrad_workspace_floats(
-        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), splits);
-    at::Tensor workspace;
-    if (ws > 0) workspace = at::empty({static_cast<int64_t>(ws)}, fopts);
-    C10_CUDA_CHECK(fk::launch_wgrad(
-        dt, f32, gc.data_ptr(), yc.data_ptr(), xc.data_ptr(), gw.data_ptr(),
-        mask[2] ? gb.data_ptr() : nullptr, static_cast<int>(M),
-        static_cast<int>(N), static_cast<int>(K), splits,
-        workspace.defined() ? workspace.data_ptr<float>() : nullptr, stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (mask[2]) {
-    colsum(nullptr);
-  }
-  return {gx, gw, gb};
+  backward_custom(c);
+  return {c.gx, c.gw, c.gb};
 }
 
 }  // namespace

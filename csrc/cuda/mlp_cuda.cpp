@@ -16,7 +16,7 @@
 #include <tuple>
 #include <vector>
 
-#include "aten_engine.h"
+#include "aten/aten_engine.h"
 #include "checks.h"
 
 namespace fastmlp {

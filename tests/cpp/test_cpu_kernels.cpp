@@ -16,9 +16,9 @@
 #include <utility>
 #include <vector>
 
-#include "aten_engine.h"
-#include "cpu/blas.h"
-#include "cpu/mlp_rowblock.h"
+#include "aten/aten_engine.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/paths/rowblock.h"
 
 namespace {
 
@@ -642,7 +642,7 @@ void test_mlp_activations() {
       "hidden must hold 2 tensors", "hidden count with output activation");
 }
 
-// The BLAS wrappers of the row-blocked engine (blas.h) against ATen's
+// The BLAS wrappers of the row-blocked path (blas.h) against ATen's
 // products, on odd shapes and row strides wider than the rows: double (MKL's
 // dgemm) and float (oneDNN's brgemm from 16 rows where torch has it, else
 // MKL's sgemm).
@@ -716,7 +716,7 @@ void set_cpu_path(const std::string& path) {
 
 int main() {
   at::manual_seed(0);
-  // The whole-MLP tests once per CPU path (engine_rule.h), then on the rule's
+  // The whole-MLP tests once per CPU path (paths/rule.h), then on the rule's
   // own choice.
   for (const char* path : {"layered", "row_blocked"}) {
     set_cpu_path(path);

@@ -2,9 +2,9 @@
 //
 // Device-generic host code, compiled in every build. The CUDA op glue uses it
 // as the engine that is correct on every GPU (the default until a recorded GPU
-// run has validated a faster engine, see cuda_engines.h) and for float64, and
-// the whole-MLP ops' only CUDA engine so far; on the CPU it is the "aten"
-// path (cpu/engine_rule.h), and the C++ tests run it against the CPU kernels.
+// run has validated a faster engine, see cuda/engine_rule.h) and for float64,
+// and the whole-MLP ops' only CUDA engine so far; on the CPU it is the "aten"
+// path (cpu/paths/rule.h), and the C++ tests run it against the CPU kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "activation.h"
+#include "activation_kinds.h"
 
 namespace fastmlp {
 

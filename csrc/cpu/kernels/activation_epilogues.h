@@ -20,8 +20,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "activation.h"
-#include "cpu/cpu_kernels.h"
+#include "activation_kinds.h"
+#include "cpu/kernels/cpu_kernels.h"
 
 namespace fastmlp {
 namespace cpu {
@@ -140,6 +140,7 @@ struct ActDeriv {
 template <typename T, typename F>
 void with_activation_rows(Activation a, double slope, F&& f) {
   const math_t<T> s = static_cast<math_t<T>>(slope);
+  static_assert(kActivationCount == 8, "a case for each activation");
   switch (a) {
     case Activation::kReLU:
       return f(ReluRows<T>{});
@@ -158,6 +159,8 @@ void with_activation_rows(Activation a, double slope, F&& f) {
     case Activation::kSilu:
       return f(ActRows<Activation::kSilu, T>{s});
   }
+  TORCH_CHECK(false, "with_activation_rows: unknown activation ",
+              static_cast<int>(a));
 }
 
 // f(deriv) with the backward of activation a from what the layer saved (its
@@ -167,6 +170,7 @@ template <typename T, typename F>
 void with_activation_deriv(Activation a, bool from_output, double slope,
                            F&& f) {
   const math_t<T> s = static_cast<math_t<T>>(slope);
+  static_assert(kActivationCount == 8, "a case for each activation");
   switch (a) {
     case Activation::kReLU:
       return f(ReluMask<T>{});
@@ -187,6 +191,8 @@ void with_activation_deriv(Activation a, bool from_output, double slope,
     case Activation::kSilu:
       return f(ActDeriv<Activation::kSilu, false, T>{s});
   }
+  TORCH_CHECK(false, "with_activation_deriv: unknown activation ",
+              static_cast<int>(a));
 }
 
 }  // namespace cpu

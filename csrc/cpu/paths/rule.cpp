@@ -1,6 +1,6 @@
-// The CPU engine rule (engine_rule.h) and the ops fastmlp/engines.py reads it
+// The CPU path rule (paths/rule.h) and the ops fastmlp/engines.py reads it
 // through.
-#include "cpu/engine_rule.h"
+#include "cpu/paths/rule.h"
 
 #include <torch/library.h>
 
@@ -13,14 +13,14 @@
 #include <string>
 #include <vector>
 
-#include "cpu/blas.h"
-#include "cpu/mlp_rowblock.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/paths/rowblock.h"
 
 namespace fastmlp {
 namespace cpu {
 namespace {
 
-// Widest layer (out_features) the row-blocked engine takes by default. Above
+// Widest layer (out_features) the row-blocked path takes by default. Above
 // it a layer's GEMM per block is big enough to be compute-bound, and its
 // activations over the batch no longer cost much more than the arithmetic;
 // the per-thread weight-gradient sums also grow with width squared.
@@ -92,7 +92,7 @@ int effective_forced_path() {
 }
 
 // Whether this CPU computes bfloat16 products natively (AVX512-BF16 or AMX);
-// elsewhere MKL emulates them, slower than the layered engine's oneDNN.
+// elsewhere MKL emulates them, slower than the layered path's oneDNN.
 bool native_bf16() {
   static const bool native = [] {
     __builtin_cpu_init();
@@ -102,7 +102,7 @@ bool native_bf16() {
   return native;
 }
 
-// Whether the row-blocked engine can run dtype here (forced or not): bf16
+// Whether the row-blocked path can run dtype here (forced or not): bf16
 // only where it is native (MKL's emulation elsewhere is untested here).
 bool row_blocked_supports(at::ScalarType dtype) {
   switch (dtype) {
@@ -120,7 +120,7 @@ bool row_blocked_supports(at::ScalarType dtype) {
 std::string why_not_row_blocked(at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16) {
     return std::string(
-               "the row-blocked engine runs float32, float64 and bfloat16; ") +
+               "the row-blocked path runs float32, float64 and bfloat16; ") +
            c10::toString(dtype) + " runs layer by layer";
   }
   if (dtype == at::kBFloat16 && !native_bf16()) {
@@ -128,7 +128,7 @@ std::string why_not_row_blocked(at::ScalarType dtype) {
            "runs layer by layer, with oneDNN's GEMMs";
   }
   return std::string("this torch build exports no BLAS (MKL) GEMM for ") +
-         c10::toString(dtype) + " for the row-blocked engine";
+         c10::toString(dtype) + " for the row-blocked path";
 }
 
 // Whether a path left to the rule may be measured (FASTMLP_CPU_TUNE, read

@@ -1,7 +1,7 @@
 // The activations of the whole-MLP ops (fastmlp::mlp / mlp_backward): their
 // names, parsed in this one place for every backend, and what each saves for
 // the backward. Device-generic (no vector code): the CPU kernels are in
-// cpu/activations.h, the ATen versions in aten_engine.cpp.
+// cpu/kernels/activation_epilogues.h, the ATen versions in aten_engine.cpp.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -9,50 +9,62 @@
 
 #include <cmath>
 #include <cstddef>
+#include <iterator>
 #include <string>
 
 namespace fastmlp {
 
+// The activations, listed once: X(enumerator, name) for each, in enum order.
 // Each one is exactly the torch.nn.functional call of the same name:
 // relu, leaky_relu(z, negative_slope), tanh, sigmoid, identity ("none"),
-// gelu(z, approximate="none"), gelu(z, approximate="tanh"), silu.
+// gelu(z, approximate="none"), gelu(z, approximate="tanh"), silu. The enum,
+// the parser, the names (also fastmlp._C._activation_names(), which Python
+// checks its own list against) expand this list; a switch over Activation
+// (here, the CPU epilogues, the ATen engine) states kActivationCount in a
+// static_assert, so that a new entry fails to build until every switch has
+// its case.
+#define FASTMLP_ACTIVATIONS(X) \
+  X(kReLU, "relu")             \
+  X(kLeakyReLU, "leaky_relu")  \
+  X(kTanh, "tanh")             \
+  X(kSigmoid, "sigmoid")       \
+  X(kNone, "none")             \
+  X(kGelu, "gelu")             \
+  X(kGeluTanh, "gelu_tanh")    \
+  X(kSilu, "silu")
+
 enum class Activation {
-  kReLU,
-  kLeakyReLU,
-  kTanh,
-  kSigmoid,
-  kNone,
-  kGelu,
-  kGeluTanh,
-  kSilu,
+#define FASTMLP_ENUMERATOR(kind, name) kind,
+  FASTMLP_ACTIVATIONS(FASTMLP_ENUMERATOR)
+#undef FASTMLP_ENUMERATOR
 };
 
-inline constexpr const char* kActivationNames =
-    "relu, leaky_relu, tanh, sigmoid, none, gelu, gelu_tanh, silu";
+// The names, in enum order.
+inline constexpr const char* kActivationNameList[] = {
+#define FASTMLP_NAME(kind, name) name,
+    FASTMLP_ACTIVATIONS(FASTMLP_NAME)
+#undef FASTMLP_NAME
+};
+inline constexpr size_t kActivationCount = std::size(kActivationNameList);
+
+// The names as one line: "relu, leaky_relu, ...", for error messages.
+inline std::string activation_names_text() {
+  std::string text;
+  for (const char* name : kActivationNameList) {
+    text += text.empty() ? name : std::string(", ") + name;
+  }
+  return text;
+}
 
 // `name` as an Activation; an unknown name is an error naming the argument
 // (`arg`, e.g. "activation") and listing the valid names.
 inline Activation parse_activation(c10::string_view name, const char* op,
                                    const char* arg) {
-  struct Entry {
-    const char* name;
-    Activation kind;
-  };
-  static constexpr Entry kEntries[] = {
-      {"relu", Activation::kReLU},
-      {"leaky_relu", Activation::kLeakyReLU},
-      {"tanh", Activation::kTanh},
-      {"sigmoid", Activation::kSigmoid},
-      {"none", Activation::kNone},
-      {"gelu", Activation::kGelu},
-      {"gelu_tanh", Activation::kGeluTanh},
-      {"silu", Activation::kSilu},
-  };
-  for (const Entry& e : kEntries) {
-    if (name == e.name) return e.kind;
+  for (size_t i = 0; i < kActivationCount; ++i) {
+    if (name == kActivationNameList[i]) return static_cast<Activation>(i);
   }
-  TORCH_CHECK(false, op, arg, " must be one of ", kActivationNames, ", got '",
-              std::string(name.data(), name.size()), "'");
+  TORCH_CHECK(false, op, arg, " must be one of ", activation_names_text(),
+              ", got '", std::string(name.data(), name.size()), "'");
 }
 
 // Whether a layer with this activation saves its output for the backward
@@ -60,6 +72,7 @@ inline Activation parse_activation(c10::string_view name, const char* op,
 // (1 - y) y, leaky_relu's sign when the slope keeps it) rather than its
 // pre-activation z (gelu, gelu_tanh, silu, leaky_relu with a negative slope).
 inline bool saves_output(Activation a, double negative_slope) {
+  static_assert(kActivationCount == 8, "a case for each activation");
   switch (a) {
     case Activation::kGelu:
     case Activation::kGeluTanh:
@@ -67,9 +80,13 @@ inline bool saves_output(Activation a, double negative_slope) {
       return false;
     case Activation::kLeakyReLU:
       return negative_slope >= 0;
-    default:
+    case Activation::kReLU:
+    case Activation::kTanh:
+    case Activation::kSigmoid:
+    case Activation::kNone:
       return true;
   }
+  TORCH_CHECK(false, "saves_output: unknown activation ", static_cast<int>(a));
 }
 
 // The activation arguments of mlp / mlp_backward, parsed and checked.

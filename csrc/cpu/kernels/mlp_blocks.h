@@ -1,9 +1,10 @@
-// The whole-MLP building blocks shared by fastmlp::mlp / mlp_backward
-// (mlp_cpu.cpp) and fastmlp::mlp_sgd_step (mlp_sgd_step_cpu.cpp): the
-// temporaries kept from call to call, and the backward of one layer in which
-// each thread owns a block of the layer's output features (rows of W) from
-// the ReLU mask to the weight gradient, with what happens to that gradient
-// (stored for autograd, or applied as an SGD update) left to an epilogue.
+// The whole-MLP building blocks shared by the layered path of fastmlp::mlp /
+// mlp_backward (paths/layered.h) and fastmlp::mlp_sgd_step
+// (mlp_sgd_step_cpu.cpp): the temporaries kept from call to call, and the
+// backward of one layer in which each thread owns a block of the layer's
+// output features (rows of W) from the ReLU mask to the weight gradient, with
+// what happens to that gradient (stored for autograd, or applied as an SGD
+// update) left to an epilogue.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,9 +15,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/blas.h"
-#include "cpu/cpu_kernels.h"
-#include "cpu/scratch.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/kernels/cpu_kernels.h"
+#include "cpu/kernels/scratch.h"
 
 namespace fastmlp {
 namespace cpu {

@@ -1,6 +1,6 @@
-// See cuda_engines.h. Also registers three small ops through which Python
+// See cuda/engine_rule.h. Also registers three small ops through which Python
 // reports and switches the engine (fastmlp/engines.py).
-#include "cuda_engines.h"
+#include "cuda/engine_rule.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // See aten_engine.h.
-#include "aten_engine.h"
+#include "aten/aten_engine.h"
 
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -22,6 +22,7 @@ struct AtenScope {
 // (a hidden layer's, which it saves as its output).
 at::Tensor activation_aten(at::Tensor z, Activation a, double slope,
                            bool in_place = false) {
+  static_assert(kActivationCount == 8, "a case for each activation");
   switch (a) {
     case Activation::kReLU:
       return in_place ? z.relu_() : at::relu(z);  // NaN stays NaN
@@ -49,6 +50,7 @@ at::Tensor activation_aten(at::Tensor z, Activation a, double slope,
 at::Tensor activation_backward_aten(const at::Tensor& g,
                                     const at::Tensor& saved, bool from_output,
                                     Activation a, double slope) {
+  static_assert(kActivationCount == 8, "a case for each activation");
   switch (a) {
     case Activation::kReLU:
       // Zero where the output is <= 0 (NaN passes); z <= 0 exactly where

@@ -1,12 +1,12 @@
-// Which CPU engine runs a whole-MLP call (fastmlp::mlp, mlp_inference,
+// Which CPU path runs a whole-MLP call (fastmlp::mlp, mlp_inference,
 // mlp_backward): the rule, written once, and the switch that forces a path
 // (for tests and for users who measured their own shapes).
 //
 //   layered      layer by layer over the whole batch, each layer's GEMM split
-//                over threads by output features (mlp_cpu.cpp): best where
+//                over threads by output features (paths/layered.h): best where
 //                the layers are wide, whose GEMMs are compute-bound.
 //   row_blocked  block by block of rows through every layer
-//                (mlp_rowblock.h): best for narrow networks, whose layers are
+//                (paths/rowblock.h): best for narrow networks, whose layers are
 //                cheap GEMMs over activations that no longer fit a cache, and
 //                for small batches (one block, on the calling thread).
 //   aten         plain ATen ops layer by layer (aten_engine.h): what eager

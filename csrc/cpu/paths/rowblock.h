@@ -1,4 +1,4 @@
-// The row-blocked engine of the whole-MLP ops on CPU ("fully fused", as
+// The row-blocked path of the whole-MLP ops on CPU ("fully fused", as
 // tiny-cuda-nn calls it on GPUs): a block of rows goes through every layer
 // before the next block starts, so its activations stay in the core's cache;
 // backward walks each block down through the layers the same way, each thread
@@ -6,16 +6,16 @@
 // the end. Nothing is written to memory but the output, what autograd saves
 // (mlp's `hidden`; nothing at all for inference) and the gradients.
 //
-// It wins where the layer-by-layer engine (mlp_cpu.cpp) pays memory traffic
+// It wins where the layered path (paths/layered.h) pays memory traffic
 // and per-call costs for little arithmetic: narrow networks on big batches
 // (each layer's activations of a whole batch are megabytes that a block keeps
 // in L1/L2) and small batches (one block on the calling thread: no thread
 // hand-off, no allocation). The GEMMs are the BLAS's (blas.h), called once
 // per layer and block; bias, activation and its derivative are epilogues
-// (activations.h). float, double and bfloat16 (float accumulation, each
-// GEMM's output rounded once as torch's; the weight and bias gradients summed
-// in float over the whole batch and rounded once); float16 and a torch
-// without MKL run the layer-by-layer engine (engine_rule.h).
+// (activation_epilogues.h). float, double and bfloat16 (float accumulation,
+// each GEMM's output rounded once as torch's; the weight and bias gradients
+// summed in float over the whole batch and rounded once); float16 and a torch
+// without MKL run the layered path (paths/rule.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,10 +24,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "activation.h"
-#include "cpu/activations.h"
-#include "cpu/blas.h"
-#include "cpu/cpu_kernels.h"
+#include "activation_kinds.h"
+#include "cpu/kernels/activation_epilogues.h"
+#include "cpu/kernels/blas.h"
+#include "cpu/kernels/cpu_kernels.h"
+#include "cpu/paths/grad_request.h"
 
 namespace fastmlp {
 namespace cpu {
@@ -49,9 +50,9 @@ inline int64_t rowblock_rows(int64_t max_width, int64_t elem_size) {
 // it the hand-off costs more than the second core saves.
 constexpr int64_t kMinRowsPerThread = 64;
 
-// The threads the engine's parallel_for will use: one inside a parallel
+// The threads the path's parallel_for will use: one inside a parallel
 // region (it then runs inline).
-inline int64_t engine_threads() {
+inline int64_t path_threads() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
@@ -67,7 +68,7 @@ inline int64_t balanced_block_rows(int64_t M, int64_t max_width,
   return std::max<int64_t>(8, ceil_div(ceil_div(M, blocks), 8) * 8);
 }
 
-// One layer as the engine reads it: W (n x k, contiguous), its bias (n, or
+// One layer as the path reads it: W (n x k, contiguous), its bias (n, or
 // nullptr) and, for float forwards on brgemm, W.T (k x n, contiguous: the
 // operand layout brgemm takes; nullptr otherwise), made once per call rather
 // than once per block.
@@ -228,7 +229,7 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   const size_t L = layers.size();
   const int64_t M = x2.size(0), K0 = x2.size(1);
   const int64_t max_width = widest_layer(layers);
-  const int64_t threads = engine_threads();
+  const int64_t threads = path_threads();
   const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
   const bool training = !hidden.empty();
   // Layers that save their output compute the activation in place.
@@ -293,13 +294,6 @@ void rowblock_forward(const at::Tensor& x2, const std::vector<at::Tensor>& w,
   });
 }
 
-// Which gradients mlp_backward computes, as the engines read them.
-struct GradRequest {
-  bool grad_x = false;
-  std::vector<bool> weight, bias;
-  size_t lowest = 0;  // the lowest layer the gradient must reach
-};
-
 // Per-thread gradient accumulators of the row-blocked backward: for each
 // layer from `lowest` up, its weight gradient (n x k) when asked for, then
 // its bias gradient (n) when asked for, one such set per thread, zeroed.
@@ -362,9 +356,210 @@ void activation_backward_rows(Activation kind, bool from_output, double slope,
   });
 }
 
-// mlp_backward, block by block (see mlp_backward_cpu for the arguments).
+// A thread's scratch for the row-blocked backward, each block_rows x widest:
+// two buffers for the gradient between layers (a layer writes to the one its
+// gradient is not in) and one for a layer input recomputed from the saved
+// pre-activation.
+template <typename T>
+class BackwardBuffers {
+ public:
+  explicit BackwardBuffers(int64_t n)
+      : lease0_(thread_scratch<T>(0), n),
+        lease1_(thread_scratch<T>(1), n),
+        lease2_(thread_scratch<T>(2), n) {}
+  // The gradient buffer that `p` is not.
+  T* other(const T* p) const {
+    return p == lease0_.data() ? lease1_.data() : lease0_.data();
+  }
+  T* input() const { return lease2_.data(); }
+
+ private:
+  const ScratchLease<T> lease0_, lease1_, lease2_;
+};
+
+// mlp_backward, block by block (see mlp_backward_cpu for the arguments):
+// what one call reads and writes, named once, and its parts, from one block
+// through one layer up to the whole call (rowblock_backward, below).
 // Weight and bias gradients are summed per thread in row order and the
 // threads' sums added in thread order: deterministic for a thread count.
+template <typename T>
+class RowBlockBackward {
+ public:
+  using acc_t = math_t<T>;
+
+  RowBlockBackward(const at::Tensor& gy2, const at::Tensor& x2,
+                   const std::vector<at::Tensor>& w,
+                   const std::vector<at::Tensor>& hidden,
+                   const MlpActivations& act, const GradRequest& req,
+                   at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
+                   std::vector<at::Tensor>& grad_b)
+      : act_(act),
+        req_(req),
+        layers_(layer_refs<T>(w, std::vector<at::Tensor>(w.size()))),
+        rows_(gy2.size(0)),
+        widest_(widest_layer(layers_)),
+        threads_(path_threads()),
+        block_rows_(balanced_block_rows(rows_, widest_, sizeof(T), threads_)),
+        direct_(ceil_div(rows_, block_rows_) == 1 && std::is_same_v<T, acc_t>),
+        sums_(layers_, req, direct_ ? 0 : threads_),
+        saves_output_(act.hidden_saves_output()),
+        grad_y_(gy2.data_ptr<T>()),
+        x_(x2.defined() ? x2.data_ptr<T>() : nullptr),
+        grad_x_(req.grad_x ? grad_x.data_ptr<T>() : nullptr),
+        grad_w_(grad_w),
+        grad_b_(grad_b) {
+    for (const auto& h : hidden) saved_.push_back(h.data_ptr<T>());
+  }
+
+  // The whole call: every block on the threads, then the threads' sums.
+  void run() {
+    if (direct_) {
+      for (size_t l = req_.lowest; l < layers_.size(); ++l) {
+        if (req_.bias[l]) grad_b_[l].zero_();
+      }
+    }
+    at::parallel_for(0, ceil_div(rows_, block_rows_), 1,
+                     [&](int64_t b0, int64_t b1) { run_blocks(b0, b1); });
+    if (!direct_) reduce_sums();
+  }
+
+ private:
+  // Blocks b0..b1 on this thread, each down through the layers.
+  void run_blocks(int64_t b0, int64_t b1) {
+    const int64_t tid = threads_ == 1 ? 0 : at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid < threads_, "more workers than threads");
+    SingleThreadedBlas single;
+    const BackwardBuffers<T> buffers(block_rows_ * widest_);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * block_rows_;
+      const int64_t rows = std::min(block_rows_, rows_ - m0);
+      // The gradient reaching layer l's output (rows x n, row stride n).
+      const T* g = grad_y_ + m0 * layers_.back().n;
+      for (size_t l = layers_.size(); l-- > req_.lowest;) {
+        g = layer_rows_backward(tid, buffers, l, m0, rows, g);
+      }
+    }
+  }
+
+  // Layer l's backward for rows m0.. of a block, from g, the gradient at its
+  // output: adds to its weight and bias sums, returns the gradient at its
+  // input (g itself where none is needed below).
+  const T* layer_rows_backward(int64_t tid, const BackwardBuffers<T>& buffers,
+                               size_t l, int64_t m0, int64_t rows, const T* g) {
+    const T* gz = grad_at_preactivation(tid, buffers, l, m0, rows, g);
+    if (req_.weight[l]) add_weight_grad(tid, buffers, l, m0, rows, gz);
+    if (l > req_.lowest || req_.grad_x) {
+      return grad_at_input(buffers, l, m0, rows, gz);
+    }
+    return g;
+  }
+
+  // The gradient at layer l's pre-activation: a buffer of ours unless it is
+  // g itself (no activation). Adds its column sums to the bias sum.
+  const T* grad_at_preactivation(int64_t tid, const BackwardBuffers<T>& buffers,
+                                 size_t l, int64_t m0, int64_t rows,
+                                 const T* g) {
+    const LayerRef<T>& layer = layers_[l];
+    const bool top = l + 1 == layers_.size();
+    const Activation kind = top ? act_.output : act_.hidden;
+    const T* saved_rows =
+        kind == Activation::kNone ? nullptr : saved_[l] + m0 * layer.n;
+    acc_t* bias_acc = req_.bias[l] ? bias_sum(tid, l) : nullptr;
+    if (saved_rows != nullptr) {
+      T* dst = buffers.other(g);
+      activation_backward_rows<T>(kind, !top && saves_output_,
+                                  act_.negative_slope, g, saved_rows, dst, rows,
+                                  layer.n, bias_acc);
+      return dst;
+    }
+    if (bias_acc != nullptr) {
+      activation_backward_rows<T>(kind, true, act_.negative_slope, g, nullptr,
+                                  nullptr, rows, layer.n, bias_acc);
+    }
+    return g;
+  }
+
+  // Adds gz^T times the layer's input to layer l's weight sum. The input: x,
+  // the layer below's saved output, or its activation recomputed from the
+  // saved pre-activation.
+  void add_weight_grad(int64_t tid, const BackwardBuffers<T>& buffers, size_t l,
+                       int64_t m0, int64_t rows, const T* gz) {
+    const LayerRef<T>& layer = layers_[l];
+    const T* in = l == 0 ? x_ + m0 * layer.k : saved_[l - 1] + m0 * layer.k;
+    if (l > 0 && !saves_output_) {
+      activate_rows<T>(act_.hidden, act_.negative_slope, in, buffers.input(),
+                       rows, layer.k);
+      in = buffers.input();
+    }
+    gemm_tn(layer.n, layer.k, rows, gz, layer.n, in, layer.k,
+            acc_t(direct_ ? 0 : 1), weight_sum(tid, l), layer.k);
+  }
+
+  // gz times layer l's weight: the gradient at its input, in grad_x for the
+  // first layer, else in the gradient buffer gz is not in.
+  const T* grad_at_input(const BackwardBuffers<T>& buffers, size_t l,
+                         int64_t m0, int64_t rows, const T* gz) {
+    const LayerRef<T>& layer = layers_[l];
+    T* dst = l == 0 ? grad_x_ + m0 * layer.k : buffers.other(gz);
+    gemm_into<T>(dst, rows, layer.k, layer.k, [&](acc_t* c, int64_t ldc) {
+      gemm_nn(rows, layer.k, layer.n, gz, layer.n, layer.w, layer.k, acc_t(0),
+              c, ldc);
+    });
+    return dst;
+  }
+
+  // Where thread tid sums layer l's weight (bias) gradient: the gradient
+  // itself when direct_, else the thread's accumulator.
+  acc_t* weight_sum(int64_t tid, size_t l) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (direct_) return grad_w_[l].data_ptr<T>();
+    }
+    return sums_.weight(tid, l);
+  }
+  acc_t* bias_sum(int64_t tid, size_t l) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (direct_) return grad_b_[l].data_ptr<T>();
+    }
+    return sums_.bias(tid, l);
+  }
+
+  // The gradients: the threads' sums added in thread order.
+  void reduce_sums() {
+    for (size_t l = req_.lowest; l < layers_.size(); ++l) {
+      if (req_.weight[l]) {
+        sums_.reduce(sums_.weight_offset(l), layers_[l].n * layers_[l].k,
+                     grad_w_[l].data_ptr<T>());
+      }
+      if (req_.bias[l]) {
+        sums_.reduce(sums_.bias_offset(l), layers_[l].n,
+                     grad_b_[l].data_ptr<T>());
+      }
+    }
+  }
+
+  const MlpActivations& act_;
+  const GradRequest& req_;
+  const std::vector<LayerRef<T>> layers_;
+  const int64_t rows_;        // of the whole call (M)
+  const int64_t widest_;      // the widest layer's out_features
+  const int64_t threads_;     // that parallel_for will use
+  const int64_t block_rows_;  // per block (the last may have fewer)
+  // One block (a small batch) of float or double: its sums are the
+  // gradients, written in place; no per-thread sums to zero and reduce (at
+  // batch 1 those were three passes over the weights' size for one outer
+  // product).
+  const bool direct_;
+  GradAccumulators<acc_t> sums_;  // per thread, unless direct_
+  const bool saves_output_;       // hidden layers saved output, not z
+  const T* const grad_y_;
+  const T* const x_;  // null when the first weight's gradient is not asked
+  T* const grad_x_;   // null when not asked
+  std::vector<at::Tensor>& grad_w_;
+  std::vector<at::Tensor>& grad_b_;
+  std::vector<const T*> saved_;  // mlp's hidden tensors
+};
+
+// mlp_backward, block by block (see RowBlockBackward).
 template <typename T>
 void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
                        const std::vector<at::Tensor>& w,
@@ -372,113 +567,8 @@ void rowblock_backward(const at::Tensor& gy2, const at::Tensor& x2,
                        const MlpActivations& act, const GradRequest& req,
                        at::Tensor& grad_x, std::vector<at::Tensor>& grad_w,
                        std::vector<at::Tensor>& grad_b) {
-  const std::vector<LayerRef<T>> layers =
-      layer_refs<T>(w, std::vector<at::Tensor>(w.size()));
-  const size_t L = layers.size();
-  const int64_t M = gy2.size(0);
-  const int64_t max_width = widest_layer(layers);
-  const int64_t threads = engine_threads();
-  const int64_t R = balanced_block_rows(M, max_width, sizeof(T), threads);
-  using acc_t = math_t<T>;
-  // One block (a small batch) of float or double: its sums are the gradients,
-  // written in place; no per-thread sums to zero and reduce (at batch 1 those
-  // were three passes over the weights' size for one outer product).
-  const bool direct = ceil_div(M, R) == 1 && std::is_same_v<T, acc_t>;
-  GradAccumulators<acc_t> acc(layers, req, direct ? 0 : threads);
-  const auto weight_sum = [&](int64_t tid, size_t l) -> acc_t* {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      if (direct) return grad_w[l].data_ptr<T>();
-    }
-    return acc.weight(tid, l);
-  };
-  const auto bias_sum = [&](int64_t tid, size_t l) -> acc_t* {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      if (direct) return grad_b[l].data_ptr<T>();
-    }
-    return acc.bias(tid, l);
-  };
-  if (direct) {
-    for (size_t l = req.lowest; l < L; ++l) {
-      if (req.bias[l]) grad_b[l].zero_();
-    }
-  }
-  const bool saves_output = act.hidden_saves_output();
-  const T* gy = gy2.data_ptr<T>();
-  const T* x = x2.defined() ? x2.data_ptr<T>() : nullptr;
-  T* gx = req.grad_x ? grad_x.data_ptr<T>() : nullptr;
-  std::vector<const T*> saved;
-  for (const auto& h : hidden) saved.push_back(h.data_ptr<T>());
-
-  at::parallel_for(0, ceil_div(M, R), 1, [&](int64_t b0, int64_t b1) {
-    const int64_t tid = threads == 1 ? 0 : at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(tid < threads, "more workers than threads");
-    SingleThreadedBlas single;
-    const ScratchLease<T> lease0(thread_scratch<T>(0), R * max_width);
-    const ScratchLease<T> lease1(thread_scratch<T>(1), R * max_width);
-    T* const buf[2] = {lease0.data(), lease1.data()};
-    const ScratchLease<T> lease2(thread_scratch<T>(2), R * max_width);
-    T* const input_buf = lease2.data();
-    const auto other = [&](const T* p) {
-      return p == buf[0] ? buf[1] : buf[0];
-    };
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t m0 = blk * R, rows = std::min(R, M - m0);
-      // The gradient reaching layer l's output (rows x n, row stride n).
-      const T* g = gy + m0 * layers[L - 1].n;
-      for (size_t l = L; l-- > req.lowest;) {
-        const LayerRef<T>& layer = layers[l];
-        const bool top = l + 1 == L;
-        const Activation kind = top ? act.output : act.hidden;
-        const T* saved_rows =
-            kind == Activation::kNone ? nullptr : saved[l] + m0 * layer.n;
-        acc_t* bias_acc = req.bias[l] ? bias_sum(tid, l) : nullptr;
-        // The gradient at the pre-activation: a buffer of ours unless it is
-        // g itself (no activation).
-        const T* gz = g;
-        if (saved_rows != nullptr) {
-          T* dst = other(g);
-          activation_backward_rows<T>(kind, !top && saves_output,
-                                      act.negative_slope, g, saved_rows, dst,
-                                      rows, layer.n, bias_acc);
-          gz = dst;
-        } else if (bias_acc != nullptr) {
-          activation_backward_rows<T>(kind, true, act.negative_slope, g,
-                                      nullptr, nullptr, rows, layer.n,
-                                      bias_acc);
-        }
-        if (req.weight[l]) {
-          // The layer's input: x, the layer below's saved output, or its
-          // activation recomputed from the saved pre-activation.
-          const T* in = l == 0 ? x + m0 * layer.k : saved[l - 1] + m0 * layer.k;
-          if (l > 0 && !saves_output) {
-            activate_rows<T>(act.hidden, act.negative_slope, in, input_buf,
-                             rows, layer.k);
-            in = input_buf;
-          }
-          gemm_tn(layer.n, layer.k, rows, gz, layer.n, in, layer.k,
-                  acc_t(direct ? 0 : 1), weight_sum(tid, l), layer.k);
-        }
-        if (l > req.lowest || req.grad_x) {
-          T* dst = l == 0 ? gx + m0 * layer.k : other(gz);
-          gemm_into<T>(dst, rows, layer.k, layer.k, [&](acc_t* c, int64_t ldc) {
-            gemm_nn(rows, layer.k, layer.n, gz, layer.n, layer.w, layer.k,
-                    acc_t(0), c, ldc);
-          });
-          g = dst;
-        }
-      }
-    }
-  });
-  if (direct) return;
-  for (size_t l = req.lowest; l < L; ++l) {
-    if (req.weight[l]) {
-      acc.reduce(acc.weight_offset(l), layers[l].n * layers[l].k,
-                 grad_w[l].data_ptr<T>());
-    }
-    if (req.bias[l]) {
-      acc.reduce(acc.bias_offset(l), layers[l].n, grad_b[l].data_ptr<T>());
-    }
-  }
+  RowBlockBackward<T>(gy2, x2, w, hidden, act, req, grad_x, grad_w, grad_b)
+      .run();
 }
 
 }  // namespace cpu

@@ -1,4 +1,4 @@
-"""The CPU engine of the whole-MLP ops (issue 24): every path (``layered``, ``row_blocked``,
+"""The CPU paths of the whole-MLP ops (issue 24): every one (``layered``, ``row_blocked``,
 ``aten`` and the rule's ``auto``) forced with :func:`fastmlp.engines.force_cpu_path` and
 checked against a float64 reference with the error bounded by PyTorch's own in the same
 dtype: odd widths 1/7/100/257, depth 1-8, batch 0/1/3/17/4099, fp32/fp64/bf16, bias or

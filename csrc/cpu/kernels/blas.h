@@ -1,5 +1,10 @@
-// Direct calls of the BLAS inside torch (MKL on x86-64 builds) for the small
-// GEMMs of the row-blocked engine (mlp_rowblock.h).
+// Direct calls of the GEMMs inside torch, for the small GEMMs of the
+// row-blocked path (paths/rowblock.h) and the per-thread GEMMs of the
+// layer-by-layer blocks (mm_on_this_thread: the layered path, mlp_sgd_step):
+// float by oneDNN's batch-reduce GEMM micro-kernel (brgemm, in cache blocks)
+// where this torch has it, else MKL's sgemm (see brgemm_f32_available for
+// why and when); double by MKL's dgemm; bfloat16 by MKL's
+// cblas_gemm_bf16bf16f32.
 //
 // Why not at::mm_out: a row block of a narrow network is a GEMM of a few
 // hundred rows by 32-256 columns, 10-50 us of arithmetic, and an ATen call
@@ -10,9 +15,9 @@
 // float output): native on CPUs with AVX512-BF16 or AMX, emulated (correct,
 // slower) elsewhere.
 //
-// The symbols are declared weak: torch's x86-64 Linux builds export MKL's
+// MKL's symbols are declared weak: torch's x86-64 Linux builds export MKL's
 // Fortran BLAS from libtorch_cpu, but a torch built without MKL does not, and
-// then blas_available() is false and the engine's rule never picks the path
+// then blas_available() is false and the path rule never picks the path
 // that needs it (forcing that path raises). The extension still loads.
 #pragma once
 
@@ -28,7 +33,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/scratch.h"
+#include "cpu/kernels/scratch.h"
 
 extern "C" {
 // Column-major BLAS (Fortran calling convention, LP64 integers as MKL's
@@ -165,7 +170,7 @@ inline void gemm_tn(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
 // 89 GFLOP/s in sgemm and 211 in brgemm (128x256x256: 98 and 232). For a
 // GEMV (one row: batch 1) sgemm was the faster (39 vs 29 GFLOP/s).
 // brgemm takes B as k x n: the forward passes W.T made once per call
-// (mlp_rowblock.h: gemm_nt stays sgemm), the weight gradient transposes its
+// (paths/rowblock.h: gemm_nt stays sgemm), the weight gradient transposes its
 // block of the output gradient into per-thread scratch (O(m k) work for an
 // O(m n k) product). brgemm is a micro-kernel: products larger than the
 // caches are cut into blocks (brgemm_nn).
@@ -412,8 +417,8 @@ void addmm_on_this_thread(at::Tensor& out, const at::Tensor& a,
 }
 
 // While alive, the BLAS calls of this thread run on this thread only: the
-// engine threads the work itself, and a call made outside a parallel region
-// (one row block) must not wake the library's pool for a tiny GEMM.
+// row-blocked path threads the work itself, and a call made outside a parallel
+// region (one row block) must not wake the library's pool for a tiny GEMM.
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas()

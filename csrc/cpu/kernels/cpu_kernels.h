@@ -1,5 +1,6 @@
 // Building blocks of the CPU kernels, shared by the per-layer ops
-// (linear_relu_cpu.cpp) and the whole-step op (mlp_sgd_step_cpu.cpp).
+// (linear_relu_cpu.cpp), the whole-MLP ops' paths (paths/layered.h,
+// paths/rowblock.h) and the whole-step op (mlp_sgd_step_cpu.cpp).
 //
 // The GEMMs are the BLAS that torch ships (MKL / oneDNN through ATen); the
 // fusion around them is ours. Work is split by hand over at::parallel_for so
@@ -78,7 +79,7 @@ void relu_inplace(scalar_t* row, int64_t n) {
 // The forward epilogue of linear_relu and the ReLU layers of the MLP ops:
 // called as epilogue(z_row, a_row, n) on each row of a block right after its
 // GEMM, it writes relu(z_row) to a_row (the same row when in place). Other
-// activations have their own epilogues (activations.h).
+// activations have their own epilogues (activation_epilogues.h).
 template <typename scalar_t>
 struct ReluRows {
   void operator()(const scalar_t* z, scalar_t* a, int64_t n) const {
@@ -252,7 +253,7 @@ void store_math(const Vectorized<math_t<T>>& v, T* p, int64_t n) {
 // ReLU's backward on a vector of the incoming gradient g (in math_t) and the
 // saved output y: threshold_backward's rule, zero where y <= 0 (NaN passes,
 // 0 blocks). The pre-activation z gives the same mask (relu(z) <= 0 exactly
-// where z <= 0, and NaN where z is). Other activations: activations.h.
+// where z <= 0, and NaN where z is). Other activations: activation_epilogues.h.
 template <typename scalar_t>
 struct ReluMask {
   using Vec = Vectorized<math_t<scalar_t>>;

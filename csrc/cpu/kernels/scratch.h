@@ -44,8 +44,8 @@ class ScratchLease {
 };
 
 // The calling thread's kept scratch vector number `slot` (lease it for a
-// call). Slots 0-3: the row-blocked engine's activations and accumulators
-// (mlp_rowblock.h); the two below: blas.h's GEMMs, which run inside it.
+// call). Slots 0-3: the row-blocked path's activations and accumulators
+// (paths/rowblock.h); the two below: blas.h's GEMMs, which run inside it.
 constexpr int kTransposeSlot = 4;  // a transposed operand (gemm_tn)
 constexpr int kPanelSlot = 5;      // a packed panel of B (brgemm_nn)
 template <typename T>
