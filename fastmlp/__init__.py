@@ -31,6 +31,7 @@ the build instructions.
 
 from __future__ import annotations
 
+import os as _os
 from typing import Any
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
@@ -72,6 +73,13 @@ else:
     from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
     from fastmlp.ops import linear_act, linear_relu, mlp
     from fastmlp.optim import FusedSGD
+
+    # The CPU paths `fastmlp tune` measured on this machine (never raises: an unusable
+    # cache file is ignored with a warning). Not with FASTMLP_CPU_TUNE=off: the rule only.
+    if _os.environ.get("FASTMLP_CPU_TUNE") != "off":
+        from fastmlp import path_cache as _path_cache
+
+        _path_cache.load()
 
 # Names that exist only with the extension: `_C` itself (so that the library modules'
 # `from fastmlp import _C` reports the build instructions too) and the library's names.

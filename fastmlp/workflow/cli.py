@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from fastmlp import hardware
+from fastmlp import activations, hardware
 from fastmlp.bench import grid
 from fastmlp.workflow import checkpoint as ckpt
 from fastmlp.workflow import data, distributed, rundir
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_samples_parser(sub)
     _add_bench_parser(sub)
+    _add_tune_parser(sub)
     return p
 
 
@@ -345,6 +346,51 @@ def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_grid_flags(b.add_argument_group("shape grid (--grid; see docs/benchmarks.md)"))
     b.set_defaults(func=_cmd_bench)
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="measure the fastest CPU path for your MLP's shapes once, for later runs",
+        description="Time every CPU path of the whole-MLP ops (a training step's forward and "
+        "backward, and inference) at the MLP and batch sizes given, keep the fastest of "
+        "each, and write them to the cache that later processes on this machine start "
+        "from (FASTMLP_CACHE_DIR, default ~/.cache/fastmlp; see docs/cpu.md). Without it, "
+        "each process measures a shape at its first call.",
+    )
+    t.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=(784, 512, 512, 10),
+        metavar="LIST",
+        help="layer widths from input to output (default 784,512,512,10: the tutorial's MLP)",
+    )
+    t.add_argument(
+        "--batches",
+        type=_int_list,
+        default=(1, 64, 256, 4096),
+        metavar="LIST",
+        help="batch sizes (default 1,64,256,4096)",
+    )
+    t.add_argument(
+        "--dtypes",
+        type=_names(("fp32", "bf16")),
+        default=("fp32",),
+        metavar="LIST",
+        help="default fp32; bf16 where the CPU computes it natively",
+    )
+    t.add_argument(
+        "--activation",
+        choices=activations.NAMES,
+        default="relu",
+        help="hidden activation (default relu)",
+    )
+    t.add_argument(
+        "--show",
+        action="store_true",
+        help="print what the cache holds for this machine instead, measuring nothing",
+    )
+    t.set_defaults(func=_cmd_tune)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -628,6 +674,32 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     result = serve.run(variants=serve.default_variants(args.compile), log=log, **short)
     print(result.to_json() if args.json else serve.format_markdown(result))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fastmlp import path_cache
+
+    path = path_cache.cache_file()
+    if args.show:
+        entries = path_cache.entries_for_this_machine(path)
+        print(f"{path}: {len(entries)} entries for this machine ({path_cache.fingerprint()})")
+        for key, entry in sorted(entries.items()):
+            print(f"  {key}: {entry['path']} ({entry['times']})")
+        return 0
+    if len(args.sizes) < 2:
+        raise UsageError("fastmlp tune: error: --sizes needs at least 2 widths (input, output)")
+    dtypes = tuple({"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes)
+    if torch.bfloat16 in dtypes and not hardware.cpu_has_native_bf16():
+        raise UsageError("fastmlp tune: error: this CPU has no native bf16; leave out bf16")
+    choices = iter(path_cache.tune(args.sizes, args.batches, dtypes, args.activation))
+    width = len(str(max(args.batches)))
+    for dtype in args.dtypes:
+        for batch in args.batches:
+            for _phase in range(3):  # train, inference, backward (engines.CPU_PHASES)
+                c = next(choices)
+                print(f"{dtype} batch {batch:>{width}} {c.phase:<9} {c.path:<11} {c.reason}")
+    print(f"wrote {path}: {path_cache.save(path)} entries for this machine")
     return 0
 
 

@@ -149,6 +149,7 @@ std::atomic<bool>& tuning_on() {
 struct Measured {
   CpuPath path;
   std::string times;
+  bool cached = false;  // read from `fastmlp tune`'s cache, not timed here
 };
 std::mutex measured_mutex;
 std::map<std::string, Measured>& measured_paths() {
@@ -208,7 +209,7 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
     TORCH_CHECK(path != CpuPath::kRowBlocked || row_blocked_supports(dtype),
                 "fastmlp: the CPU path is forced to row_blocked, but ",
                 why_not_row_blocked(dtype));
-    return {path, "forced"};
+    return {path, "forced", false, "forced"};
   }
   if (!tuning_on().load()) return rule_choice(rows, widths, dtype, phase);
   {
@@ -216,9 +217,17 @@ CpuPathChoice choose_cpu_path(int64_t rows, const std::vector<int64_t>& widths,
     const auto& paths = measured_paths();
     const auto found = paths.find(shape_class(rows, widths, dtype, phase));
     if (found != paths.end()) {
-      return {found->second.path,
-              "measured fastest here at this shape's first call (" +
-                  found->second.times + ")"};
+      const Measured& m = found->second;
+      if (m.cached) {
+        return {m.path,
+                "measured fastest on this machine by `fastmlp tune` (" +
+                    m.times + ")",
+                false, "cached"};
+      }
+      return {
+          m.path,
+          "measured fastest here at this shape's first call (" + m.times + ")",
+          false, "measured"};
     }
   }
   CpuPathChoice choice = rule_choice(rows, widths, dtype, phase);
@@ -296,13 +305,9 @@ std::vector<std::string> cpu_path_op(int64_t rows, std::vector<int64_t> widths,
     p = MlpPhase::kBackward;
   }
   const CpuPathChoice c = choose_cpu_path(rows, widths, dtype, p);
-  const std::string source = c.reason == "forced" ? "forced"
-                             : c.may_measure      ? "rule"
-                             : tuning_on().load() ? "measured"
-                                                  : "rule";
   std::string reason = c.reason;
   if (c.may_measure) reason += "; measured at this shape's first call";
-  return {path_name(c.path), reason, source};
+  return {path_name(c.path), reason, c.source};
 }
 
 void set_cpu_tuning_op(std::optional<bool> on) {
@@ -315,6 +320,32 @@ bool cpu_tuning_op() { return tuning_on().load(); }
 void clear_measured_paths_op() {
   const std::lock_guard<std::mutex> lock(measured_mutex);
   measured_paths().clear();
+}
+
+// What was measured in this process, "shape class\tpath\ttimes" per entry,
+// for `fastmlp tune` to write to disk (cached entries read from it left out).
+std::vector<std::string> measured_paths_op() {
+  const std::lock_guard<std::mutex> lock(measured_mutex);
+  std::vector<std::string> out;
+  for (const auto& [key, m] : measured_paths()) {
+    if (!m.cached)
+      out.push_back(key + "\t" + path_name(m.path) + "\t" + m.times);
+  }
+  return out;
+}
+
+// One entry of `fastmlp tune`'s cache: its shape class takes `path` from
+// now on (unless measured in this process already: that measurement wins).
+void load_measured_path_op(const std::string& key, const std::string& path,
+                           const std::string& times) {
+  const auto p = parse_path(path, "fastmlp: the CPU path cache: ");
+  TORCH_CHECK(p.has_value(), "fastmlp: the CPU path cache names path 'auto'");
+  TORCH_CHECK(*p != CpuPath::kRowBlocked ||
+                  key.find("BFloat16") == std::string::npos ||
+                  row_blocked_supports(at::kBFloat16),
+              "fastmlp: the CPU path cache: row_blocked cannot run ", key);
+  const std::lock_guard<std::mutex> lock(measured_mutex);
+  measured_paths().emplace(key, Measured{*p, times, true});
 }
 
 void set_cpu_path_op(const std::optional<std::string>& name) {
@@ -367,6 +398,9 @@ TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
   m.def("_cpu_tuning() -> bool", &fastmlp::cpu::cpu_tuning_op);
   m.def("_clear_measured_cpu_paths() -> ()",
         &fastmlp::cpu::clear_measured_paths_op);
+  m.def("_measured_cpu_paths() -> str[]", &fastmlp::cpu::measured_paths_op);
+  m.def("_load_measured_cpu_path(str key, str path, str times) -> ()",
+        &fastmlp::cpu::load_measured_path_op);
   m.def("_cpu_requested_path() -> str", &fastmlp::cpu::requested_cpu_path_op);
   m.def("_set_thread_cpu_path(str? name) -> str?",
         &fastmlp::cpu::set_thread_cpu_path_op);

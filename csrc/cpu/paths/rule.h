@@ -48,6 +48,10 @@ struct CpuPathChoice {
   // The rule's choice, which the caller may replace by measuring every
   // runnable path (nothing forced, tuning on, not measured yet, rows > 0).
   bool may_measure = false;
+  // Where the choice came from: "forced", "measured" (in this process),
+  // "cached" (by `fastmlp tune`, read from disk: fastmlp/path_cache.py) or
+  // "rule".
+  const char* source = "rule";
 };
 
 // The path for an MLP of layer widths `widths` (in_features, then each
