@@ -24,7 +24,7 @@ state is torch's (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``, with amsg
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ class _FusedStep(torch.optim.Optimizer):
         self._copies: list[torch.Tensor] = []
         self._copies_of: list[tuple[int, int]] | None = None
 
-    def _group_allows(self, group: dict) -> bool:
+    def _group_allows(self, group: dict[str, Any]) -> bool:
         """Whether the kernel implements this param group's settings."""
         raise NotImplementedError
 
@@ -159,7 +159,6 @@ class _FusedStep(torch.optim.Optimizer):
             and not global_hooks()
             and all(why_not_plain(lin) is None for lin in self._linears)
         )
-
 
     @staticmethod
     def _compute_dtype(param_dtype: torch.dtype) -> torch.dtype | None | object:
@@ -245,7 +244,8 @@ class _FusedStep(torch.optim.Optimizer):
         The type carries the batch because step hooks and LR schedulers only see
         ``step()`` calls (see FusedSGD's docstring)."""
         if not isinstance(closure, _CrossEntropyClosure) or closure.optimizer is not self:
-            return super().step(closure)
+            # SGD's and Adam's step take any closure; Optimizer's stub types one returning float.
+            return super().step(closure)  # type: ignore[arg-type]
         return self._fused_step(closure)
 
     def _compute_copies(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -311,7 +311,7 @@ class FusedSGD(_FusedStep, torch.optim.SGD):
         )
         self._fused_init(model)
 
-    def _group_allows(self, group: dict) -> bool:
+    def _group_allows(self, group: dict[str, Any]) -> bool:
         return group["dampening"] == 0 and not group["maximize"]
 
     def _fused_step(self, closure: _CrossEntropyClosure) -> torch.Tensor:
@@ -408,7 +408,7 @@ class FusedAdam(_FusedStep, torch.optim.Adam):
         )
         self._fused_init(model)
 
-    def _group_allows(self, group: dict) -> bool:
+    def _group_allows(self, group: dict[str, Any]) -> bool:
         return (
             not group["maximize"]
             and not group["differentiable"]
@@ -461,7 +461,7 @@ class FusedAdam(_FusedStep, torch.optim.Adam):
         return loss
 
     @staticmethod
-    def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
+    def _init_state(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
         """The state torch.optim.Adam's first step gives ``p`` (its ``_init_group``)."""
         if group["fused"]:  # torch's fused form keeps the count as float32 on p's device
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)

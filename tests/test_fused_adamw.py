@@ -43,6 +43,7 @@ OPTIONS = {
 }
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 LR = 1e-3
+FAST = ("adamw", "wd")  # the tutorial-size case of the 100-step tests that is not slow
 
 
 def _cases(sizes_list):
@@ -51,9 +52,11 @@ def _cases(sizes_list):
     float64 reference on a loaded 2-core machine)."""
     return [
         pytest.param(
-            sizes, kind, options,
+            sizes,
+            kind,
+            options,
             id=f"{'-'.join(map(str, sizes))}-{kind}-{name}",
-            marks=[pytest.mark.slow] if sizes == TUTORIAL and (kind, name) != ("adamw", "wd") else [],
+            marks=[pytest.mark.slow] if sizes == TUTORIAL and (kind, name) != FAST else [],
         )
         for sizes in sizes_list
         for kind in KINDS
@@ -358,8 +361,26 @@ def test_op_passes_opcheck(amsgrad):
     vmax = [torch.zeros_like(p) for p in params] if amsgrad else []
     steps = [torch.tensor(0.0) for _ in params]
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    args = (x, y, weights, biases, m, v, vmax, steps, [], 1e-3, 0.9, 0.999, 1e-8, 1e-2, True,
-            amsgrad, 0.1, None)
+    args = (
+        x,
+        y,
+        weights,
+        biases,
+        m,
+        v,
+        vmax,
+        steps,
+        [],
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        1e-2,
+        True,
+        amsgrad,
+        0.1,
+        None,
+    )
     torch.library.opcheck(torch.ops.fastmlp.mlp_adamw_step.default, args)
 
 
@@ -447,8 +468,15 @@ def test_resume_through_the_training_loop_is_bit_identical(tmp_path, optimizer):
     from fastmlp.train import TrainConfig, fit
 
     cfg = TrainConfig(
-        optimizer=optimizer, lr=3e-3, epochs=3, batch_size=100, train_samples=500,
-        schedule="onecycle", device="cpu", data=str(_fake_data(tmp_path)), seed=3,
+        optimizer=optimizer,
+        lr=3e-3,
+        epochs=3,
+        batch_size=100,
+        train_samples=500,
+        schedule="onecycle",
+        device="cpu",
+        data=str(_fake_data(tmp_path)),
+        seed=3,
         precision="fp32",
     )
     straight = fit(cfg, tmp_path / "straight", log=None, progress=False)
