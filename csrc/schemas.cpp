@@ -66,4 +66,18 @@ TORCH_LIBRARY(fastmlp, m) {
       "Tensor(d!)[] compute_copies, float lr, "
       "float momentum, float weight_decay, bool nesterov, "
       "float label_smoothing, ScalarType? compute_dtype=None) -> Tensor");
+  // The same step with torch.optim.Adam's update (decoupled_weight_decay:
+  // AdamW's), bias correction included: exp_avgs and exp_avg_sqs (and, with
+  // amsgrad, max_exp_avg_sqs; else empty) hold one state tensor per
+  // parameter in parameter order, state_steps one 0-d float32/float64 CPU
+  // step count per parameter, each incremented before its update as torch
+  // does. compute_dtype and compute_copies as for mlp_sgd_step.
+  m.def(
+      "mlp_adamw_step(Tensor x, Tensor target, Tensor(a!)[] weights, "
+      "Tensor(b!)[] biases, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
+      "Tensor(g!)[] compute_copies, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool amsgrad, float label_smoothing, "
+      "ScalarType? compute_dtype=None) -> Tensor");
 }

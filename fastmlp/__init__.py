@@ -3,8 +3,8 @@
 Fused Linear+activation kernels and a whole-MLP op (C++ for the CPU, CUDA for the GPU)
 registered as PyTorch ops with autograd (``fastmlp.ops``), ``nn.Module``s built on them
 and ``fuse()`` for existing models (``fastmlp.nn``), a drop-in for ``apex.mlp.MLP``
-(``fastmlp.apex``), ``FusedSGD`` that runs a whole training step as one kernel
-(``fastmlp.optim``), export to ONNX and portable ``.pt2``
+(``fastmlp.apex``), ``FusedSGD`` and ``FusedAdamW`` (``FusedAdam``) that run a whole
+training step as one kernel (``fastmlp.optim``), export to ONNX and portable ``.pt2``
 (``fastmlp.export``), ``torch.func`` transforms of the ops (``fastmlp.transforms``), and a
 fast FashionMNIST workflow (``fastmlp.workflow``: data, training, checkpoints, the ``fastmlp``
 command) with its benchmarks (``fastmlp.bench``).
@@ -43,6 +43,8 @@ __all__ = [
     "MLP",
     "cuda_engine_report",
     "engines",
+    "FusedAdam",
+    "FusedAdamW",
     "FusedLinearReLU",
     "FusedSGD",
     "fuse",
@@ -72,7 +74,7 @@ else:
     from fastmlp import export, nn, ops, optim, transforms
     from fastmlp.nn import MLP, FusedLinearReLU, fuse, unfuse
     from fastmlp.ops import linear_act, linear_relu, mlp
-    from fastmlp.optim import FusedSGD
+    from fastmlp.optim import FusedAdam, FusedAdamW, FusedSGD
 
     # The CPU paths `fastmlp tune` measured on this machine (never raises: an unusable
     # cache file is ignored with a warning). Not with FASTMLP_CPU_TUNE=off: the rule only.

@@ -30,8 +30,9 @@ Adding an op: write its decomposition as a
 function of the op's arguments that calls only ATen ops (``torch.*``, ``F.*``), optionally
 an ONNX symbolic for the TorchScript exporter, and add one :class:`OpExport` line to
 :data:`OPS`. The tests in ``tests/test_export.py`` run every entry of :data:`OPS` against
-the op itself. ``fastmlp::mlp_sgd_step`` (a whole training step that updates its arguments
-in place) is deliberately absent: it never appears in an inference graph.
+the op itself. ``fastmlp::mlp_sgd_step`` and ``fastmlp::mlp_adamw_step`` (whole training
+steps that update their arguments in place) are deliberately absent: they never appear in
+an inference graph.
 """
 
 from __future__ import annotations

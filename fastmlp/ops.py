@@ -517,6 +517,18 @@ def _mlp_sgd_step_fake(
     return x.new_empty(())
 
 
+@torch.library.register_fake("fastmlp::mlp_adamw_step")
+def _mlp_adamw_step_fake(
+    x: torch.Tensor, target: torch.Tensor, *lists_and_options: object
+) -> torch.Tensor:
+    # The parameters, states and step counts are updated in place; the output is the loss.
+    torch._check(
+        x.dim() == 2 and target.shape == (x.shape[0],),
+        lambda: "fastmlp.mlp_adamw_step: x must be (batch, in_features), target (batch,)",
+    )
+    return x.new_empty(())
+
+
 # --- autograd ------------------------------------------------------------------
 # linear_relu's autograd is registered in C++ (csrc/autograd.cpp) for speed; its
 # backward calls the linear_relu_backward op. That op itself is not

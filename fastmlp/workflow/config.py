@@ -209,7 +209,7 @@ class TrainConfig:
     )
     optimizer: str = option(
         "sgd",
-        "SGD (fused step on the CPU), Adam or AdamW (default {default})",
+        "SGD, Adam or AdamW, each a fused one-kernel step on the CPU (default {default})",
         choices=("sgd", "adam", "adamw"),
     )
     # Below 10: the range --lr has always had, now the config's too (one range per field).

@@ -117,12 +117,13 @@ def _too_big(sizes: tuple[int, ...], where: str, asked: int) -> str:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam or AdamW as the config says.
 
-    SGD is a :class:`fastmlp.optim.FusedSGD` (a ``torch.optim.SGD``): when ``train_loop``
-    is given this very ``model`` it runs each step as one fused kernel on the CPU.
+    SGD is a :class:`fastmlp.optim.FusedSGD` (a ``torch.optim.SGD``), Adam and AdamW a
+    :class:`fastmlp.optim.FusedAdam` / :class:`~fastmlp.optim.FusedAdamW` (a
+    ``torch.optim.Adam`` / ``AdamW``): when ``train_loop`` is given this very ``model`` it
+    runs each step as one fused kernel on the CPU.
     """
-    from fastmlp.optim import FusedSGD
+    from fastmlp.optim import FusedAdam, FusedAdamW, FusedSGD
 
-    params = model.parameters()
     if cfg.optimizer == "sgd":
         return FusedSGD(
             model,
@@ -131,8 +132,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_cls = FusedAdam if cfg.optimizer == "adam" else FusedAdamW
+    return opt_cls(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(
