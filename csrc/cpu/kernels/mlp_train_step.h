@@ -19,8 +19,8 @@
 #include <optional>
 #include <vector>
 
-#include "cpu/cpu_kernels.h"
-#include "cpu/mlp_blocks.h"
+#include "cpu/kernels/cpu_kernels.h"
+#include "cpu/kernels/mlp_blocks.h"
 
 namespace fastmlp {
 namespace cpu {
