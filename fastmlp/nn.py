@@ -13,7 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import torch
 from torch import nn
@@ -110,22 +110,36 @@ class FusedSequential(nn.Sequential):
     refuses it with a clear error (``torch.jit.trace`` and ``torch.export`` work).
     """
 
-    _plan_key: tuple[object, ...] | None = None
-    _plan_cache: list[nn.Module | _FusableRun] | None = None
+    # (key, plan, serving arguments): the plan made for the children as the key describes
+    # them (see _plan_key), and when the plan is one run over every child, the arguments
+    # of its mlp_inference call (see _serving_args). One attribute, so that a thread
+    # never sees a plan with another plan's arguments.
+    _plan_state: tuple[tuple[object, ...], list[nn.Module | _FusableRun], _ServingArgs | None]
+    _plan_state = ((), [], None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             plan = _plan(self)
         else:
-            # Children may be replaced (seq[1] = nn.Tanh()), a setting changed (LeakyReLU's
-            # negative_slope, GELU's approximate, Dropout's p) or hooks added: plan again.
-            key = (global_hooks(), *map(_plan_key, self._modules.values()))
-            if key != self._plan_key or self._plan_cache is None:
-                self._plan_cache, self._plan_key = _plan(self), key
-            plan = self._plan_cache
+            _, plan, serving = self._current_plan()
+            if serving is not None and not torch.is_grad_enabled() and _may_serve(input):
+                return _serve(input, serving)
         for step in plan:
             input = step(input)
         return input
+
+    def _current_plan(
+        self,
+    ) -> tuple[tuple[object, ...], list[nn.Module | _FusableRun], _ServingArgs | None]:
+        # Children may be replaced (seq[1] = nn.Tanh()), a setting changed (LeakyReLU's
+        # negative_slope, GELU's approximate, Dropout's p), a parameter re-assigned or
+        # hooks added: plan again.
+        key = (global_hooks(), *map(_plan_key, self._modules.values()))
+        state = self._plan_state
+        if key != state[0]:
+            plan = _plan(self)
+            state = self._plan_state = (key, plan, _serving_args(plan, len(self._modules)))
+        return state
 
     def __prepare_scriptable__(self) -> nn.Module:
         _refuse_script(self)
@@ -133,6 +147,56 @@ class FusedSequential(nn.Sequential):
     def runs(self) -> list[_FusableRun]:
         """The runs of children computed as one op each."""
         return [step for step in _plan(self) if isinstance(step, _FusableRun)]
+
+
+# What an inference call of a Sequential planned as one run passes to mlp_inference:
+# weights, biases, activation, output activation, negative_slope.
+_ServingArgs = tuple[list[torch.Tensor], list[torch.Tensor], str, str, float]
+
+
+def _serving_args(plan: list[nn.Module | _FusableRun], children: int) -> _ServingArgs | None:
+    """The arguments of mlp_inference for a plan that is one run over all ``children``
+    whose parameters are plain Parameters (whose identity the plan key holds), else None:
+    then an inference call needs no step of the plan (the serving path, issue 33)."""
+    if len(plan) != 1 or not isinstance(plan[0], _FusableRun):
+        return None
+    run = plan[0]
+    if len(run.names) != children:
+        return None
+    params = [lin._parameters for lin in run.linears]
+    weights = [p.get("weight") for p in params]
+    biases = [p.get("bias") for p in params]
+    if any(w is None for w in weights) or (
+        biases[0] is not None and any(b is None for b in biases)
+    ):
+        return None
+    bias_list = [] if biases[0] is None else cast(list[torch.Tensor], biases)
+    return (
+        cast(list[torch.Tensor], weights),
+        bias_list,
+        run.activation,
+        run.output_activation,
+        run.negative_slope,
+    )
+
+
+def _may_serve(x: torch.Tensor) -> bool:
+    """Whether an inference call on ``x`` may go straight to mlp_inference: a plain tensor
+    (not an FX proxy or a tensor subclass with behaviour of its own), nothing recording the
+    call (torch.jit.trace, the TorchScript ONNX exporter) and no autocast (fastmlp.ops.mlp
+    casts)."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+def _serve(x: torch.Tensor, args: _ServingArgs) -> torch.Tensor:
+    weights, biases, activation, output_activation, negative_slope = args
+    return torch.ops.fastmlp.mlp_inference.default(
+        x, weights, biases, activation, output_activation, negative_slope
+    )
 
 
 def _plan_key(m: nn.Module) -> tuple[object, ...]:
@@ -144,6 +208,12 @@ def _plan_key(m: nn.Module) -> tuple[object, ...]:
     # of a batch-1 forward's overhead (why_not_plain reads __dict__).
     hooked = why_not_plain(m) is not None
     kind = type(m)
+    if kind is nn.Linear:
+        # Its parameters by identity (a re-assigned one makes new serving arguments). Ids,
+        # not the tensors, which compare elementwise; an id cannot be reused while the
+        # serving arguments made with it hold its tensor.
+        params = m._parameters
+        return m, (id(params.get("weight")), id(params.get("bias"))), hooked
     if kind is nn.LeakyReLU:
         return m, m.negative_slope, hooked
     if kind is nn.GELU:
@@ -268,7 +338,32 @@ class MLP(nn.Module):
         self.linear_relu_stack = FusedSequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            y = self._serve(x)
+            if y is not None:
+                return y
         return self.linear_relu_stack(self.flatten(x))
+
+    def _serve(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference straight to the op when nothing in between would do anything: the
+        children are the plain Flatten and FusedSequential (no hooks, nothing replaced) and
+        the stack is planned as one run. A batch-1 call of a small MLP spends most of its
+        time in the module calls it skips (issue 33). None: take the module calls."""
+        modules = self._modules
+        flatten, stack = modules.get("flatten"), modules.get("linear_relu_stack")
+        if (
+            type(flatten) is not nn.Flatten
+            or type(stack) is not FusedSequential
+            or why_not_plain(flatten) is not None
+            or why_not_plain(stack) is not None
+            or torch.compiler.is_compiling()
+            or not _may_serve(x)
+        ):
+            return None
+        serving = stack._current_plan()[2]
+        if serving is None:
+            return None
+        return _serve(x.flatten(flatten.start_dim, flatten.end_dim), serving)
 
     def __prepare_scriptable__(self) -> nn.Module:
         _refuse_script(self)
@@ -393,8 +488,8 @@ def unfuse(module: nn.Module) -> nn.Module:
     for child in list(module.modules()):
         if isinstance(child, FusedSequential):
             child.__class__ = _unfused_class(child)  # fuse()'s class change, undone
-            child.__dict__.pop("_plan_key", None)
-            child.__dict__.pop("_plan_cache", None)
+            for cached in ("_plan_state", "_plan_key", "_plan_cache"):  # (older versions')
+                child.__dict__.pop(cached, None)
         if isinstance(child, nn.Sequential):
             _unfuse_sequential(child)
         else:

@@ -22,7 +22,8 @@ as many intra-op threads as torch uses; only when onnxruntime is installed), and
 what inductor can do with the weights fixed). Compilation and export happen in the warm-up
 and are not timed; a variant that fails is recorded with its error.
 
-Variants alternate round by round in one process. The library (and so the compiled
+Variants alternate round by round in one process, with a pause between them so that one
+variant's spinning worker threads do not slow the next. The library (and so the compiled
 extension) is imported only where the fastmlp model is built.
 """
 
@@ -71,6 +72,8 @@ ROUNDS = 7
 #: follow from the first (warm) call's time, the same count for every variant.
 ROUND_S = 0.2
 SEED = 0
+#: Pause before each variant's round (see _time).
+PAUSE_S = 0.05
 
 
 @dataclass
@@ -263,6 +266,10 @@ def _time(
     clock = time.perf_counter_ns
     for _ in range(rounds):
         for variant, call in calls.items():
+            # Let the last variant's worker threads go to sleep first: ONNX Runtime's and
+            # OpenMP's spin for a while after each call, and on a 2-core machine a spinning
+            # thread halves the next variant's speed (measured: 2x at batch 1).
+            time.sleep(PAUSE_S)
             times = each[variant]
             begin = clock()
             for _ in range(point.calls):
