@@ -30,6 +30,7 @@ extension) is imported only where the fastmlp model is built.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import io
 import json
@@ -322,6 +323,7 @@ def run(
             point = ServePoint(model, batch, kind)
             torch._dynamo.reset()  # each point compiles afresh
             _time(point, _prepare(point, variants), rounds, round_s)
+            gc.collect()  # the point's sessions and models (and their threads) go now
             result.points.append(point)
             if log is not None:
                 log(f"{model} batch {batch}: " + _summary(point))
