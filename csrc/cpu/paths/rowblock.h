@@ -28,6 +28,7 @@
 #include "cpu/kernels/activation_epilogues.h"
 #include "cpu/kernels/blas.h"
 #include "cpu/kernels/cpu_kernels.h"
+#include "cpu/kernels/small_rows.h"
 #include "cpu/paths/grad_request.h"
 
 namespace fastmlp {
@@ -123,6 +124,14 @@ template <typename T>
 void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
                         int64_t rows, T* z, int64_t ldz, int64_t c0,
                         int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    // A few rows: each weight read once (small_rows.h), no library packing.
+    if (rows <= kSmallRows && layer.wt == nullptr) {
+      small_rows_linear(in, ldin, rows, layer.w, layer.b, layer.k, z, ldz, c0,
+                        cols);
+      return;
+    }
+  }
   using acc_t = math_t<T>;
   gemm_into<T>(z, rows, cols, ldz, [&](acc_t* c, int64_t ldc) {
     if (layer.b != nullptr) {
