@@ -1,8 +1,9 @@
 """The small-rows kernel (csrc/cpu/kernels/small_rows.h): a float layer over 1 to 8 rows,
 each weight row read once. It runs inside the row-blocked path; checked here against a
 float64 reference on fresh random inputs over the shapes that exercise its parts: rows 1-9
-(pairs and a single row, and 9 going to the GEMM library), k around the vector width (the
-scalar tail), n around the 4-row weight tile (the leftover rows), bias or not, both
+(pairs and a single row, and 9 going to the GEMM library), in_features from 256 (below, the
+GEMM library) with and without a scalar tail, n around the 4-row weight tile (the leftover
+rows), bias or not, both
 threads' column split (weights over 256 KiB) and one thread, forward for inference and
 for training."""
 
@@ -15,10 +16,10 @@ from fastmlp import engines
 from fastmlp.testing import mlp_layers, mlp_ref
 
 SHAPES = [
-    (7, 5, 3),  # k below one vector, n below one tile
-    (8, 4, 1),
-    (9, 13, 6),  # k one past a vector, n one past three tiles of 4
-    (33, 17, 17, 2),
+    (257, 5, 3),  # k one past a vector (in_features >= 256 take the kernel), n below a tile
+    (263, 13, 1),  # k 7 past a vector, n one past three tiles of 4
+    (264, 4, 300, 2),  # no tail; a second layer of the kernel, then one below its k
+    (33, 17, 17, 2),  # all below the kernel's k: the GEMM library's path, same checks
     (784, 512, 512, 10),  # the tutorial MLP: 2.7 MB of weights, the column split
 ]
 
@@ -62,11 +63,11 @@ def test_small_rows_are_the_same_for_every_thread_count(threads):
 
 
 def test_nan_and_inf_propagate_as_in_pytorch():
-    w = torch.randn(6, 9)
+    w = torch.randn(6, 265)
     b = torch.randn(6)
-    x = torch.randn(3, 9)
+    x = torch.randn(3, 265)
     x[0, 4] = float("nan")
-    x[1, 8] = float("inf")  # in the scalar tail
+    x[1, 264] = float("inf")  # in the scalar tail
     with engines.force_cpu_path("row_blocked"), torch.inference_mode():
         y = torch.ops.fastmlp.mlp_inference(x, [w], [b], "relu", "none", 0.01)
     expected = torch.nn.functional.linear(x, w, b)

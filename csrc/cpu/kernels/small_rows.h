@@ -21,6 +21,11 @@ namespace cpu {
 
 // The most rows the kernel takes; more go to the GEMM libraries.
 constexpr int64_t kSmallRows = 8;
+// The fewest in_features it takes: below, each output's horizontal sum costs
+// as much as its few vector steps, and MKL's small-matrix code is faster
+// (32-64x4-16 at 4-8 rows: 1.2-1.5x; the tutorial's 784 and 512: 1.4-2x the
+// other way; AMD EPYC Zen 4 class, 2 threads, alternating builds).
+constexpr int64_t kSmallRowsMinK = 256;
 
 namespace small_rows_detail {
 

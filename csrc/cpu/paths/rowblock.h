@@ -126,7 +126,8 @@ void layer_rows_forward(const T* in, int64_t ldin, const LayerRef<T>& layer,
                         int64_t cols) {
   if constexpr (std::is_same_v<T, float>) {
     // A few rows: each weight read once (small_rows.h), no library packing.
-    if (rows <= kSmallRows && layer.wt == nullptr) {
+    if (rows <= kSmallRows && layer.k >= kSmallRowsMinK &&
+        layer.wt == nullptr) {
       small_rows_linear(in, ldin, rows, layer.w, layer.b, layer.k, z, ldz, c0,
                         cols);
       return;
