@@ -114,6 +114,16 @@ class _FusedStep(torch.optim.Optimizer):
 
     model: nn.Module
 
+    def _checked_model(self, model: object) -> nn.Module:
+        """``model``, which must be the model itself (the kernel reads its layers), not its
+        parameters as other optimizers take."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not its parameters; "
+                f"got {type(model)}"
+            )
+        return model
+
     def _fused_init(self, model: nn.Module) -> None:
         self.model = model
         # The kernel's arguments, gathered once (module attribute lookups cost ~1 us each);
@@ -296,12 +306,8 @@ class FusedSGD(_FusedStep, torch.optim.SGD):
         *,
         maximize: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"FusedSGD takes the model (an nn.Module), not its parameters; got {type(model)}"
-            )
         super().__init__(
-            model.parameters(),
+            self._checked_model(model).parameters(),
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -390,14 +396,9 @@ class FusedAdam(_FusedStep, torch.optim.Adam):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"{type(self).__name__} takes the model (an nn.Module), not its parameters; "
-                f"got {type(model)}"
-            )
         torch.optim.Adam.__init__(
             self,
-            model.parameters(),
+            self._checked_model(model).parameters(),
             lr=lr,
             betas=betas,
             eps=eps,
